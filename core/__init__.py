@@ -1,0 +1,1 @@
+"""Platform-neutral, model-neutral core of MuseSpark: events, intents, jobs, store, settings."""

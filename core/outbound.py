@@ -1,0 +1,59 @@
+"""What the bot says: platform-neutral outbound messages and where they go."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["Button", "DeliveryTarget", "MessageKind", "OutboundMessage"]
+
+
+class MessageKind(enum.StrEnum):
+    RESULT = "result"  # a generated text or image set
+    STATUS = "status"  # "queued", "drawing..."
+    ERROR = "error"  # plain-words failure for the person
+    INFO = "info"  # help, profile, acknowledgements
+
+
+@dataclass(frozen=True, slots=True)
+class Button:
+    """A button under a result. Only ``action:job_id`` travels; the rest stays server-side."""
+
+    action: str
+    label: str
+    job_id: str
+
+    @property
+    def custom_id(self) -> str:
+        return f"{self.action}:{self.job_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundMessage:
+    kind: MessageKind
+    text: str
+    images: tuple[str, ...] = ()  # artifact file paths
+    buttons: tuple[Button, ...] = ()
+    job_id: str | None = None
+    reply_to: str | None = None
+    ephemeral: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryTarget:
+    """Where a job's result goes: stored with the job so any worker can deliver it."""
+
+    platform: str
+    chat_id: str
+    thread_id: str | None = None
+    reply_to: str | None = None
+    interaction_token: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DeliveryTarget:
+        return cls(**data)

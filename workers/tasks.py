@@ -1,0 +1,39 @@
+"""Celery tasks. Each takes only a job id; the job itself lives in the store."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from core.queue import TASK_FOR_KIND
+from core.settings import Settings, get_settings
+from core.store import Store
+from workers.celery_app import app
+from workers.runner import execute_job
+
+__all__ = ["run_image_job", "run_text_job"]
+
+log = logging.getLogger(__name__)
+
+_process_state: dict[str, object] = {}
+
+
+def _resources() -> tuple[Store, Settings]:
+    """One store per worker process, made after the fork (connections must not be shared)."""
+    if _process_state.get("pid") != os.getpid():
+        settings = get_settings()
+        _process_state.update(pid=os.getpid(), settings=settings,
+                              store=Store(settings.resolved_database_url))
+    return _process_state["store"], _process_state["settings"]  # type: ignore[return-value]
+
+
+@app.task(name=TASK_FOR_KIND["text"])
+def run_text_job(job_id: str) -> str:
+    store, settings = _resources()
+    return execute_job(job_id, store=store, settings=settings)
+
+
+@app.task(name=TASK_FOR_KIND["image"])
+def run_image_job(job_id: str) -> str:
+    store, settings = _resources()
+    return execute_job(job_id, store=store, settings=settings)
