@@ -427,7 +427,7 @@ def _load_default(cache_dir: Path, device: torch.device) -> CausalLMGenerator:
                 # Another process may have rebuilt it while we waited; only move a folder that
                 # is still the broken one we saw (same inode).
                 if seen_inode is not None and _inode(target) == seen_inode:
-                    broken = cache_dir / f".{DEFAULT_CACHE_NAME}.broken-{os.getpid()}-{time.time_ns()}"
+                    broken = cache_dir / f".{DEFAULT_CACHE_NAME}.broken-{time.time_ns()}"
                     target.rename(broken)
                     shutil.rmtree(broken, ignore_errors=True)
     raise AssertionError("unreachable")
@@ -458,6 +458,8 @@ def _convert_default(cache_dir: Path, target: Path) -> None:
         logger.info("converting %s to a safetensors cache at %s (once)", gguf_path, target)
         start = time.perf_counter()
         build = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_CACHE_NAME}.tmp-", dir=cache_dir))
+        # mkdtemp makes the folder private; workers running as other users must read it too.
+        build.chmod(0o755)
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF_FILE)
             model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF_FILE)
@@ -522,5 +524,6 @@ def _fsync_dir_files(folder: Path) -> None:
     # The rename must not become durable before the data it publishes (power loss).
     for item in folder.iterdir():
         if item.is_file():
+            item.chmod(0o644)  # some writers create private files; the cache is shared
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())

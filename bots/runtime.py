@@ -1,0 +1,39 @@
+"""What every adapter needs: settings, store, publisher, orchestrator and the redriver."""
+
+from __future__ import annotations
+
+import logging
+
+from core.orchestrator import Orchestrator
+from core.queue import CeleryPublisher
+from core.redrive import Redriver
+from core.settings import Settings, get_settings
+from core.store import Store
+
+__all__ = ["BotRuntime"]
+
+log = logging.getLogger(__name__)
+
+
+class BotRuntime:
+    """Opens the store (migrating it), the publisher and the redriver; ``close()`` undoes it."""
+
+    def __init__(self, settings: Settings | None = None, *, redrive: bool = True) -> None:
+        self.settings = settings or get_settings()
+        self.store = Store(self.settings.resolved_database_url)
+        self.store.upgrade()
+        self.publisher = CeleryPublisher(self.settings)
+        self.orchestrator = Orchestrator(self.store, self.publisher, self.settings)
+        self.redriver = Redriver(self.store, self.publisher, self.settings).start() if redrive else None
+
+    def close(self) -> None:
+        if self.redriver is not None:
+            self.redriver.stop()
+        self.publisher.close()
+        self.store.dispose()
+
+    def __enter__(self) -> BotRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,67 @@
+"""Shared fixtures. ``stack`` runs every end-to-end test twice: embedded and distributed."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests._stack import Stack, postgres_reachable, redis_reachable
+
+BACKENDS = ["embedded", "distributed"]
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Converted and demo models, shared by every stack in the session (set
+    MUSESPARK_TEST_MODEL_CACHE to keep them between runs)."""
+    kept = os.environ.get("MUSESPARK_TEST_MODEL_CACHE")
+    if kept:
+        Path(kept).mkdir(parents=True, exist_ok=True)
+        return Path(kept)
+    return tmp_path_factory.mktemp("models")
+
+
+def _require_backend(backend: str) -> None:
+    if backend != "distributed":
+        return
+    redis_problem, pg_problem = redis_reachable(), postgres_reachable()
+    if redis_problem and pg_problem:
+        pytest.skip(f"distributed mode NOT tested: neither server can be reached "
+                    f"({redis_problem}; {pg_problem})")
+    if redis_problem or pg_problem:
+        pytest.fail(f"distributed mode needs both servers: {redis_problem or pg_problem}")
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+          model_cache: Path) -> Iterator[Stack]:
+    """One deployment per backend with one shared worker process for the whole session."""
+    backend = request.param
+    _require_backend(backend)
+    shared = Stack.create(backend, tmp_path_factory.mktemp(f"stack-{backend}"), model_cache)
+    try:
+        shared.start_worker()
+        yield shared
+    finally:
+        shared.close()
+
+
+@pytest.fixture(params=BACKENDS)
+def make_stack(request: pytest.FixtureRequest, tmp_path: Path,
+               model_cache: Path) -> Iterator[Callable[..., Stack]]:
+    """A factory for private deployments (own database, broker and workers) on each backend."""
+    backend = request.param
+    _require_backend(backend)
+    made: list[Stack] = []
+
+    def factory(**overrides: str) -> Stack:
+        private = Stack.create(backend, tmp_path / f"stack-{len(made)}", model_cache, **overrides)
+        made.append(private)
+        return private
+
+    yield factory
+    for private in made:
+        private.close()
