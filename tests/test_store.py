@@ -1,0 +1,91 @@
+"""The store's guarantees: idempotent jobs, exclusive claims, fenced delivery, redrive."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from core.events import Actor
+from core.store import JobState, Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    store.upgrade()
+    return store
+
+
+def _job(store: Store, key: str = "k") -> str:
+    user = store.ensure_user("local", Actor("alice", "Alice"))
+    job, created = store.create_job(idempotency_key=key, kind="text", intent="write",
+                                    user_id=user, prompt="p", expanded_prompt="p",
+                                    params={"max_new_tokens": 8}, seed=1, platform="local",
+                                    delivery={"platform": "local", "chat_id": "c"})
+    assert created
+    return job.id
+
+
+def test_upgrade_twice_is_harmless(store: Store) -> None:
+    store.upgrade()
+
+
+def test_same_idempotency_key_returns_the_first_job(store: Store) -> None:
+    job_id = _job(store)
+    again, created = store.create_job(idempotency_key="k", kind="text", intent="write",
+                                      user_id=1, prompt="other", expanded_prompt="other",
+                                      params={}, seed=2, platform="local", delivery={})
+    assert not created and again.id == job_id and again.prompt == "p"
+
+
+def test_a_live_claim_is_exclusive_and_a_stale_one_is_taken_over(store: Store) -> None:
+    job_id = _job(store)
+    first = store.claim(job_id, worker="a", stale_after=0.5, max_attempts=3)
+    assert first is not None and first.attempt == 1
+    assert store.claim(job_id, worker="b", stale_after=0.5, max_attempts=3) is None
+    time.sleep(0.7)
+    second = store.claim(job_id, worker="b", stale_after=0.5, max_attempts=3)
+    assert second is not None and second.attempt == 2
+    # The first worker woke up late: its heartbeat and its delivery are refused.
+    assert not store.heartbeat(first)
+    with store.finishing(first, JobState.DELIVERED) as session:
+        assert session is None
+    with store.finishing(second, JobState.DELIVERED) as session:
+        assert session is not None
+    assert store.get_job(job_id).state == "delivered"  # type: ignore[union-attr]
+    assert store.claim(job_id, worker="c", stale_after=0.0, max_attempts=3) is None
+
+
+def test_claims_past_the_cap_come_back_exhausted(store: Store) -> None:
+    job_id = _job(store)
+    for attempt in (1, 2):
+        claim = store.claim(job_id, worker="w", stale_after=0.0, max_attempts=2)
+        assert claim is not None and not claim.exhausted and claim.attempt == attempt
+        time.sleep(0.01)
+    claim = store.claim(job_id, worker="w", stale_after=0.0, max_attempts=2)
+    assert claim is not None and claim.exhausted
+
+
+def test_redrive_finds_unpublished_and_orphaned_jobs_only(store: Store) -> None:
+    unpublished = _job(store, "a")
+    published = _job(store, "b")
+    store.mark_published(published)
+    orphan = _job(store, "c")
+    store.mark_published(orphan)
+    assert store.claim(orphan, worker="w", stale_after=1, max_attempts=3)
+    ids = {j.id for j in store.jobs_to_redrive(stale_after=0.3, republish_after=600)}
+    assert ids == {unpublished}
+    time.sleep(0.5)
+    ids = {j.id for j in store.jobs_to_redrive(stale_after=0.3, republish_after=600)}
+    assert ids == {unpublished, orphan}
+
+
+def test_feedback_is_recorded_once_per_event(store: Store) -> None:
+    job_id = _job(store)
+    fields = dict(job_id=job_id, user_id=None, platform="local", chat_id="c", message_id="1",
+                  kind="reaction", value="👍", delta=1)
+    assert store.record_feedback(event_key="e1", **fields)
+    assert not store.record_feedback(event_key="e1", **fields)
+    assert len(store.feedback_for_job(job_id)) == 1
