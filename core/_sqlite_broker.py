@@ -69,11 +69,14 @@ Limits
   ``Transport.implements.exchange_type`` and its ``driver_type`` is ``'sqlite'``); set
   ``worker_send_task_events=False`` and ``task_send_sent_event=False``: events are published
   to a topic exchange nobody in the process has bound, so they would go nowhere.
-* **Routing is per process**, as in kombu's other virtual transports without shared state:
-  a message published to a named exchange reaches the queues that the *publishing* connection
-  has declared and bound (Celery declares the route's queue before its first publish; the
-  default exchange ``''`` routes by queue name and always works). An unroutable message is
-  dropped, as AMQP does without ``mandatory``.
+* **Routing.** Bindings of durable, non-auto-delete queues to direct and topic exchanges are
+  stored in the file (table ``bindings``), so any connection routes by them, also one that
+  never declared the queue and one that kombu re-created while retrying a publish (kombu's
+  other virtual transports, apart from Redis, keep bindings in one connection's memory and
+  silently drop such messages). Bindings of auto-delete or exclusive queues stay in the
+  declaring connection. A message that matches no binding at all is dropped, as AMQP does
+  without ``mandatory``; the default exchange ``''`` routes by queue name, and Celery publishes
+  its tasks that way.
 * Not supported: message TTL/expiration, queue expiry/``x-max-length``, ``basic_ack(multiple=
   True)`` (acks just that tag), ``auto_delete`` queues (they stay until deleted), a limit on
   redeliveries of a message that kills every consumer (handle poison jobs in the app).
@@ -150,6 +153,15 @@ CREATE TABLE IF NOT EXISTS queues (
     name        TEXT PRIMARY KEY,
     created_at  REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS bindings (
+    exchange       TEXT NOT NULL,
+    exchange_type  TEXT NOT NULL,
+    routing_key    TEXT NOT NULL,
+    pattern        TEXT NOT NULL,
+    queue          TEXT NOT NULL,
+    PRIMARY KEY (exchange, routing_key, queue)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS bindings_by_queue ON bindings (queue);
 """
 
 _FIRST_VISIBLE = (
@@ -337,6 +349,7 @@ class Channel(virtual.Channel):
         if synchronous not in _SYNCHRONOUS_MODES:
             raise ValueError(f"sqlite_synchronous must be one of {_SYNCHRONOUS_MODES}")
         self._noack_queues: set[str] = set()
+        self._transient_queues: set[str] = set()
         self._last_renewal = time.monotonic()
         self._owner_pid = os.getpid()  # claims made by this channel belong to this process
         self._db = _Database(
@@ -554,14 +567,6 @@ class Channel(virtual.Channel):
                 )
                 return int(cursor.rowcount)
 
-    def _new_queue(self, queue: str, **kwargs: Any) -> None:
-        with self._db.lock:
-            with _transaction(self._db.conn) as conn:
-                conn.execute(
-                    "INSERT OR IGNORE INTO queues (name, created_at) VALUES (?, ?)",
-                    (queue, time.time()),
-                )
-
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         with self._db.lock:
             row = self._db.conn.execute(
@@ -572,20 +577,123 @@ class Channel(virtual.Channel):
         return row is not None
 
     def _delete(self, queue: str, *args: Any, **kwargs: Any) -> None:
-        """Delete the queue and all its messages, claimed or not."""
+        """Delete the queue, all its messages (claimed or not) and its stored bindings."""
         with self._db.lock:
             with _transaction(self._db.conn) as conn:
                 conn.execute("DELETE FROM messages WHERE queue = ?", (queue,))
                 conn.execute("DELETE FROM queues WHERE name = ?", (queue,))
+                conn.execute("DELETE FROM bindings WHERE queue = ?", (queue,))
+
+    # -- shared routing table ----------------------------------------------------------------
+    #
+    # kombu's virtual transports keep exchanges and bindings in the memory of one Connection, so
+    # a publisher that has not declared the queue itself -- or one that reconnected while
+    # retrying a publish (kombu's ensure() builds a fresh Transport) -- routes a message for a
+    # named exchange nowhere and drops it without an error. Bindings of durable, non-auto-delete
+    # queues are therefore also kept in the file (as the Redis transport keeps them in Redis)
+    # and every lookup sees them. Bindings of auto-delete/exclusive queues stay process-local,
+    # so a dead process's transient queues do not keep collecting messages.
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        if kwargs.get("auto_delete") or kwargs.get("exclusive"):
+            self._transient_queues.add(queue)
+        else:
+            self._transient_queues.discard(queue)
+        with self._db.lock:
+            with _transaction(self._db.conn) as conn:
+                conn.execute(
+                    "INSERT OR IGNORE INTO queues (name, created_at) VALUES (?, ?)",
+                    (queue, time.time()),
+                )
+
+    def queue_bind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        exchange = exchange or "amq.direct"
+        super().queue_bind(queue, exchange, routing_key, arguments, **kwargs)
+        kind = self.typeof(exchange)
+        if queue in self._transient_queues or kind.type not in ("direct", "topic"):
+            return
+        _, pattern, _ = kind.prepare_bind(queue, exchange, routing_key, arguments)
+        with self._db.lock:
+            with _transaction(self._db.conn) as conn:
+                conn.execute(
+                    "INSERT OR REPLACE INTO bindings (exchange, exchange_type, routing_key,"
+                    " pattern, queue) VALUES (?, ?, ?, ?, ?)",
+                    (exchange, kind.type, routing_key or "", pattern or "", queue),
+                )
+
+    def queue_unbind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
+        with self._db.lock:
+            with _transaction(self._db.conn) as conn:
+                conn.execute(
+                    "DELETE FROM bindings WHERE exchange = ? AND routing_key = ? AND queue = ?",
+                    (exchange or "amq.direct", routing_key or "", queue),
+                )
+
+    def _shared_bindings(self, exchange: str) -> list[tuple[str, str, str, str]]:
+        with self._db.lock:
+            return self._db.conn.execute(
+                "SELECT exchange_type, routing_key, pattern, queue FROM bindings "
+                "WHERE exchange = ?",
+                (exchange,),
+            ).fetchall()
+
+    def get_table(self, exchange: str) -> list[tuple[str, str | None, str]]:
+        """This connection's bindings of ``exchange`` plus those stored in the file."""
+        try:
+            table = list(super().get_table(exchange))
+        except KeyError:
+            table = []
+        seen = {(rkey, queue) for rkey, _, queue in table}
+        for _, rkey, pattern, queue in self._shared_bindings(exchange):
+            if (rkey, queue) not in seen:
+                table.append((rkey, pattern or None, queue))
+        return table
+
+    def typeof(self, exchange: str, default: str = "direct") -> Any:
+        if exchange in self.state.exchanges or not exchange:
+            return super().typeof(exchange, default)
+        shared = self._shared_bindings(exchange)
+        return self.exchange_types[shared[0][0] if shared else default]
+
+    def exchange_delete(
+        self, exchange: str, if_unused: bool = False, nowait: bool = False
+    ) -> None:
+        for _, _, queue in self.get_table(exchange):
+            self.queue_delete(queue, if_unused=True, if_empty=True)
+        self.state.exchanges.pop(exchange, None)
+        with self._db.lock:
+            with _transaction(self._db.conn) as conn:
+                conn.execute("DELETE FROM bindings WHERE exchange = ?", (exchange,))
 
     def queue_delete(
         self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
     ) -> None:
-        # The virtual base only deletes through this process's bindings; the queue is shared.
+        """Delete the queue, its messages (claimed or not) and its bindings."""
+        # The virtual base only deletes through this connection's bindings; the queue is shared.
         if if_empty and self._size(queue):
             return
         self._delete(queue)
         self.state.queue_bindings_delete(queue)
+        for meta in self.state.exchanges.values():  # the base class leaves these behind
+            table = meta.get("table")
+            if table:
+                table[:] = [binding for binding in table if binding[2] != queue]
+        self._transient_queues.discard(queue)
 
     def close(self) -> None:
         try:
@@ -605,10 +713,14 @@ class Transport(virtual.Transport):
     driver_name = "sqlite3"
     polling_interval = DEFAULT_POLLING_INTERVAL
 
-    # "database is locked" past busy_timeout, I/O errors: retried by kombu's ensure()/Celery's
-    # publish retry and the worker's reconnect loop, and re-raised when they give up.
+    # "database is locked" past busy_timeout, I/O errors: retried (with a reconnect) by kombu's
+    # ensure() -- Producer.publish(retry=True), Celery's publish retry policy -- and by the
+    # worker's reconnect loop, and re-raised when they give up. Declaring the recoverable sets
+    # matters: without them kombu gives up after the first reconnect.
     connection_errors = virtual.Transport.connection_errors + (sqlite3.OperationalError,)
     channel_errors = virtual.Transport.channel_errors + (sqlite3.DatabaseError,)
+    recoverable_connection_errors = (ConnectionError, sqlite3.OperationalError)
+    recoverable_channel_errors = ()
 
     def driver_version(self) -> str:
         return sqlite3.sqlite_version

@@ -279,7 +279,7 @@ def test_publish_error_propagates_and_retry_recovers(db: Path) -> None:
     with conn_for(db, busy_timeout=0.2) as conn:
         q = conn.SimpleQueue("jobs")  # declares, opens the file
         assert sqlite3.OperationalError in conn.connection_errors
-        locker = sqlite3.connect(db, isolation_level=None)
+        locker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
         locker.execute("BEGIN IMMEDIATE")  # hold the write lock
         try:
             with pytest.raises(sqlite3.OperationalError, match="locked"):
@@ -288,7 +288,8 @@ def test_publish_error_propagates_and_retry_recovers(db: Path) -> None:
             locker.execute("ROLLBACK")
         assert rows(db) == []  # nothing stored, and the publisher was told so
 
-        # With kombu's retry (as Celery publishes), a lock released mid-way is survived.
+        # With kombu's retry (as Celery publishes), a lock released mid-way is survived; the
+        # retry reconnects (a fresh kombu Transport) and still routes by the stored binding.
         locker.execute("BEGIN IMMEDIATE")
         releaser = threading.Timer(0.5, lambda: locker.execute("ROLLBACK"))
         releaser.start()
@@ -301,7 +302,29 @@ def test_publish_error_propagates_and_retry_recovers(db: Path) -> None:
             releaser.join()
             locker.close()
         assert len(rows(db)) == 1
-        assert q.get(timeout=2).payload == "kept"
+    with conn_for(db) as other:  # (the retry closed the old connection's channels)
+        assert other.SimpleQueue("jobs").get(timeout=2).payload == "kept"
+
+
+def test_bindings_are_shared_between_connections(db: Path) -> None:
+    direct = Queue("d1", Exchange("ex.direct", type="direct"), "rk")
+    topic = Queue("t1", Exchange("ex.topic", type="topic"), "jobs.#")
+    transient = Queue("tmp1", Exchange("ex.direct", type="direct"), "rk", auto_delete=True)
+    with conn_for(db) as consumer_side:
+        for queue in (direct, topic, transient):
+            queue(consumer_side.default_channel).declare()
+    with conn_for(db) as publisher:  # has declared nothing
+        producer = publisher.Producer()
+        producer.publish("to-direct", exchange="ex.direct", routing_key="rk")
+        producer.publish("to-topic", exchange="ex.topic", routing_key="jobs.image.big")
+        producer.publish("nowhere", exchange="ex.topic", routing_key="other")
+    assert sorted(r[1] for r in rows(db)) == ["d1", "t1"]  # not the auto-delete queue
+    with conn_for(db) as conn:
+        assert conn.SimpleQueue(direct).get(timeout=2).payload == "to-direct"
+        assert conn.SimpleQueue(topic).get(timeout=2).payload == "to-topic"
+        conn.default_channel.queue_delete("d1")
+        conn.Producer().publish("after-delete", exchange="ex.direct", routing_key="rk")
+    assert [r[1] for r in rows(db)] == ["t1"]  # the stored binding went with the queue
 
 
 def test_fanout_is_refused_not_dropped(db: Path) -> None:

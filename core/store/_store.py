@@ -81,6 +81,9 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Rows that are only ever created, cached so a busy chat costs no lookups per message.
+        self._user_ids: dict[tuple[str, str, str], int] = {}
+        self._community_ids: dict[tuple[str, str], int] = {}
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -109,6 +112,12 @@ class Store:
     # -- people and places ---------------------------------------------------------------------
 
     def ensure_user(self, platform: str, actor: Actor) -> int:
+        key = (platform, actor.id, actor.display_name)
+        if key not in self._user_ids:
+            self._user_ids[key] = self._ensure_user(platform, actor)
+        return self._user_ids[key]
+
+    def _ensure_user(self, platform: str, actor: Actor) -> int:
         with self.session() as s:
             user = s.scalar(
                 select(User).where(User.platform == platform, User.platform_user_id == actor.id)
@@ -132,6 +141,12 @@ class Store:
                 ).one()
 
     def ensure_community(self, platform: str, channel: Channel) -> int:
+        cache_key = (platform, channel.community_id)
+        if cache_key not in self._community_ids:
+            self._community_ids[cache_key] = self._ensure_community(platform, channel)
+        return self._community_ids[cache_key]
+
+    def _ensure_community(self, platform: str, channel: Channel) -> int:
         key = channel.community_id
         with self.session() as s:
             found = s.scalar(select(Community.id).where(
