@@ -39,6 +39,21 @@ class OutboundMessage:
     reply_to: str | None = None
     ephemeral: bool = False
 
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kind"] = self.kind.value
+        data["images"] = list(self.images)
+        data["buttons"] = [asdict(b) for b in self.buttons]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> OutboundMessage:
+        return cls(kind=MessageKind(data["kind"]), text=data["text"],
+                   images=tuple(data.get("images", ())),
+                   buttons=tuple(Button(**b) for b in data.get("buttons", ())),
+                   job_id=data.get("job_id"), reply_to=data.get("reply_to"),
+                   ephemeral=bool(data.get("ephemeral", False)))
+
 
 @dataclass(frozen=True, slots=True)
 class DeliveryTarget:

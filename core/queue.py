@@ -95,7 +95,8 @@ def make_celery(settings: Settings, name: str = "musespark") -> Celery:
 
 
 class JobPublisher(Protocol):
-    def publish(self, job_id: str, kind: str, params: dict[str, Any]) -> None: ...
+    def publish(self, job_id: str, kind: str, params: dict[str, Any], *,
+                countdown: float | None = None) -> None: ...
 
 
 #: How long publishing keeps trying before the job is left for the redriver.
@@ -109,12 +110,13 @@ class CeleryPublisher:
     def __init__(self, settings: Settings) -> None:
         self.app = make_celery(settings, name="musespark-publisher")
 
-    def publish(self, job_id: str, kind: str, params: dict[str, Any]) -> None:
+    def publish(self, job_id: str, kind: str, params: dict[str, Any], *,
+                countdown: float | None = None) -> None:
         soft, hard = job_time_limits(kind, params)
         try:
             self.app.send_task(
                 TASK_FOR_KIND[kind], args=[job_id], queue=QUEUE_FOR_KIND[kind],
-                soft_time_limit=soft, time_limit=hard,
+                soft_time_limit=soft, time_limit=hard, countdown=countdown,
                 retry=True, retry_policy=PUBLISH_RETRY_POLICY,
             )
         except Exception as exc:  # kombu raises several connection error types per transport

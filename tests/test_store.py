@@ -89,3 +89,18 @@ def test_feedback_is_recorded_once_per_event(store: Store) -> None:
     assert store.record_feedback(event_key="e1", **fields)
     assert not store.record_feedback(event_key="e1", **fields)
     assert len(store.feedback_for_job(job_id)) == 1
+
+
+def test_a_deferred_job_waits_its_turn_and_keeps_its_attempts(store: Store) -> None:
+    job_id = _job(store)
+    claim = store.claim(job_id, worker="w", stale_after=30, max_attempts=1)
+    assert claim is not None and claim.attempt == 1
+    assert store.save_outcome(claim, model="m", outbox=[{"kind": "result", "text": "hi"}],
+                              artifacts=[])
+    assert store.defer(claim, 0.4) is not None
+    assert store.claim(job_id, worker="w", stale_after=30, max_attempts=1) is None
+    assert store.jobs_to_redrive(stale_after=30, republish_after=600) == []
+    time.sleep(0.5)
+    again = store.claim(job_id, worker="w", stale_after=30, max_attempts=1)
+    assert again is not None and again.attempt == 1 and not again.exhausted
+    assert store.get_job(job_id).outbox == [{"kind": "result", "text": "hi"}]  # type: ignore[union-attr]

@@ -22,11 +22,11 @@ from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
 
-from core.errors import ModelUnavailableError, MuseSparkError
+from core.errors import DeliveryError, ModelUnavailableError, MuseSparkError
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Artifact, Claim, DeliveredMessage, Job, JobState, Store, content_hash, utcnow
-from workers.delivery import get_deliverer
+from workers.delivery import TransactionalDeliverer, get_deliverer
 
 __all__ = ["execute_job", "worker_name"]
 
@@ -136,47 +136,105 @@ def _generate_image(job: Job, settings: Settings) -> _Outcome:
 GENERATORS = {"text": _generate_text, "image": _generate_image}
 
 
-def _finish(store: Store, claim: Claim, job: Job, state: JobState, outcome: _Outcome | None,
-            reason: str | None = None) -> bool:
-    """Record the outcome and post it, atomically with the state change (local platform)."""
+def _publish_later(job: Job, settings: Settings, countdown: float) -> None:
+    from core.queue import CeleryPublisher
+
+    publisher = CeleryPublisher(settings)
+    try:
+        publisher.publish(job.id, job.kind, job.params, countdown=countdown)
+    finally:
+        publisher.close()
+
+
+def _record_transactionally(store: Store, claim: Claim, job: Job, state: JobState,
+                            messages: list[OutboundMessage], deliverer: TransactionalDeliverer,
+                            reason: str | None) -> bool:
     target = DeliveryTarget.from_dict(job.delivery)
-    if outcome is None:
-        messages = [OutboundMessage(MessageKind.ERROR, reason or "That request failed.",
-                                    job_id=job.id)]
-    else:
-        messages = outcome.messages
-    with store.finishing(claim, state, reason=reason,
-                         model=outcome.model if outcome else None) as session:
+    with store.finishing(claim, state, reason=reason) as session:
         if session is None:
             log.info("job %s no longer ours (attempt %d); not delivering", job.id, claim.attempt)
             return False
-        if outcome is not None:
-            session.add_all(outcome.artifacts)
-        ids = get_deliverer(target.platform).deliver(session, target, messages)
+        ids = deliverer.deliver(session, target, messages)
         for position, message_id in enumerate(ids):
             session.add(DeliveredMessage(job_id=job.id, platform=target.platform,
                                          chat_id=target.chat_id, message_id=message_id,
                                          position=position, created_at=utcnow()))
-    log.info("job %s %s (%d messages)", job.id, state.value, len(messages))
     return True
 
 
+def _fail(store: Store, claim: Claim, job: Job, reason: str, settings: Settings, *,
+          tell_person: bool = True) -> str:
+    """Fail the job with ``reason`` (stored, and shown to the person when we still can)."""
+    message = OutboundMessage(MessageKind.ERROR, reason, job_id=job.id)
+    deliverer = get_deliverer(job.platform, settings)
+    if isinstance(deliverer, TransactionalDeliverer):
+        _record_transactionally(store, claim, job, JobState.FAILED, [message], deliverer, reason)
+        return "failed"
+    with store.finishing(claim, JobState.FAILED, reason=reason) as session:
+        if session is None:
+            return "lost"
+    if tell_person:
+        try:
+            deliverer.send(DeliveryTarget.from_dict(job.delivery), message)
+        except DeliveryError as exc:
+            log.warning("job %s: could not tell the person it failed: %s", job.id, exc)
+    return "failed"
+
+
+def _deliver(store: Store, claim: Claim, job: Job, messages: list[OutboundMessage],
+             settings: Settings) -> str:
+    deliverer = get_deliverer(job.platform, settings)
+    if isinstance(deliverer, TransactionalDeliverer):
+        ok = _record_transactionally(store, claim, job, JobState.DELIVERED, messages, deliverer,
+                                     None)
+        return "delivered" if ok else "lost"
+    target = DeliveryTarget.from_dict(job.delivery)
+    done = store.delivered_positions(job.id)
+    for position, message in enumerate(messages):
+        if position in done:
+            continue
+        try:
+            ids = deliverer.send(target, message)
+        except DeliveryError as exc:
+            if exc.final or exc.retry_after is None:
+                log.error("job %s: delivery refused for good: %s", job.id, exc)
+                return _fail(store, claim, job, f"I could not post the result: {exc}", settings,
+                             tell_person=False)
+            due = store.defer(claim, exc.retry_after)
+            if due is None:
+                return "lost"
+            log.warning("job %s: platform asked to wait %.1f s; resuming then", job.id,
+                        exc.retry_after)
+            _publish_later(job, settings, exc.retry_after)
+            return "deferred"
+        store.record_delivered(job.id, target.platform, target.chat_id, position, ids)
+    with store.finishing(claim, JobState.DELIVERED) as session:
+        return "delivered" if session is not None else "lost"
+
+
 def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
-    """Run one job if it is ours to run. Returns what happened, for logs and tests."""
+    """Run one job if it is ours to run. Returns what happened, for logs and tests.
+
+    A job generates once: its result (artifacts and the messages to post) is kept with the job,
+    so a delivery interrupted by a rate limit or a crash resumes without generating again.
+    """
     claim = store.claim(job_id, worker=worker_name(),
                         stale_after=settings.job_stale_after_seconds,
                         max_attempts=settings.job_max_attempts)
     if claim is None:
-        log.info("job %s is done or held by a live worker; skipping", job_id)
+        log.info("job %s is done, waiting, or held by a live worker; skipping", job_id)
         return "skipped"
     job = store.get_job(job_id)
     assert job is not None
     if claim.exhausted:
-        reason = (f"This request stopped its worker {claim.attempt - 1} times (it may need more "
-                  "memory than the machine has), so I gave up on it.")
         log.error("job %s exhausted %d attempts", job_id, claim.attempt - 1)
-        _finish(store, claim, job, JobState.FAILED, None, reason)
-        return "failed"
+        return _fail(store, claim, job, (
+            f"This request stopped its worker {claim.attempt - 1} times (it may need more "
+            "memory than the machine has), so I gave up on it."), settings)
+    if job.outbox is not None:
+        messages = [OutboundMessage.from_dict(m) for m in job.outbox]
+        log.info("job %s attempt %d: resuming delivery", job_id, claim.attempt)
+        return _deliver(store, claim, job, messages, settings)
     started = time.monotonic()
     log.info("job %s attempt %d: %s %r", job_id, claim.attempt, job.kind, job.prompt[:60])
     try:
@@ -184,24 +242,26 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
             outcome = GENERATORS[job.kind](job, settings)
     except ModelUnavailableError as exc:
         log.error("job %s: model unavailable: %s", job_id, exc)
-        _finish(store, claim, job, JobState.FAILED, None, exc.user_message)
-        return "failed"
+        return _fail(store, claim, job, exc.user_message, settings)
     except SoftTimeLimitExceeded:
         log.error("job %s hit its time limit after %.0f s", job_id, time.monotonic() - started)
-        _finish(store, claim, job, JobState.FAILED, None,
-                "That took longer than this request is allowed to take, so I stopped it. "
-                "Try a shorter request or fewer images.")
-        return "failed"
+        return _fail(store, claim, job, (
+            "That took longer than this request is allowed to take, so I stopped it. "
+            "Try a shorter request or fewer images."), settings)
     except MuseSparkError as exc:
         log.exception("job %s failed", job_id)
-        _finish(store, claim, job, JobState.FAILED, None, exc.user_message)
-        return "failed"
+        return _fail(store, claim, job, exc.user_message, settings)
     except Exception as exc:
         log.exception("job %s crashed", job_id)
-        _finish(store, claim, job, JobState.FAILED, None,
-                f"Something broke while making this ({type(exc).__name__}). The operator can "
-                f"find job {job_id} in the worker log.")
-        return "failed"
-    log.info("job %s generated in %.1f s", job_id, time.monotonic() - started)
-    return "delivered" if _finish(store, claim, job, JobState.DELIVERED, outcome) else "lost"
-
+        return _fail(store, claim, job, (
+            f"Something broke while making this ({type(exc).__name__}). The operator can "
+            f"find job {job_id} in the worker log."), settings)
+    log.info("job %s generated in %.1f s by %s", job_id, time.monotonic() - started,
+             outcome.model)
+    if not store.save_outcome(claim, model=outcome.model,
+                              outbox=[m.to_dict() for m in outcome.messages],
+                              artifacts=outcome.artifacts):
+        log.info("job %s no longer ours (attempt %d); dropping its result", job_id,
+                 claim.attempt)
+        return "lost"
+    return _deliver(store, claim, job, outcome.messages, settings)

@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.events import Actor, Channel
 from core.store.models import (
+    Artifact,
     Community,
     DeliveredMessage,
     FeedbackEvent,
@@ -209,7 +210,8 @@ class Store:
                 update(Job)
                 .where(Job.id == job_id)
                 .where(
-                    (Job.state == JobState.QUEUED)
+                    ((Job.state == JobState.QUEUED)
+                     & (Job.not_before.is_(None) | (Job.not_before <= now)))
                     | ((Job.state == JobState.RUNNING) & (Job.heartbeat_at < stale))
                 )
                 .values(state=JobState.RUNNING, attempts=Job.attempts + 1, worker=worker,
@@ -220,6 +222,49 @@ class Store:
         if attempt is None:
             return None
         return Claim(job_id, attempt, exhausted=attempt > max_attempts)
+
+    def save_outcome(self, claim: Claim, *, model: str, outbox: list[dict[str, Any]],
+                     artifacts: Sequence[Artifact]) -> bool:
+        """Keep a generated result (artifacts and the messages to post) under a current claim."""
+        with self.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == claim.job_id, Job.state == JobState.RUNNING,
+                       Job.attempts == claim.attempt)
+                .values(model=model, outbox=outbox, updated_at=utcnow()))
+            if not result.rowcount:
+                return False
+            s.add_all(artifacts)
+            return True
+
+    def defer(self, claim: Claim, seconds: float) -> datetime | None:
+        """Put a claimed job back in the queue, not to run for ``seconds`` (a rate limit).
+
+        The attempt is given back: waiting is not a crash. Returns the due time, or None when
+        the claim is no longer current.
+        """
+        due = utcnow() + timedelta(seconds=seconds)
+        with self.session() as s:
+            result = s.execute(
+                update(Job)
+                .where(Job.id == claim.job_id, Job.state == JobState.RUNNING,
+                       Job.attempts == claim.attempt)
+                .values(state=JobState.QUEUED, not_before=due, published_at=due,
+                        attempts=Job.attempts - 1, worker=None, updated_at=utcnow()))
+            return due if result.rowcount else None
+
+    def delivered_positions(self, job_id: str) -> set[int]:
+        """Positions of a job's outbox that were already posted."""
+        with self.session() as s:
+            return set(s.scalars(select(DeliveredMessage.position)
+                                 .where(DeliveredMessage.job_id == job_id)).all())
+
+    def record_delivered(self, job_id: str, platform: str, chat_id: str, position: int,
+                         message_ids: Sequence[str]) -> None:
+        with self.session() as s:
+            s.add_all(DeliveredMessage(job_id=job_id, platform=platform, chat_id=chat_id,
+                                       message_id=m, position=position, created_at=utcnow())
+                      for m in message_ids)
 
     def heartbeat(self, claim: Claim) -> bool:
         """Prove the claim's worker is alive; False when the job was taken over or finished."""

@@ -102,6 +102,11 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    #: The finished result's messages, kept until every one of them is posted, so a delivery
+    #: interrupted by a rate limit resumes without generating again.
+    outbox: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON, nullable=True)
+    #: Not to be run before this time (a platform asked us to wait: HTTP 429 retry_after).
+    not_before: Mapped[datetime | None] = mapped_column(nullable=True)
     created_at: Mapped[datetime]
     published_at: Mapped[datetime | None] = mapped_column(nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(nullable=True)

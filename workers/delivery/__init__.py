@@ -1,26 +1,49 @@
-"""Posting results into chats. One deliverer per platform, chosen by the job's target."""
+"""Posting results into chats. One deliverer per platform, chosen by the job's target.
+
+Two kinds:
+
+* transactional (the local platform): posting is a database write, done in the same
+  transaction that marks the job delivered, so it happens exactly once.
+* remote (Telegram, Discord over httpx): each outbox message is posted, then recorded; a
+  redelivered job skips what was recorded. ``send`` raises :class:`~core.errors.DeliveryError`
+  with ``retry_after`` (the job waits and resumes) or ``final`` (the job fails, no more sends).
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from sqlalchemy.orm import Session
 
 from core.errors import ConfigurationError
 from core.outbound import DeliveryTarget, OutboundMessage
+from core.settings import Settings
 from workers.delivery.local import LocalDeliverer
 
-__all__ = ["Deliverer", "LocalDeliverer", "get_deliverer"]
+__all__ = ["LocalDeliverer", "RemoteDeliverer", "TransactionalDeliverer", "get_deliverer"]
 
 
-class Deliverer(Protocol):
+@runtime_checkable
+class TransactionalDeliverer(Protocol):
     def deliver(self, session: Session, target: DeliveryTarget,
                 messages: list[OutboundMessage]) -> list[str]:
-        """Post ``messages`` to ``target``; returns the platform ids of the messages created."""
+        """Write ``messages`` within ``session``; returns the platform message ids."""
         ...
 
 
-def get_deliverer(platform: str) -> Deliverer:
-    if platform == "local":
-        return LocalDeliverer()
-    raise ConfigurationError(f"no deliverer for platform {platform!r}")
+@runtime_checkable
+class RemoteDeliverer(Protocol):
+    def send(self, target: DeliveryTarget, message: OutboundMessage) -> list[str]:
+        """Post one message (maybe as several platform messages); returns their ids."""
+        ...
+
+
+#: Platform name -> factory. Platform modules add themselves here.
+DELIVERERS: dict[str, object] = {"local": lambda settings: LocalDeliverer()}
+
+
+def get_deliverer(platform: str, settings: Settings) -> TransactionalDeliverer | RemoteDeliverer:
+    factory = DELIVERERS.get(platform)
+    if factory is None:
+        raise ConfigurationError(f"no deliverer for platform {platform!r}")
+    return factory(settings)  # type: ignore[operator,no-any-return]
