@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from core.settings import Settings, get_settings
@@ -73,12 +74,30 @@ def _run_console(settings: Settings, *, jsonl: bool) -> int:
         return 0
 
 
+def _serve_platforms(settings: Settings, platforms: list[str]) -> int:
+    """Run each configured platform adapter (``bots.<platform>.serve(runtime)``) until Ctrl-C."""
+    import asyncio
+    import importlib
+
+    from bots.runtime import BotRuntime
+
+    logging.getLogger().setLevel(logging.INFO)
+
+    async def serve_all() -> None:
+        with BotRuntime(settings) as runtime:
+            modules = [importlib.import_module(f"bots.{name}") for name in platforms]
+            await asyncio.gather(*(module.serve(runtime) for module in modules))
+
+    try:
+        asyncio.run(serve_all())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     settings = get_settings()
     platforms = _adapters_configured(settings)
-    if platforms:
-        print(f"Adapters for {', '.join(platforms)} land with their issues; running the local "
-              "chat instead.", file=sys.stderr)
     log_dir = settings.resolved_data_dir / "logs"
     from core.store import Store
 
@@ -89,13 +108,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.jsonl:
         print(f"Started {len(workers)} worker process(es); logs in {log_dir}.", flush=True)
     try:
+        if platforms and not args.jsonl:
+            print(f"Serving {', '.join(platforms)}; Ctrl-C to stop.", flush=True)
+            return _serve_platforms(settings, platforms)
         return _run_console(settings, jsonl=args.jsonl)
     finally:
         _stop_workers(workers)
 
 
 def cmd_bot(args: argparse.Namespace) -> int:
-    return _run_console(get_settings(), jsonl=args.jsonl)
+    settings = get_settings()
+    platforms = _adapters_configured(settings)
+    if platforms and not args.jsonl:
+        return _serve_platforms(settings, platforms)
+    return _run_console(settings, jsonl=args.jsonl)
+
+
+def _delegate(module_name: str) -> Callable[[argparse.Namespace], int]:
+    """A subcommand whose arguments another module parses (``module.main(argv) -> int``)."""
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return int(importlib.import_module(module_name).main(args.rest))
+    return run
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -161,6 +196,20 @@ def build_parser() -> argparse.ArgumentParser:
                                  "at PATH, for demos and tests without a download.")
     tiny.add_argument("path", type=Path)
     tiny.set_defaults(func=cmd_models_tiny)
+    doctor = sub.add_parser("doctor", help="check a platform's setup and say how to fix it")
+    doctor_sub = doctor.add_subparsers(dest="doctor_command", required=True)
+    for platform in ("telegram", "discord"):
+        check = doctor_sub.add_parser(platform, help=f"check the {platform.title()} bot's setup",
+                                      add_help=False)
+        check.add_argument("rest", nargs=argparse.REMAINDER)
+        check.set_defaults(func=_delegate(f"bots.{platform}.doctor"))
+
+    discord = sub.add_parser("discord", help="Discord helpers")
+    discord_sub = discord.add_subparsers(dest="discord_command", required=True)
+    sync = discord_sub.add_parser("sync", help="register the slash commands with Discord",
+                                  add_help=False)
+    sync.add_argument("rest", nargs=argparse.REMAINDER)
+    sync.set_defaults(func=_delegate("bots.discord.sync"))
     return parser
 
 

@@ -8,6 +8,7 @@ the worker that runs a job delivers it straight into the chat.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from typing import Any
 
@@ -31,6 +32,11 @@ __all__ = ["Orchestrator"]
 log = logging.getLogger(__name__)
 
 SEED_BITS = 32
+VARIATION_SEED_STEP = 7919
+#: Button actions under results: again with a new seed, more like this, thumbs, delete
+#: (requester only). ``varyN`` (N = 1..9) is variation N of a result.
+BUTTON_ACTIONS = frozenset({"reroll", "more", "up", "down", "delete"})
+_VARIATION = re.compile(r"vary[1-9]")
 
 
 def _info(text: str, **kw: Any) -> OutboundMessage:
@@ -156,21 +162,35 @@ class Orchestrator:
         return []
 
     def _button(self, event: ComponentActivated) -> list[OutboundMessage]:
+        """Buttons under results. ``custom_id`` is ``action:job_id`` (see :data:`BUTTON_ACTIONS`)."""
         action, _, job_id = event.custom_id.partition(":")
         job = self.store.get_job(job_id) if job_id else None
         if job is None:
             return [_error("That button belongs to a result I no longer know.", ephemeral=True)]
+        if action not in BUTTON_ACTIONS and not _VARIATION.fullmatch(action):
+            return [_error(f"I don't know the button '{action}'.", ephemeral=True)]
         user_id = self.store.ensure_user(event.platform, event.actor)
+        if action == "delete":
+            if user_id != job.user_id:
+                return [_error("Only the person who asked for this can delete it.",
+                               ephemeral=True)]
+            return [_info("Deleted.", ephemeral=True, delete_message_id=event.message_id)]
         self.store.record_feedback(
             event_key=f"{event.platform}:{event.event_id}:button", job_id=job.id,
             user_id=user_id, platform=event.platform, chat_id=event.channel.chat_id,
-            message_id=event.message_id, kind="button", value=action, delta=1)
-        if action == "reroll":
-            kind = IntentKind.IMAGINE if job.kind == "image" else IntentKind.WRITE
-            options = {"count": job.params.get("count", 1)} if job.kind == "image" else {}
-            return self._submit(event, Intent(kind, job.prompt, options),
-                                reply_to=event.message_id, parent=job)
-        return [_error(f"I don't know the button '{action}' yet.", ephemeral=True)]
+            message_id=event.message_id, kind="button", value=action,
+            delta=-1 if action == "down" else 1)
+        if action in ("up", "down"):
+            return [_info("Thanks, noted." if action == "up" else "Noted; I'll steer away from "
+                          "this.", ephemeral=True)]
+        kind = IntentKind.IMAGINE if job.kind == "image" else IntentKind.WRITE
+        options: dict[str, Any] = {"count": job.params.get("count", 1)} if job.kind == "image" else {}
+        if _VARIATION.fullmatch(action):
+            # A variation keeps the prompt and moves the seed by a fixed, reproducible step.
+            options["seed"] = (job.seed + int(action[4:]) * VARIATION_SEED_STEP) % 2**SEED_BITS
+            options["count"] = 1
+        return self._submit(event, Intent(kind, job.prompt, options), reply_to=event.message_id,
+                            parent=job, key_suffix=f":{action}")
 
 
 def _shorten(text: str, limit: int = 80) -> str:

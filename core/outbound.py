@@ -38,6 +38,8 @@ class OutboundMessage:
     job_id: str | None = None
     reply_to: str | None = None
     ephemeral: bool = False
+    #: Set on the answer to a "delete" button: the adapter deletes this platform message.
+    delete_message_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -52,7 +54,8 @@ class OutboundMessage:
                    images=tuple(data.get("images", ())),
                    buttons=tuple(Button(**b) for b in data.get("buttons", ())),
                    job_id=data.get("job_id"), reply_to=data.get("reply_to"),
-                   ephemeral=bool(data.get("ephemeral", False)))
+                   ephemeral=bool(data.get("ephemeral", False)),
+                   delete_message_id=data.get("delete_message_id"))
 
 
 @dataclass(frozen=True, slots=True)

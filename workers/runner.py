@@ -136,6 +136,18 @@ def _generate_image(job: Job, settings: Settings) -> _Outcome:
 GENERATORS = {"text": _generate_text, "image": _generate_image}
 
 
+def _show_progress(job: Job, settings: Settings, text: str) -> None:
+    """Best effort: edit the job's progress message, for platforms that have one."""
+    deliverer = get_deliverer(job.platform, settings)
+    progress = getattr(deliverer, "progress", None)
+    if progress is None:
+        return
+    try:
+        progress(DeliveryTarget.from_dict(job.delivery), text)
+    except Exception as exc:  # progress is cosmetic; the result must still go out
+        log.info("job %s: progress update failed: %s", job.id, exc)
+
+
 def _publish_later(job: Job, settings: Settings, countdown: float) -> None:
     from core.queue import CeleryPublisher
 
@@ -237,6 +249,7 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
         return _deliver(store, claim, job, messages, settings)
     started = time.monotonic()
     log.info("job %s attempt %d: %s %r", job_id, claim.attempt, job.kind, job.prompt[:60])
+    _show_progress(job, settings, "🎨 Drawing…" if job.kind == "image" else "✍️ Writing…")
     try:
         with _Heartbeat(store, claim, settings.job_heartbeat_seconds):
             outcome = GENERATORS[job.kind](job, settings)

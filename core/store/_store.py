@@ -191,6 +191,13 @@ class Store:
         with self.session() as s:
             return s.get(Job, job_id)
 
+    def update_delivery(self, job_id: str, **fields: Any) -> None:
+        """Add facts to a job's delivery target (e.g. the id of its progress message)."""
+        with self.session() as s:
+            job = s.get(Job, job_id, with_for_update=True)
+            if job is not None:
+                job.delivery = {**job.delivery, **fields}
+
     def mark_published(self, job_id: str) -> None:
         with self.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))

@@ -11,6 +11,7 @@ Two kinds:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
 from sqlalchemy.orm import Session
@@ -38,12 +39,29 @@ class RemoteDeliverer(Protocol):
         ...
 
 
-#: Platform name -> factory. Platform modules add themselves here.
-DELIVERERS: dict[str, object] = {"local": lambda settings: LocalDeliverer()}
+def _telegram(settings: Settings) -> RemoteDeliverer:
+    from workers.delivery.telegram import TelegramDeliverer
+
+    return TelegramDeliverer(settings)
+
+
+def _discord(settings: Settings) -> RemoteDeliverer:
+    from workers.delivery.discord import DiscordDeliverer
+
+    return DiscordDeliverer(settings)
+
+
+#: Platform name -> factory (platform modules load only when a job needs them).
+#: A remote deliverer may also offer ``progress(target, text)`` to edit the job's status message.
+DELIVERERS: dict[str, Callable[[Settings], TransactionalDeliverer | RemoteDeliverer]] = {
+    "local": lambda settings: LocalDeliverer(),
+    "telegram": _telegram,
+    "discord": _discord,
+}
 
 
 def get_deliverer(platform: str, settings: Settings) -> TransactionalDeliverer | RemoteDeliverer:
     factory = DELIVERERS.get(platform)
     if factory is None:
         raise ConfigurationError(f"no deliverer for platform {platform!r}")
-    return factory(settings)  # type: ignore[operator,no-any-return]
+    return factory(settings)
