@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -32,7 +33,9 @@ __all__ = [
     "FeedbackEvent",
     "Job",
     "JobState",
+    "LinkCode",
     "LocalMessage",
+    "Profile",
     "User",
 ]
 
@@ -62,7 +65,13 @@ class User(Base):
     platform_user_id: Mapped[str] = mapped_column(String(64))
     display_name: Mapped[str] = mapped_column(String(200), default="")
     learning_opt_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The person behind this identity: identities linked with /link share it. None: own id.
+    person_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     created_at: Mapped[datetime]
+
+    @property
+    def person(self) -> int:
+        return self.person_id or self.id
 
 
 class Community(Base):
@@ -161,6 +170,33 @@ class FeedbackEvent(Base):
     kind: Mapped[str] = mapped_column(String(16))  # "reaction" | "button"
     value: Mapped[str] = mapped_column(String(100))  # the emoji or the button action
     delta: Mapped[int] = mapped_column(Integer)  # +1 added, -1 removed
+    #: The signed weight this event applied to profiles (derived; rebuilt from the log).
+    weight: Mapped[float] = mapped_column(Float, default=0.0)
+    created_at: Mapped[datetime]
+
+
+class Profile(Base):
+    """Learned taste of a person or a community for one job kind. Derived from feedback."""
+
+    __tablename__ = "profiles"
+    __table_args__ = (UniqueConstraint("subject", "subject_id", "kind"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    subject: Mapped[str] = mapped_column(String(16))  # "person" | "community"
+    subject_id: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(16))  # "image" | "text"
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime]
+
+
+class LinkCode(Base):
+    """A one-time code that links two identities of one person (/link)."""
+
+    __tablename__ = "link_codes"
+
+    code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     created_at: Mapped[datetime]
 
 
