@@ -1,3 +1,5 @@
+# kombu's virtual base classes are mostly unannotated; calling into them is expected here.
+# mypy: disallow-untyped-calls=False
 """MuseSpark's embedded broker: a kombu virtual transport on the standard-library ``sqlite3``.
 
 URL: ``musespark-sqlite:////absolute/path/broker.db`` (scheme :data:`SCHEME`; the URL's path is

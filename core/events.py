@@ -52,6 +52,9 @@ class Actor:
     id: str
     display_name: str = ""
     is_bot: bool = False
+    #: Admin of the community here (guild: Manage Server; group: chat administrator). Adapters
+    #: that cannot tell leave it False; in direct chats everyone administers their own chat.
+    is_admin: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,6 +16,7 @@ from typing import Any
 from core.errors import PromptError, UnknownCommandError
 
 __all__ = [
+    "ASPECTS",
     "COMMANDS",
     "IMAGE_COUNT_MAX",
     "Intent",
@@ -26,6 +27,10 @@ __all__ = [
 
 IMAGE_COUNT_MAX = 4
 SEED_MAX = 2**32 - 1
+#: Picture shapes ``--aspect`` accepts (slash-command adapters offer them as choices).
+ASPECTS = ("square", "portrait", "landscape")
+#: Longest free-form ``--style`` / ``--mode`` value, in characters.
+WORD_OPTION_MAX_CHARS = 40
 
 
 class IntentKind(enum.StrEnum):
@@ -33,6 +38,9 @@ class IntentKind(enum.StrEnum):
     WRITE = "write"
     HELP = "help"
     PROFILE = "profile"
+    SETTINGS = "settings"
+    FORGET = "forget"
+    LINK = "link"
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +64,13 @@ COMMANDS: dict[str, tuple[IntentKind, str]] = {
     "help": (IntentKind.HELP, "what I can do"),
     "start": (IntentKind.HELP, "same as /help"),
     "profile": (IntentKind.PROFILE, "what I have learned about your taste"),
+    "settings": (IntentKind.SETTINGS, "learning on|off for you; admins: emoji 🎉 positive|negative|neutral"),
+    "forget": (IntentKind.FORGET, "/forget feedback erases your reactions and what I learned from them"),
+    "link": (IntentKind.LINK, "link your identities on two platforms: /link, then /link CODE on the other"),
 }
+
+#: Intents whose argument is a free-form instruction rather than a creative prompt.
+_PLAIN_ARGUMENT_KINDS = frozenset({IntentKind.SETTINGS, IntentKind.FORGET, IntentKind.LINK})
 
 _IMAGE_WORDS = re.compile(
     r"^\s*(please\s+)?(draw|paint|sketch|imagine|render|picture of|image of|illustrate|"
@@ -116,7 +130,8 @@ def _pop_options(text: str, kind: IntentKind) -> tuple[str, dict[str, Any]]:
 
 
 def _typed_options(raw: dict[str, Any], kind: IntentKind) -> dict[str, Any]:
-    allowed = {"count", "n", "seed"} if kind is IntentKind.IMAGINE else {"seed"}
+    allowed = ({"count", "n", "seed", "style", "aspect"} if kind is IntentKind.IMAGINE
+               else {"seed", "mode"})
     options: dict[str, Any] = {}
     for name, value in raw.items():
         if value is None:
@@ -124,6 +139,16 @@ def _typed_options(raw: dict[str, Any], kind: IntentKind) -> dict[str, Any]:
         if name not in allowed:
             known = ", ".join(f"--{a}" for a in sorted(allowed))
             raise PromptError(f"/{kind.value} has no option --{name}. It takes: {known}.")
+        if name in ("style", "aspect", "mode"):
+            # Words, not numbers: carried in the job's intent options for the pipelines to use.
+            word = " ".join(str(value).split()).lower()
+            if not word or len(word) > WORD_OPTION_MAX_CHARS:
+                raise PromptError(f"--{name} must be a word or two (at most "
+                                  f"{WORD_OPTION_MAX_CHARS} characters).")
+            if name == "aspect" and word not in ASPECTS:
+                raise PromptError(f"--aspect must be one of: {', '.join(ASPECTS)}.")
+            options[name] = word
+            continue
         try:
             number = int(value)
         except (TypeError, ValueError):
@@ -154,6 +179,8 @@ def parse_command(name: str, args: dict[str, Any], *, max_prompt_chars: int) -> 
     kind = COMMANDS[name][0]
     if kind in (IntentKind.HELP, IntentKind.PROFILE):
         return Intent(kind)
+    if kind in _PLAIN_ARGUMENT_KINDS:
+        return Intent(kind, " ".join(str(args.get("prompt") or "").split())[:max_prompt_chars])
     prompt = _check_prompt(str(args.get("prompt") or ""), kind, max_prompt_chars)
     options = _typed_options({k: v for k, v in args.items() if k != "prompt"}, kind)
     return Intent(kind, prompt, options)

@@ -8,12 +8,14 @@ the worker that runs a job delivers it straight into the chat.
 from __future__ import annotations
 
 import logging
+import random
 import re
 import secrets
 from typing import Any
 
 from core.errors import QueueUnavailableError, UserInputError
 from core.events import (
+    ChannelKind,
     ComponentActivated,
     Event,
     MessageReceived,
@@ -22,6 +24,8 @@ from core.events import (
     ReactionsCleared,
 )
 from core.intents import Intent, IntentKind, help_text, parse_command, parse_text
+from core.learning import TasteService
+from core import taste
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.queue import JobPublisher
 from core.settings import Settings
@@ -35,7 +39,7 @@ SEED_BITS = 32
 VARIATION_SEED_STEP = 7919
 #: Button actions under results: again with a new seed, more like this, thumbs, delete
 #: (requester only). ``varyN`` (N = 1..9) is variation N of a result.
-BUTTON_ACTIONS = frozenset({"reroll", "more", "up", "down", "delete"})
+BUTTON_ACTIONS = frozenset({"reroll", "more", "up", "down", "delete", "why"})
 _VARIATION = re.compile(r"vary[1-9]")
 
 
@@ -50,10 +54,13 @@ def _error(text: str, **kw: Any) -> OutboundMessage:
 class Orchestrator:
     """Turns events into work. Stateless apart from its store and publisher."""
 
-    def __init__(self, store: Store, publisher: JobPublisher, settings: Settings) -> None:
+    def __init__(self, store: Store, publisher: JobPublisher, settings: Settings, *,
+                 rng: random.Random | None = None) -> None:
         self.store = store
         self.publisher = publisher
         self.settings = settings
+        self.taste = TasteService(store)
+        self.rng = rng or random.Random()
 
     def handle(self, event: Event) -> list[OutboundMessage]:
         """Handle one event; returns the replies to post now (possibly none).
@@ -88,22 +95,100 @@ class Orchestrator:
         if intent.kind is IntentKind.HELP:
             return [_info(help_text(), reply_to=reply_to)]
         if intent.kind is IntentKind.PROFILE:
-            return [_info("I have not learned your taste yet: react to my results with 👍 or 👎 "
-                          "and I will.", reply_to=reply_to)]
+            return [self._profile(event, reply_to)]
+        if intent.kind is IntentKind.SETTINGS:
+            return [self._settings(event, intent.prompt, reply_to)]
+        if intent.kind is IntentKind.FORGET:
+            return [self._forget(event, intent.prompt, reply_to)]
+        if intent.kind is IntentKind.LINK:
+            return [self._link(event, intent.prompt, reply_to)]
         return self._submit(event, intent, reply_to=reply_to, parent=parent)
 
+    # -- the person's view of their taste -------------------------------------------------------
+
+    def _profile(self, event: Event, reply_to: str | None) -> OutboundMessage:
+        from core.profile_card import render_profile, summarize
+
+        user_id = self.store.ensure_user(event.platform, event.actor)
+        community_id = self.store.ensure_community(event.platform, event.channel)
+        person = self.taste.person_of(user_id)
+        profiles = {kind: self.taste.profile("person", person, kind)[0] for kind in ("image", "text")}
+        community = {kind: self.taste.profile("community", community_id, kind)[0]
+                     for kind in ("image", "text")}
+        text = summarize(profiles, community, opted_out=self.taste.opted_out(user_id))
+        folder = self.settings.resolved_data_dir / "profiles"
+        chart = render_profile(profiles, folder / f"{event.platform}-{person}-{secrets.token_hex(3)}.png",
+                               title=event.actor.display_name or "your taste")
+        return _info(text, images=(str(chart),) if chart else (), reply_to=reply_to)
+
+    def _settings(self, event: Event, text: str, reply_to: str | None) -> OutboundMessage:
+        words = text.split()
+        user_id = self.store.ensure_user(event.platform, event.actor)
+        usage = ("Settings: /settings learning off (or on) for you; in a group, admins can set "
+                 "/settings emoji 🎉 positive (or negative, neutral).")
+        if len(words) == 2 and words[0] == "learning" and words[1] in ("on", "off"):
+            self.taste.set_opt_out(user_id, words[1] == "off")
+            if words[1] == "off":
+                return _info("Done: I no longer learn from your reactions, starting now. Your "
+                             "earlier feedback stays until you send /forget feedback.",
+                             reply_to=reply_to)
+            return _info("Done: I learn from your reactions again.", reply_to=reply_to)
+        if len(words) == 3 and words[0] == "emoji":
+            meanings = {"positive": 1, "negative": -1, "neutral": 0, "+": 1, "-": -1, "0": 0}
+            if words[2] not in meanings:
+                return _error(f"'{words[2]}' is not a meaning. {usage}", reply_to=reply_to)
+            if not (event.actor.is_admin or event.channel.kind is ChannelKind.DIRECT):
+                return _error("Only an admin of this group can change what emoji mean.",
+                              reply_to=reply_to)
+            community_id = self.store.ensure_community(event.platform, event.channel)
+            self.taste.set_emoji_meaning(community_id, words[1], meanings[words[2]])
+            return _info(f"Done: {words[1]} now counts as {words[2]} here.", reply_to=reply_to)
+        return _info(usage, reply_to=reply_to)
+
+    def _forget(self, event: Event, text: str, reply_to: str | None) -> OutboundMessage:
+        if text.strip().lower() != "feedback":
+            return _info("Send /forget feedback to erase your reactions and what I learned "
+                         "from them.", reply_to=reply_to)
+        user_id = self.store.ensure_user(event.platform, event.actor)
+        erased = self.taste.forget_feedback(user_id)
+        return _info(f"Done: erased {erased} reaction(s) and button press(es) of yours and "
+                     "rebuilt every profile they had touched.", reply_to=reply_to)
+
+    def _link(self, event: Event, code: str, reply_to: str | None) -> OutboundMessage:
+        user_id = self.store.ensure_user(event.platform, event.actor)
+        if not code:
+            new = self.taste.new_link_code(user_id)
+            return _info(f"Send /link {new} to me on your other platform within 30 minutes; "
+                         "both identities will then share one taste profile.", reply_to=reply_to)
+        if self.taste.link(user_id, code):
+            return _info("Linked: your identities now share one taste profile.",
+                         reply_to=reply_to)
+        return _error("That link code is unknown or expired. Send /link to get a new one.",
+                      reply_to=reply_to)
+
     def _submit(self, event: Event, intent: Intent, *, reply_to: str | None,
-                parent: Job | None = None, key_suffix: str = "") -> list[OutboundMessage]:
+                parent: Job | None = None, key_suffix: str = "",
+                keep_style: bool = False) -> list[OutboundMessage]:
         user_id = self.store.ensure_user(event.platform, event.actor)
         community_id = self.store.ensure_community(event.platform, event.channel)
         kind = "image" if intent.kind is IntentKind.IMAGINE else "text"
         seed = intent.options.get("seed", secrets.randbits(SEED_BITS))
-        params: dict[str, Any]
+        fixed = _fixed_choices(kind, intent.options)
+        if keep_style and parent is not None and parent.params.get("taste"):
+            # Rerolls and variations keep what the person is reacting to, but the seed.
+            fixed = {**parent.params["taste"]["choice"], **fixed}
+        choice, record = self.taste.choose(user_id=user_id, community_id=community_id, kind=kind,
+                                           rng=self.rng, learning=self.settings.learning,
+                                           fixed=fixed)
+        params: dict[str, Any] = taste.generation_params(kind, choice.values)
         if kind == "image":
-            params = {"count": intent.options.get("count", 1),
-                      "steps": self.settings.image_steps, "size": self.settings.image_size}
+            params.update(count=intent.options.get("count", 1), steps=self.settings.image_steps,
+                          size=self.settings.image_size)
         else:
-            params = {"max_new_tokens": self.settings.text_max_new_tokens}
+            params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
+                                                    * params.pop("length_factor")))
+        params["taste"] = record
+        expanded = taste.expand_prompt(kind, intent.prompt, choice.values)
         target = DeliveryTarget(
             platform=event.platform, chat_id=event.channel.chat_id,
             thread_id=event.channel.thread_id, reply_to=reply_to,
@@ -112,7 +197,7 @@ class Orchestrator:
             idempotency_key=f"{event.platform}:{event.event_id}{key_suffix}",
             kind=kind, intent=intent.kind.value, user_id=user_id, community_id=community_id,
             parent_job_id=parent.id if parent else None, prompt=intent.prompt,
-            expanded_prompt=intent.prompt, params=params, seed=seed, platform=event.platform,
+            expanded_prompt=expanded, params=params, seed=seed, platform=event.platform,
             delivery=target.to_dict())
         if not created:
             log.info("duplicate event %s for job %s ignored", event.event_id, job.id)
@@ -138,27 +223,37 @@ class Orchestrator:
         if delivered is None:
             return [_error("I only learn from reactions on results I made; that message isn't "
                            "one of mine.", ephemeral=True)]
-        user_id = None if event.anonymous else self.store.ensure_user(event.platform, event.actor)
-        recorded = 0
+        common = dict(job_id=delivered.job_id, platform=event.platform,
+                      chat_id=event.channel.chat_id, message_id=event.message_id,
+                      kind="reaction", occurred_at=event.occurred_at)
+        if event.anonymous:
+            # Anonymous totals (Telegram): the change since the last count moves the community.
+            for emoji, total in sorted((event.counts or {}).items()):
+                change = total - self.store.anonymous_total(event.platform, event.message_id, emoji)
+                if change:
+                    self.taste.record(event_key=f"{event.platform}:{event.event_id}:{emoji}",
+                                      user_id=None, value=emoji, delta=change, **common)
+            return []
+        user_id = self.store.ensure_user(event.platform, event.actor)
         for emoji, delta in [(e, 1) for e in sorted(event.added)] + [
                 (e, -1) for e in sorted(event.removed)]:
-            recorded += self.store.record_feedback(
-                event_key=f"{event.platform}:{event.event_id}:{emoji}:{delta}",
-                job_id=delivered.job_id, user_id=user_id, platform=event.platform,
-                chat_id=event.channel.chat_id, message_id=event.message_id, kind="reaction",
-                value=emoji, delta=delta)
-        log.info("reaction on job %s: %d feedback events", delivered.job_id, recorded)
+            self.taste.record(event_key=f"{event.platform}:{event.event_id}:{emoji}:{delta}",
+                              user_id=user_id, value=emoji, delta=delta, **common)
         return []
 
     def _reactions_cleared(self, event: ReactionsCleared) -> list[OutboundMessage]:
+        """Remove-all / remove-emoji: every actor's matching reactions are undone."""
         delivered = self.store.find_delivered(event.platform, event.channel.chat_id,
                                               event.message_id)
         if delivered is None:
             return []
-        self.store.record_feedback(
-            event_key=f"{event.platform}:{event.event_id}:cleared", job_id=delivered.job_id,
-            user_id=None, platform=event.platform, chat_id=event.channel.chat_id,
-            message_id=event.message_id, kind="reaction", value=event.emoji or "*", delta=0)
+        for user_id, emoji in self.store.live_reactions(event.platform, event.message_id,
+                                                        event.emoji):
+            self.taste.record(event_key=f"{event.platform}:{event.event_id}:{user_id}:{emoji}",
+                              job_id=delivered.job_id, user_id=user_id, platform=event.platform,
+                              chat_id=event.channel.chat_id, message_id=event.message_id,
+                              kind="reaction", value=emoji, delta=-1,
+                              occurred_at=event.occurred_at)
         return []
 
     def _button(self, event: ComponentActivated) -> list[OutboundMessage]:
@@ -171,15 +266,20 @@ class Orchestrator:
             return [_error(f"I don't know the button '{action}'.", ephemeral=True)]
         user_id = self.store.ensure_user(event.platform, event.actor)
         if action == "delete":
-            if user_id != job.user_id:
+            if self.taste.person_of(user_id) != self.taste.person_of(job.user_id):
                 return [_error("Only the person who asked for this can delete it.",
                                ephemeral=True)]
             return [_info("Deleted.", ephemeral=True, delete_message_id=event.message_id)]
-        self.store.record_feedback(
-            event_key=f"{event.platform}:{event.event_id}:button", job_id=job.id,
-            user_id=user_id, platform=event.platform, chat_id=event.channel.chat_id,
-            message_id=event.message_id, kind="button", value=action,
-            delta=-1 if action == "down" else 1)
+        if action == "why":
+            why = (job.params.get("taste") or {}).get("why") or "I had no taste to go on yet."
+            style = ", ".join(f"{d}: {v}" for d, v in
+                              ((job.params.get("taste") or {}).get("choice") or {}).items())
+            return [_info(f"Why this: {why}.\nChosen: {style}.\nPrompt I used: "
+                          f"“{job.expanded_prompt}”", ephemeral=True)]
+        self.taste.record(event_key=f"{event.platform}:{event.event_id}:button", job_id=job.id,
+                          user_id=user_id, platform=event.platform,
+                          chat_id=event.channel.chat_id, message_id=event.message_id,
+                          kind="button", value=action, delta=1, occurred_at=event.occurred_at)
         if action in ("up", "down"):
             return [_info("Thanks, noted." if action == "up" else "Noted; I'll steer away from "
                           "this.", ephemeral=True)]
@@ -189,8 +289,27 @@ class Orchestrator:
             # A variation keeps the prompt and moves the seed by a fixed, reproducible step.
             options["seed"] = (job.seed + int(action[4:]) * VARIATION_SEED_STEP) % 2**SEED_BITS
             options["count"] = 1
+        # "more like this" and variations keep the style; a reroll lets the learner choose again.
         return self._submit(event, Intent(kind, job.prompt, options), reply_to=event.message_id,
-                            parent=job, key_suffix=f":{action}")
+                            parent=job, key_suffix=f":{action}", keep_style=action != "reroll")
+
+
+def _fixed_choices(kind: str, options: dict[str, Any]) -> dict[str, str]:
+    """What the person asked for explicitly (``--style``, ``--aspect``, ``mode``) and we know."""
+    fixed: dict[str, str] = {}
+    dims = taste.CATALOGUE[kind]
+    if kind == "image":
+        style = str(options.get("style", "")).replace(" ", "-")
+        if style in dims["style"]:
+            fixed["style"] = style
+        if options.get("aspect") in dims["aspect"]:
+            fixed["aspect"] = options["aspect"]
+    else:
+        mode = str(options.get("mode", ""))
+        for dim in ("form", "tone"):
+            if mode in dims[dim]:
+                fixed[dim] = mode
+    return fixed
 
 
 def _shorten(text: str, limit: int = 80) -> str:

@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     workers: int = Field(
         default=1, ge=1, description="Worker processes `musespark run` starts (embedded mode)."
     )
+    learning: bool = Field(
+        default=True,
+        description="Learn from reactions. Off: styles and parameters are picked at random "
+        "(the baseline the adaptive benchmark compares against).",
+    )
     max_prompt_chars: int = Field(default=2000, ge=10, description="Longest prompt accepted.")
     text_max_new_tokens: int = Field(default=160, ge=8, description="Token budget for /write.")
     image_steps: int | None = Field(
@@ -86,8 +91,29 @@ class Settings(BaseSettings):
     )
     telegram_token: SecretStr | None = None
     telegram_api_url: str = "https://api.telegram.org"
+    telegram_webhook_url: str | None = Field(
+        default=None,
+        description="Public HTTPS URL Telegram posts updates to (webhook mode). Unset: long "
+        "polling, which needs no public address.",
+    )
+    telegram_webhook_secret: SecretStr | None = Field(
+        default=None,
+        description="secret_token for setWebhook (1-256 of A-Z a-z 0-9 _ -); requests without "
+        "it are refused. Unset: a random one per start.",
+    )
+    telegram_webhook_listen: str = Field(
+        default="0.0.0.0", description="Address the webhook server binds (webhook mode)."
+    )
+    telegram_webhook_port: int = Field(
+        default=8443, ge=1, le=65535, description="Port the webhook server binds (webhook mode)."
+    )
     discord_token: SecretStr | None = None
     discord_api_url: str = "https://discord.com/api/v10"
+    discord_mention_mode: bool = Field(
+        default=False,
+        description="Also answer messages that @mention the bot. Needs the privileged "
+        "MESSAGE_CONTENT intent (enable it in the Developer Portal); slash commands do not.",
+    )
 
     @cached_property
     def resolved_data_dir(self) -> Path:

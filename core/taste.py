@@ -4,13 +4,13 @@ Everything here is pure (values in, values out), so the live path, the rebuild f
 log, the tests and the simulated-users benchmark all run the same code.
 
 The learner is factorised Thompson sampling. A result is described by a few independent
-*dimensions* (for images: style, guidance, aspect, variation; for text: tone, length, form), each
+*dimensions* (for images: style, guidance, aspect; for text: tone, length, form), each
 with a handful of named values. Every value keeps a Beta(alpha, beta) posterior of "people like
 this". To choose, we draw one sample per value and take the best value of each dimension.
 
 Why this learner, and not a contextual bandit over whole combinations:
 
-* Data is scarce: a person reacts to a few results a day. 8 styles x 3 x 3 x 3 combinations
+* Data is scarce: a person reacts to a few results a day. 8 styles x 3 x 3 combinations
   would need hundreds of reactions to rank; factorised, 20 reactions already separate the best
   style of 8 because every reaction informs one value in *each* dimension.
 * Exploration is automatic and fades by itself: a value with little evidence has a wide
@@ -62,8 +62,6 @@ CATALOGUE: dict[str, dict[str, dict[str, Any]]] = {
                      "strict": {"scale": 1.4}},
         "aspect": {"square": {"ratio": (1, 1)}, "portrait": {"ratio": (3, 4)},
                    "landscape": {"ratio": (4, 3)}},
-        "variation": {"subtle": {"strength": 0.3}, "medium": {"strength": 0.55},
-                      "bold": {"strength": 0.8}},
     },
     "text": {
         "tone": {
@@ -228,6 +226,16 @@ def _why(kind: str, values: Mapping[str, str], stats: Posterior, own_n: float,
     else:
         parts.append("nobody has reacted yet, so I am exploring")
     return "; ".join(p for p in parts if p)
+
+
+def generation_params(kind: str, values: Mapping[str, str]) -> dict[str, Any]:
+    """The numeric generation parameters a choice stands for (recorded with the job)."""
+    dims = CATALOGUE[kind]
+    if kind == "image":
+        return {"style": values["style"], "guidance_factor": dims["guidance"][values["guidance"]]["scale"],
+                "aspect": values["aspect"], "aspect_ratio": list(dims["aspect"][values["aspect"]]["ratio"])}
+    return {"tone": values["tone"], "form": values["form"], "length": values["length"],
+            "length_factor": dims["length"][values["length"]]["tokens"]}
 
 
 def expand_prompt(kind: str, prompt: str, values: Mapping[str, str]) -> str:

@@ -81,6 +81,34 @@ class _Heartbeat:
         self._thread.join(timeout=5)
 
 
+#: Pixel sizes are rounded to this: diffusion VAEs work in blocks of 8 pixels (latent factor).
+PIXEL_MULTIPLE = 8
+
+
+def _dimensions(side: int, ratio: list[int] | tuple[int, int]) -> tuple[int, int]:
+    """Width and height with the same pixel count as ``side``x``side`` in ``ratio``."""
+    rw, rh = ratio
+    scale = (side * side / (rw * rh)) ** 0.5
+    width = max(PIXEL_MULTIPLE, round(rw * scale / PIXEL_MULTIPLE) * PIXEL_MULTIPLE)
+    height = max(PIXEL_MULTIPLE, round(rh * scale / PIXEL_MULTIPLE) * PIXEL_MULTIPLE)
+    return width, height
+
+
+def _taste_recipe(job: Job) -> dict[str, Any]:
+    """What the learner chose for this job, for the artifact's recipe."""
+    record = job.params.get("taste") or {}
+    choice = record.get("choice") or {}
+    return {"style": choice.get("style") or choice.get("tone"), "choice": choice,
+            "why": record.get("why"), "profile_version": record.get("profile_version")}
+
+
+def _result_buttons(job: Job) -> tuple[Button, ...]:
+    buttons = [Button("reroll", "🔁 Reroll", job.id), Button("more", "✨ More like this", job.id)]
+    if job.kind == "image":
+        buttons += [Button("vary1", "V1", job.id), Button("vary2", "V2", job.id)]
+    return (*buttons, Button("why", "❓ Why this?", job.id))
+
+
 def _generate_text(job: Job, settings: Settings) -> _Outcome:
     from workers.pipelines.text_causal_lm import get_text_generator
 
@@ -90,13 +118,14 @@ def _generate_text(job: Job, settings: Settings) -> _Outcome:
     result = generator.generate(messages, max_new_tokens=int(job.params["max_new_tokens"]),
                                 seed=job.seed)
     recipe = {"job_id": job.id, "prompt": job.prompt, "expanded_prompt": job.expanded_prompt,
-              "seed": job.seed, "model": result.model_name, "params": job.params}
+              "seed": job.seed, "model": result.model_name, **_taste_recipe(job),
+              "params": {k: v for k, v in job.params.items() if k != "taste"}}
     artifact = Artifact(job_id=job.id, kind="text", position=0, text=result.text,
                         content_hash=content_hash(result.text.encode()), recipe=recipe,
                         created_at=utcnow())
     text = f"{result.text}\n\n— {result.model_name}"
     message = OutboundMessage(MessageKind.RESULT, text, job_id=job.id,
-                              buttons=(Button("reroll", "🔁 Again", job.id),))
+                              buttons=_result_buttons(job))
     return _Outcome(result.model_name, [message], [artifact])
 
 
@@ -104,10 +133,12 @@ def _generate_image(job: Job, settings: Settings) -> _Outcome:
     from workers.pipelines.image_diffusion import get_image_generator, save_png
 
     generator = get_image_generator(settings.image_model, settings.models_dir, settings.device)
-    size = job.params.get("size")
+    width, height = _dimensions(job.params.get("size") or generator.default_size,
+                                job.params.get("aspect_ratio") or (1, 1))
+    guidance = generator.default_guidance * float(job.params.get("guidance_factor", 1.0))
     result = generator.generate(job.expanded_prompt, n=int(job.params.get("count", 1)),
                                 seed=job.seed, steps=job.params.get("steps"),
-                                width=size, height=size)
+                                guidance=guidance, width=width, height=height)
     folder = settings.artifacts_dir / job.id
     folder.mkdir(parents=True, exist_ok=True)
     artifacts, paths = [], []
@@ -115,7 +146,7 @@ def _generate_image(job: Job, settings: Settings) -> _Outcome:
         recipe: dict[str, Any] = {
             "job_id": job.id, "prompt": job.prompt, "expanded_prompt": job.expanded_prompt,
             "seed": result.seed, "position": position, "model": result.model_name,
-            "demo_model": result.is_demo,
+            "demo_model": result.is_demo, **_taste_recipe(job),
             "params": {"steps": result.steps, "guidance": result.guidance,
                        "width": result.width, "height": result.height,
                        "count": len(result.images)},
@@ -129,7 +160,7 @@ def _generate_image(job: Job, settings: Settings) -> _Outcome:
     if result.is_demo:
         caption += f"\n{DEMO_IMAGE_NOTICE}"
     message = OutboundMessage(MessageKind.RESULT, caption, images=tuple(paths), job_id=job.id,
-                              buttons=(Button("reroll", "🔁 Reroll", job.id),))
+                              buttons=_result_buttons(job))
     return _Outcome(result.model_name, [message], artifacts)
 
 

@@ -361,6 +361,29 @@ class Store:
         except IntegrityError:
             return False
 
+    def anonymous_total(self, platform: str, message_id: str, emoji: str) -> int:
+        """The anonymous count of ``emoji`` on a message as far as the log knows."""
+        with self.session() as s:
+            return int(s.scalar(select(func.coalesce(func.sum(FeedbackEvent.delta), 0)).where(
+                FeedbackEvent.platform == platform, FeedbackEvent.message_id == message_id,
+                FeedbackEvent.value == emoji, FeedbackEvent.user_id.is_(None),
+                FeedbackEvent.kind == "reaction")) or 0)
+
+    def live_reactions(self, platform: str, message_id: str,
+                       emoji: str | None = None) -> list[tuple[int, str]]:
+        """(user, emoji) pairs whose reactions on a message still stand (added, not removed)."""
+        with self.session() as s:
+            query = (select(FeedbackEvent.user_id, FeedbackEvent.value)
+                     .where(FeedbackEvent.platform == platform,
+                            FeedbackEvent.message_id == message_id,
+                            FeedbackEvent.kind == "reaction",
+                            FeedbackEvent.user_id.is_not(None))
+                     .group_by(FeedbackEvent.user_id, FeedbackEvent.value)
+                     .having(func.sum(FeedbackEvent.delta) > 0))
+            if emoji is not None:
+                query = query.where(FeedbackEvent.value == emoji)
+            return [(int(u), str(v)) for u, v in s.execute(query).all()]
+
     def feedback_for_job(self, job_id: str) -> Sequence[FeedbackEvent]:
         with self.session() as s:
             return s.scalars(select(FeedbackEvent).where(FeedbackEvent.job_id == job_id)

@@ -1,0 +1,358 @@
+"""Delivery to Discord over its REST API, with httpx (workers never import discord.py).
+
+Where a result goes:
+
+* While the interaction token is valid (15 minutes after the slash command or button press), as
+  an interaction follow-up: ``POST /webhooks/{application_id}/{token}``. Follow-ups can be
+  ephemeral, need no channel permission and are exempt from the global rate limit.
+* After that (or when the token is refused with 401/50027 "Invalid Webhook Token" or 404/10015
+  "Unknown Webhook"), as a channel message with the bot token:
+  ``POST /channels/{chat_id}/messages``, replying to the message the request came from.
+
+Discord's limits this module works within:
+
+* content is at most 2000 characters (400/50035 when over): longer text is split on line and
+  word boundaries into several messages; the images and buttons go with the last one;
+* files are uploaded as multipart with ``payload_json`` and ``files[n]`` referenced from
+  ``attachments``; at most 10 MiB per file for webhooks (413/40005 when over): bigger images are
+  re-encoded and shrunk first;
+* at most 5 buttons per action row and 5 rows; a button's ``custom_id`` at most 100 characters
+  (ours are ``action:job_id``: the payload stays server-side);
+* a 429 carries ``retry_after`` (body, seconds, float), ``global``, and the headers
+  ``Retry-After``, ``X-RateLimit-Reset-After``, ``X-RateLimit-Bucket``, ``X-RateLimit-Scope``.
+  We never retry in a loop here: :class:`~core.errors.DeliveryError` with ``retry_after`` makes
+  the runner defer the job, so a rate-limited chat waits while the worker serves others.
+  10,000 invalid requests (401/403/429) in 10 minutes get the IP banned, another reason not to
+  retry.
+
+The adapter (``bots/discord``) stores what this module needs in the job's delivery target:
+``interaction_token`` and, in ``extra``, ``application_id`` and ``interaction_expires_at``
+(epoch seconds). Missing facts are recovered: the application id from
+``GET /applications/@me``, an unknown expiry by trying the token and falling back.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from core.errors import DeliveryError
+from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
+from core.settings import Settings
+
+__all__ = [
+    "MESSAGE_MAX_CHARS",
+    "UPLOAD_LIMIT_BYTES",
+    "DiscordDeliverer",
+    "result_buttons",
+    "shrink_image",
+    "split_text",
+]
+
+log = logging.getLogger(__name__)
+
+MESSAGE_MAX_CHARS = 2000
+UPLOAD_LIMIT_BYTES = 10 * 1024 * 1024
+INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
+#: Switch to the bot token a little before the interaction token dies, so a slow upload that
+#: starts just in time is not refused halfway.
+TOKEN_EXPIRY_MARGIN_SECONDS = 30.0
+HTTP_TIMEOUT_SECONDS = 30.0
+#: How long a job waits after a Discord outage (5xx, network error) before it is tried again.
+SERVER_ERROR_RETRY_SECONDS = 15.0
+#: Used when a 429 carries no usable wait (e.g. a Cloudflare ban answered in HTML).
+DEFAULT_RETRY_AFTER_SECONDS = 60.0
+BUTTONS_PER_ROW = 5
+ROWS_MAX = 5
+EPHEMERAL_FLAG = 1 << 6
+BUTTON_STYLE_SECONDARY = 2
+BUTTON_STYLE_DANGER = 4
+COMPONENT_ACTION_ROW = 1
+COMPONENT_BUTTON = 2
+#: JSON error codes that mean "this interaction token can no longer be used".
+INVALID_WEBHOOK_TOKEN = 50027
+UNKNOWN_WEBHOOK = 10015
+USER_AGENT = "DiscordBot (https://github.com/musespark/musespark, 0.1)"
+
+#: One connection pool per REST base URL and process (a Celery child serves many jobs).
+_clients: dict[str, httpx.Client] = {}
+_application_ids: dict[str, str] = {}
+_lock = threading.Lock()
+
+
+def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list[str]:
+    """Split ``text`` into pieces of at most ``limit`` characters.
+
+    Cuts at the last paragraph break, else line break, else space before the limit; a single
+    word longer than ``limit`` is cut hard. Returns ``[""]`` for empty text.
+    """
+    pieces: list[str] = []
+    rest = text
+    while len(rest) > limit:
+        window = rest[:limit]
+        cut = max(window.rfind("\n\n"), window.rfind("\n"), window.rfind(" "))
+        if cut <= limit // 2:  # no good boundary: a hard cut beats a run of tiny messages
+            cut = limit
+        pieces.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    pieces.append(rest)
+    return [p for p in pieces if p] or [""]
+
+
+def shrink_image(data: bytes, filename: str, limit: int = UPLOAD_LIMIT_BYTES) -> tuple[str, bytes]:
+    """Return ``(filename, data)`` under ``limit`` bytes (Discord refuses bigger uploads).
+
+    Tries, in order: the file as it is; an optimised PNG; JPEG at falling quality; then JPEG
+    at 3/4 of the size, again and again. The recipe text chunk of our PNGs is lost on
+    re-encoding, which is acceptable: the artifact on disk keeps it.
+    """
+    if len(data) <= limit:
+        return filename, data
+    from PIL import Image
+
+    stem = Path(filename).stem
+    with Image.open(io.BytesIO(data)) as opened:
+        image = opened.convert("RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", optimize=True)
+    if buffer.tell() <= limit:
+        return f"{stem}.png", buffer.getvalue()
+    while True:
+        for quality in (90, 80, 70, 60):
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=quality, optimize=True)
+            if buffer.tell() <= limit:
+                return f"{stem}.jpg", buffer.getvalue()
+        width, height = image.size
+        if width <= 16 or height <= 16:
+            raise DeliveryError(f"{filename} cannot be shrunk under {limit} bytes", final=True)
+        image = image.resize((max(16, width * 3 // 4), max(16, height * 3 // 4)))
+
+
+def result_buttons(message: OutboundMessage) -> list[Button]:
+    """The buttons under a message: the ones core chose, plus Discord's full set on results.
+
+    Results get reroll, one variation per image (``vary1``..``varyN``; one for text), more
+    like this, and delete (core lets only the requester delete).
+    """
+    buttons = list(message.buttons)
+    if message.kind is MessageKind.RESULT and message.job_id:
+        job_id, have = message.job_id, {b.action for b in buttons}
+        wanted = [Button("reroll", "🔁 Reroll", job_id)]
+        count = max(1, len(message.images))
+        wanted += [Button(f"vary{n}", f"V{n}" if message.images else "🎲 Vary", job_id)
+                   for n in range(1, min(count, 9) + 1)]
+        wanted += [Button("more", "✨ More like this", job_id), Button("delete", "🗑️", job_id)]
+        buttons += [b for b in wanted if b.action not in have]
+    return buttons[: BUTTONS_PER_ROW * ROWS_MAX]
+
+
+def _components(buttons: list[Button]) -> list[dict[str, Any]]:
+    rows = []
+    for start in range(0, len(buttons), BUTTONS_PER_ROW):
+        rows.append({"type": COMPONENT_ACTION_ROW, "components": [
+            {"type": COMPONENT_BUTTON, "custom_id": b.custom_id, "label": b.label,
+             "style": BUTTON_STYLE_DANGER if b.action == "delete" else BUTTON_STYLE_SECONDARY}
+            for b in buttons[start:start + BUTTONS_PER_ROW]]})
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class _Upload:
+    filename: str
+    data: bytes
+
+    @property
+    def content_type(self) -> str:
+        return "image/jpeg" if self.filename.endswith(".jpg") else "image/png"
+
+
+class _Refused(DeliveryError):
+    """Discord answered 4xx (not 429): final, with the status and JSON error code."""
+
+    def __init__(self, message: str, *, status: int, code: int | None) -> None:
+        super().__init__(message, final=True)
+        self.status, self.code = status, code
+
+    @property
+    def token_dead(self) -> bool:
+        return (self.status == 401 and self.code == INVALID_WEBHOOK_TOKEN) or (
+            self.status == 404 and self.code == UNKNOWN_WEBHOOK)
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """Seconds to wait after a 429, from the body and the rate-limit headers (largest wins)."""
+    waits: list[float] = []
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if isinstance(body, dict) and body.get("retry_after") is not None:
+        waits.append(float(body["retry_after"]))
+    for header in ("X-RateLimit-Reset-After", "Retry-After"):
+        value = response.headers.get(header)
+        if value:
+            try:
+                waits.append(float(value))
+            except ValueError:
+                pass
+    scope = response.headers.get("X-RateLimit-Scope") or (
+        "global" if isinstance(body, dict) and body.get("global") else "bucket")
+    wait = max(waits) if waits else DEFAULT_RETRY_AFTER_SECONDS
+    log.warning("Discord rate limit (%s, bucket %s, via %s): waiting %.2f s", scope,
+                response.headers.get("X-RateLimit-Bucket", "?"),
+                "discord" if "Via" in response.headers else "cloudflare?", wait)
+    return wait
+
+
+class DiscordDeliverer:
+    """Posts outbox messages to Discord. ``send`` returns the ids of the messages it created."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.base_url = settings.discord_api_url.rstrip("/")
+        token = settings.discord_token
+        self._bot_token = token.get_secret_value() if token is not None else None
+        with _lock:
+            client = _clients.get(self.base_url)
+            if client is None:
+                client = _clients[self.base_url] = httpx.Client(
+                    timeout=HTTP_TIMEOUT_SECONDS, headers={"User-Agent": USER_AGENT})
+        self._client = client
+
+    # -- public -------------------------------------------------------------------------------
+
+    def send(self, target: DeliveryTarget, message: OutboundMessage) -> list[str]:
+        """Post ``message``; several Discord messages when its text is over 2000 characters.
+
+        Raises:
+            DeliveryError: ``retry_after`` on 429 and outages; ``final`` on 400/401/403/404.
+        """
+        uploads = [self._upload(path, n, message.job_id) for n, path in enumerate(message.images)]
+        components = _components(result_buttons(message))
+        chunks = split_text(message.text)
+        ids: list[str] = []
+        use_webhook = self._interaction_usable(target)
+        for index, chunk in enumerate(chunks):
+            last = index == len(chunks) - 1
+            payload: dict[str, Any] = {"content": chunk, "allowed_mentions": {"parse": []}}
+            if last and components:
+                payload["components"] = components
+            files = uploads if last else []
+            if use_webhook:
+                try:
+                    ids.append(self._followup(target, payload, files, message))
+                    continue
+                except _Refused as exc:
+                    if not exc.token_dead:
+                        raise
+                    log.info("interaction token of chat %s is dead (%s); posting to the channel",
+                             target.chat_id, exc)
+                    use_webhook = False
+            ids.append(self._channel_message(target, payload, files, reply=not ids))
+        return ids
+
+    def progress(self, target: DeliveryTarget, text: str) -> None:
+        """Edit the deferred response (``@original``) with the job's status; best effort."""
+        if not self._interaction_usable(target):
+            return
+        url = f"{self._webhook_url(target)}/messages/@original"
+        self._request("PATCH", url, json_body={"content": text[:MESSAGE_MAX_CHARS],
+                                                "allowed_mentions": {"parse": []}})
+
+    # -- routes -------------------------------------------------------------------------------
+
+    def _interaction_usable(self, target: DeliveryTarget) -> bool:
+        if not target.interaction_token:
+            return False
+        expires_at = target.extra.get("interaction_expires_at")
+        return expires_at is None or time.time() < float(expires_at) - TOKEN_EXPIRY_MARGIN_SECONDS
+
+    def _webhook_url(self, target: DeliveryTarget) -> str:
+        return f"{self.base_url}/webhooks/{self._application_id(target)}/{target.interaction_token}"
+
+    def _application_id(self, target: DeliveryTarget) -> str:
+        known = target.extra.get("application_id")
+        if known:
+            return str(known)
+        with _lock:
+            cached = _application_ids.get(self.base_url)
+        if cached:
+            return cached
+        app = self._request("GET", f"{self.base_url}/applications/@me", bot=True)
+        with _lock:
+            _application_ids[self.base_url] = str(app["id"])
+        return str(app["id"])
+
+    def _followup(self, target: DeliveryTarget, payload: dict[str, Any], files: list[_Upload],
+                  message: OutboundMessage) -> str:
+        if message.ephemeral or message.kind is MessageKind.ERROR:
+            payload = {**payload, "flags": EPHEMERAL_FLAG}
+        data = self._request("POST", f"{self._webhook_url(target)}?wait=true",
+                             json_body=payload, files=files)
+        return str(data["id"])
+
+    def _channel_message(self, target: DeliveryTarget, payload: dict[str, Any],
+                         files: list[_Upload], *, reply: bool) -> str:
+        if reply and target.reply_to and target.reply_to.isdigit():
+            payload = {**payload, "message_reference": {"message_id": target.reply_to,
+                                                        "fail_if_not_exists": False}}
+        data = self._request("POST", f"{self.base_url}/channels/{target.chat_id}/messages",
+                             json_body=payload, files=files, bot=True)
+        return str(data["id"])
+
+    # -- HTTP ---------------------------------------------------------------------------------
+
+    def _upload(self, path: str, index: int, job_id: str | None) -> _Upload:
+        source = Path(path)
+        name = f"musespark-{job_id or 'image'}-{index + 1}{source.suffix or '.png'}"
+        filename, data = shrink_image(source.read_bytes(), name)
+        return _Upload(filename, data)
+
+    def _request(self, method: str, url: str, *, json_body: dict[str, Any] | None = None,
+                 files: list[_Upload] | None = None, bot: bool = False) -> dict[str, Any]:
+        headers: dict[str, str] = {}
+        if bot:
+            if not self._bot_token:
+                raise DeliveryError("MUSESPARK_DISCORD_TOKEN is not set in the worker, so it "
+                                    "cannot post to a Discord channel", final=True)
+            headers["Authorization"] = f"Bot {self._bot_token}"
+        kwargs: dict[str, Any] = {"headers": headers}
+        if files:
+            body = dict(json_body or {})
+            body["attachments"] = [{"id": n, "filename": f.filename} for n, f in enumerate(files)]
+            kwargs["data"] = {"payload_json": json.dumps(body)}
+            kwargs["files"] = [(f"files[{n}]", (f.filename, f.data, f.content_type))
+                               for n, f in enumerate(files)]
+        elif json_body is not None:
+            kwargs["json"] = json_body
+        try:
+            response = self._client.request(method, url, **kwargs)
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"Discord unreachable: {type(exc).__name__}: {exc}",
+                                retry_after=SERVER_ERROR_RETRY_SECONDS) from exc
+        if response.status_code == 429:
+            raise DeliveryError("Discord rate limit", retry_after=_retry_after(response))
+        if response.status_code >= 500:
+            raise DeliveryError(f"Discord answered {response.status_code}",
+                                retry_after=SERVER_ERROR_RETRY_SECONDS)
+        if response.status_code >= 400:
+            code, reason = None, response.text[:300]
+            try:
+                body = response.json()
+                code, reason = body.get("code"), body.get("message", reason)
+            except ValueError:
+                pass
+            raise _Refused(f"Discord refused {method} ({response.status_code}, code {code}): "
+                           f"{reason}", status=response.status_code, code=code)
+        if response.status_code == 204 or not response.content:
+            return {}
+        result: dict[str, Any] = response.json()
+        return result
