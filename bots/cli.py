@@ -154,6 +154,23 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
                             str(args.path)])
 
 
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    from core.export import export_feedback
+    from core.store import Store
+
+    settings = get_settings()
+    store = Store(settings.resolved_database_url)
+    store.upgrade()
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as out:
+            count = export_feedback(store, args.format, out)
+        print(f"Wrote {count} {args.format.upper()} rows to {args.out}.", file=sys.stderr)
+    else:
+        count = export_feedback(store, args.format, sys.stdout)
+        print(f"{count} {args.format.upper()} rows.", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="musespark", description=(
         "MuseSpark: a co-creation bot for chat communities. Settings come from MUSESPARK_* "
@@ -196,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
                                  "at PATH, for demos and tests without a download.")
     tiny.add_argument("path", type=Path)
     tiny.set_defaults(func=cmd_models_tiny)
+    feedback = sub.add_parser("feedback", help="feedback data")
+    feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
+    export = feedback_sub.add_parser(
+        "export", help="feedback as JSON lines for TRL (KTO or DPO)",
+        description="Write feedback as JSON lines: kto rows (prompt, completion, label) or dpo "
+        "rows (prompt, chosen, rejected) from results of the same request. For images the "
+        "completion is the artifact's path, with its recipe beside it.")
+    export.add_argument("--format", choices=["kto", "dpo"], required=True)
+    export.add_argument("--out", type=Path, help="file to write (default: standard output)")
+    export.set_defaults(func=cmd_feedback_export)
+
     doctor = sub.add_parser("doctor", help="check a platform's setup and say how to fix it")
     doctor_sub = doctor.add_subparsers(dest="doctor_command", required=True)
     for platform in ("telegram", "discord"):

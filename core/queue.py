@@ -19,6 +19,7 @@ __all__ = [
     "CeleryPublisher",
     "JobPublisher",
     "QUEUE_FOR_KIND",
+    "RecordingPublisher",
     "TASK_FOR_KIND",
     "celery_config",
     "job_time_limits",
@@ -125,3 +126,21 @@ class CeleryPublisher:
 
     def close(self) -> None:
         self.app.close()
+
+
+class RecordingPublisher:
+    """A publisher that records what it would send (simulations and unit tests of the core).
+
+    Like httpx's ``MockTransport``: the real orchestrator and store run; only the broker is
+    replaced. Set ``fail`` to simulate an unreachable broker.
+    """
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str, float | None]] = []
+        self.fail = False
+
+    def publish(self, job_id: str, kind: str, params: dict[str, Any], *,
+                countdown: float | None = None) -> None:
+        if self.fail:
+            raise QueueUnavailableError("recording publisher told to fail")
+        self.published.append((job_id, kind, countdown))

@@ -1,0 +1,369 @@
+"""Delivery to Telegram over the Bot API with httpx (workers never import python-telegram-bot).
+
+Requests go to ``{MUSESPARK_TELEGRAM_API_URL}/bot{token}/{method}``, so a self-hosted Bot API
+server, or a local fake in tests, works like the real one.
+
+Telegram's limits, and what this module does about them (never fail on them):
+
+* a message holds at most 4096 characters: longer text is split at paragraph, line or word
+  boundaries into several messages;
+* a caption holds at most 1024 characters: the photo gets the first part, the rest follows as
+  messages;
+* a photo upload is at most 10 MB, its width + height at most 10000 pixels: bigger pictures are
+  shrunk and re-encoded as JPEG;
+* a media group holds 2 to 10 items and cannot carry buttons: more pictures go in several
+  groups, and the buttons follow in a short message;
+* ``callback_data`` is at most 64 bytes: buttons carry ``action:job_id`` only;
+* about one message a second per chat and 20 a minute per group: sends to one chat are paced
+  within a worker process; a 429 answer's ``parameters.retry_after`` becomes
+  ``DeliveryError(retry_after=...)`` so the job waits without blocking other chats.
+
+Lengths are counted in UTF-16 code units, as Telegram counts them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from core.errors import DeliveryError
+from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
+from core.settings import Settings
+
+__all__ = [
+    "CAPTION_MAX_CHARS",
+    "MESSAGE_MAX_CHARS",
+    "PHOTO_MAX_BYTES",
+    "TelegramDeliverer",
+    "split_text",
+]
+
+log = logging.getLogger(__name__)
+# httpx logs every request URL at INFO, and the URL carries the bot token.
+logging.getLogger("httpx").setLevel(logging.WARNING)
+
+MESSAGE_MAX_CHARS = 4096
+CAPTION_MAX_CHARS = 1024
+CALLBACK_DATA_MAX_BYTES = 64
+PHOTO_MAX_BYTES = 10 * 1000 * 1000
+PHOTO_MAX_SIDES_SUM_PIXELS = 10_000
+MEDIA_GROUP_MAX_ITEMS = 10
+REQUEST_TIMEOUT_SECONDS = 60.0
+#: Pause between two sends to one private chat, and to one group (20 a minute).
+PRIVATE_CHAT_INTERVAL_SECONDS = 1.0
+GROUP_CHAT_INTERVAL_SECONDS = 3.0
+#: How long a job waits after a network error or a 5xx before trying again.
+TRANSIENT_RETRY_SECONDS = 5.0
+#: Once part of a message is posted, a 429 up to this long is waited out in place: deferring
+#: the job would post the parts already sent a second time.
+INLINE_RETRY_MAX_SECONDS = 15.0
+#: Variation buttons offered under a picture.
+IMAGE_VARIATIONS = 2
+PROGRESS_DONE_TEXT = "✅ Done."
+PROGRESS_FAILED_TEXT = "❌ That didn't work; see below."
+
+_last_send_at: dict[str, float] = {}
+_pacing_lock = threading.Lock()
+
+
+def _utf16_len(text: str) -> int:
+    return len(text.encode("utf-16-le")) // 2
+
+
+def _fit(text: str, limit: int) -> int:
+    """How many leading characters of ``text`` fit in ``limit`` UTF-16 code units."""
+    if _utf16_len(text) <= limit:
+        return len(text)
+    used = 0
+    for index, char in enumerate(text):
+        used += 2 if ord(char) > 0xFFFF else 1
+        if used > limit:
+            return index
+    return len(text)
+
+
+def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list[str]:
+    """Split ``text`` into pieces of at most ``limit`` UTF-16 code units each.
+
+    Cuts at the last paragraph break, else line break, else space inside the limit; a word
+    longer than the limit is cut hard. Whitespace at the cuts is dropped; no piece is empty.
+    """
+    pieces: list[str] = []
+    rest = text.strip()
+    while rest:
+        end = _fit(rest, limit)
+        if end >= len(rest):
+            pieces.append(rest)
+            break
+        window = rest[:end]
+        cut = -1
+        for separator in ("\n\n", "\n", " "):
+            cut = window.rfind(separator)
+            if cut > limit // 4:  # a cut too near the start would make tiny pieces
+                break
+        if cut <= 0:
+            cut = end
+        piece = rest[:cut].rstrip()
+        pieces.append(piece or rest[:end])
+        rest = rest[cut:].lstrip() if piece else rest[end:].lstrip()
+    return pieces or [""]
+
+
+def _keyboard(message: OutboundMessage) -> dict[str, Any] | None:
+    """Inline keyboard for a result: its buttons, variations for pictures, 👍/👎.
+
+    The thumbs are there for groups where the bot is not an admin: Telegram sends it no
+    reactions there. Telegram's own payload shape (``inline_keyboard``) lives here, not in core.
+    """
+    if message.kind is not MessageKind.RESULT or not message.job_id:
+        return None
+    job_id = message.job_id
+    buttons = list(message.buttons)
+    actions = {b.action for b in buttons}
+    if message.images:
+        buttons += [Button(f"vary{n}", f"🎲 Variation {n}", job_id)
+                    for n in range(1, IMAGE_VARIATIONS + 1) if f"vary{n}" not in actions]
+    rating = [Button(a, label, job_id) for a, label in (("up", "👍"), ("down", "👎"))
+              if a not in actions]
+    rows: list[list[dict[str, str]]] = []
+    row: list[dict[str, str]] = []
+    for button in buttons:
+        data = button.custom_id
+        if len(data.encode()) > CALLBACK_DATA_MAX_BYTES:
+            log.warning("button %r dropped: callback_data over 64 bytes", data)
+            continue
+        row.append({"text": button.label, "callback_data": data})
+        if len(row) == 3:
+            rows.append(row)
+            row = []
+    if row:
+        rows.append(row)
+    if rating:
+        rows.append([{"text": b.label, "callback_data": b.custom_id} for b in rating])
+    return {"inline_keyboard": rows} if rows else None
+
+
+@dataclass(frozen=True, slots=True)
+class _Photo:
+    name: str
+    data: bytes
+    mime: str
+
+
+def _photo(path: str) -> _Photo:
+    """The picture at ``path`` as Telegram takes it: under 10 MB and 10000 px (w + h)."""
+    data = Path(path).read_bytes()
+    name = Path(path).name
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        if len(data) <= PHOTO_MAX_BYTES and width + height <= PHOTO_MAX_SIDES_SUM_PIXELS:
+            mime = Image.MIME.get(image.format or "", "application/octet-stream")
+            return _Photo(name, data, mime)
+        picture = image.convert("RGB")
+    scale = min(1.0, PHOTO_MAX_SIDES_SUM_PIXELS / (width + height))
+    quality = 90
+    while True:
+        size = (max(1, int(width * scale)), max(1, int(height * scale)))
+        buffer = io.BytesIO()
+        picture.resize(size).save(buffer, format="JPEG", quality=quality)
+        if buffer.tell() <= PHOTO_MAX_BYTES:
+            log.info("photo %s shrunk from %d bytes %dx%d to %d bytes %dx%d", path, len(data),
+                     width, height, buffer.tell(), *size)
+            return _Photo(Path(path).stem + ".jpg", buffer.getvalue(), "image/jpeg")
+        if quality > 60:
+            quality -= 15
+        else:
+            scale *= 0.7
+
+
+def _pace(chat_id: str) -> None:
+    """Keep to about one message a second per chat (one per 3 s in groups) in this process."""
+    interval = GROUP_CHAT_INTERVAL_SECONDS if chat_id.startswith("-") else (
+        PRIVATE_CHAT_INTERVAL_SECONDS)
+    with _pacing_lock:
+        now = time.monotonic()
+        due = _last_send_at.get(chat_id, 0.0) + interval
+        _last_send_at[chat_id] = max(now, due)
+    if due > now:
+        time.sleep(due - now)
+
+
+class TelegramDeliverer:
+    """Posts outbound messages to a Telegram chat; see the module docstring for the limits.
+
+    Args:
+        settings: reads ``telegram_token`` and ``telegram_api_url``.
+        transport: an httpx transport to use instead of the network (tests).
+    """
+
+    def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None) -> None:
+        token = settings.telegram_token.get_secret_value() if settings.telegram_token else ""
+        self._token = token
+        self._base = f"{settings.telegram_api_url.rstrip('/')}/bot{token}"
+        self._transport = transport
+
+    # -- the Bot API ----------------------------------------------------------------------------
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._token, "<token>") if self._token else text
+
+    def _call(self, client: httpx.Client, method: str, params: dict[str, Any],
+              files: dict[str, tuple[str, bytes, str]] | None = None) -> Any:
+        """One Bot API call. Returns ``result``; raises DeliveryError as the module says."""
+        if not self._token:
+            raise DeliveryError("MUSESPARK_TELEGRAM_TOKEN is not set on this worker", final=True)
+        try:
+            if files:
+                form = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+                        for k, v in params.items() if v is not None}
+                response = client.post(f"{self._base}/{method}", data=form, files=files)
+            else:
+                response = client.post(f"{self._base}/{method}",
+                                       json={k: v for k, v in params.items() if v is not None})
+        except httpx.HTTPError as exc:
+            raise DeliveryError(f"Telegram {method}: {self._redact(str(exc)) or type(exc).__name__}",
+                                retry_after=TRANSIENT_RETRY_SECONDS) from None
+        try:
+            body = response.json()
+        except ValueError:
+            body = {"ok": False, "description": response.text[:200]}
+        if response.status_code == 200 and body.get("ok"):
+            return body.get("result")
+        code = int(body.get("error_code") or response.status_code)
+        description = self._redact(str(body.get("description") or f"HTTP {code}"))
+        parameters = body.get("parameters") or {}
+        if code == 429:
+            retry_after = float(parameters.get("retry_after") or TRANSIENT_RETRY_SECONDS)
+            raise DeliveryError(f"Telegram {method}: {description}", retry_after=retry_after)
+        if code >= 500:
+            raise DeliveryError(f"Telegram {method}: {description}",
+                                retry_after=TRANSIENT_RETRY_SECONDS)
+        if parameters.get("migrate_to_chat_id"):
+            description += (f" (the group is now the supergroup "
+                            f"{parameters['migrate_to_chat_id']})")
+        # 400 (chat not found, message too long), 401 (token), 403 (blocked), 404: no retry helps.
+        raise DeliveryError(f"Telegram {method}: {description}", final=True)
+
+    def _call_part(self, client: httpx.Client, method: str, params: dict[str, Any],
+                   files: dict[str, tuple[str, bytes, str]] | None, *, started: bool) -> Any:
+        """A call that posts one part of a message; see :data:`INLINE_RETRY_MAX_SECONDS`."""
+        try:
+            return self._call(client, method, params, files)
+        except DeliveryError as exc:
+            wait = exc.retry_after
+            if not started or exc.final or wait is None or wait > INLINE_RETRY_MAX_SECONDS:
+                raise
+            log.info("Telegram %s: waiting %.1f s in place to finish a message", method, wait)
+            time.sleep(wait)
+            return self._call(client, method, params, files)
+
+    def _client(self) -> httpx.Client:
+        return httpx.Client(timeout=REQUEST_TIMEOUT_SECONDS, transport=self._transport,
+                            headers={"User-Agent": "MuseSpark-worker"})
+
+    # -- RemoteDeliverer -----------------------------------------------------------------------
+
+    def send(self, target: DeliveryTarget, message: OutboundMessage) -> list[str]:
+        """Post ``message`` (maybe as several Telegram messages); returns their message ids."""
+        chat_id = target.chat_id
+        common: dict[str, Any] = {"chat_id": chat_id}
+        if target.thread_id:
+            common["message_thread_id"] = int(target.thread_id)
+        reply_to = message.reply_to or target.reply_to
+        if reply_to and str(reply_to).isdigit():
+            common["reply_parameters"] = {"message_id": int(reply_to),
+                                          "allow_sending_without_reply": True}
+        keyboard = _keyboard(message)
+        ids: list[str] = []
+        with self._client() as client:
+            texts = split_text(message.text) if message.text.strip() else []
+            if message.images:
+                caption, texts = self._caption(message.text)
+                self._send_pictures(client, common, message.images, caption,
+                                    None if texts else keyboard, ids)
+                if keyboard and not texts and len(message.images) > 1:
+                    texts = ["👆 Reroll, vary or rate these:"]
+            for number, text in enumerate(texts):
+                last = number == len(texts) - 1
+                _pace(chat_id)
+                sent = self._call_part(client, "sendMessage", {
+                    **common, "text": text, "reply_markup": keyboard if last else None}, None,
+                    started=bool(ids))
+                ids.append(str(sent["message_id"]))
+                common.pop("reply_parameters", None)  # only the first part answers the request
+            self._finish_progress(client, target, message)
+        return ids
+
+    def progress(self, target: DeliveryTarget, text: str) -> None:
+        """Edit the job's progress message (the adapter's "queued" reply) to ``text``."""
+        message_id = target.extra.get("progress_message_id")
+        if not message_id:
+            return
+        with self._client() as client:
+            self._edit(client, target.chat_id, str(message_id), text)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _caption(text: str) -> tuple[str, list[str]]:
+        """The photo's caption (at most 1024) and the messages that carry the rest."""
+        text = text.strip()
+        if _utf16_len(text) <= CAPTION_MAX_CHARS:
+            return text, []
+        caption = split_text(text, CAPTION_MAX_CHARS)[0]
+        return caption, split_text(text[len(caption):]) if text[len(caption):].strip() else []
+
+    def _send_pictures(self, client: httpx.Client, common: dict[str, Any],
+                       images: tuple[str, ...], caption: str,
+                       keyboard: dict[str, Any] | None, ids: list[str]) -> None:
+        """Post the pictures (photo, or media groups of up to 10), appending to ``ids``."""
+        photos = [_photo(path) for path in images]
+        for start in range(0, len(photos), MEDIA_GROUP_MAX_ITEMS):
+            chunk = photos[start:start + MEDIA_GROUP_MAX_ITEMS]
+            chunk_caption = caption if start == 0 else None
+            _pace(common["chat_id"])
+            if len(chunk) == 1:
+                sent = self._call_part(client, "sendPhoto", {
+                    **common, "caption": chunk_caption, "reply_markup": keyboard,
+                }, {"photo": (chunk[0].name, chunk[0].data, chunk[0].mime)}, started=bool(ids))
+                ids.append(str(sent["message_id"]))
+            else:
+                media = [{"type": "photo", "media": f"attach://photo{n}",
+                          **({"caption": chunk_caption} if n == 0 and chunk_caption else {})}
+                         for n in range(len(chunk))]
+                files = {f"photo{n}": (p.name, p.data, p.mime) for n, p in enumerate(chunk)}
+                sent = self._call_part(client, "sendMediaGroup", {**common, "media": media},
+                                       files, started=bool(ids))
+                ids += [str(m["message_id"]) for m in sent]
+            common.pop("reply_parameters", None)
+
+    def _edit(self, client: httpx.Client, chat_id: str, message_id: str, text: str) -> None:
+        try:
+            self._call(client, "editMessageText", {
+                "chat_id": chat_id, "message_id": int(message_id),
+                "text": split_text(text)[0]})
+        except DeliveryError as exc:
+            if "not modified" not in str(exc):
+                raise
+
+    def _finish_progress(self, client: httpx.Client, target: DeliveryTarget,
+                         message: OutboundMessage) -> None:
+        """Best effort: the progress message says the job is over once its result is out."""
+        message_id = target.extra.get("progress_message_id")
+        if not message_id or message.kind not in (MessageKind.RESULT, MessageKind.ERROR):
+            return
+        text = PROGRESS_DONE_TEXT if message.kind is MessageKind.RESULT else PROGRESS_FAILED_TEXT
+        try:
+            self._edit(client, target.chat_id, str(message_id), text)
+        except DeliveryError as exc:
+            log.info("progress message %s not edited: %s", message_id, exc)
