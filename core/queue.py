@@ -80,6 +80,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # The embedded transport has no fanout exchange: no remote control, mingle or gossip.
         config["worker_enable_remote_control"] = False
         transport_options["polling_interval"] = 0.05
+        # Live workers renew their claims, so this only bounds how long a dead worker's
+        # message stays hidden (the redriver usually re-sends the job well before).
+        transport_options["visibility_timeout"] = 300
     elif broker_url.startswith(("redis://", "rediss://")):
         # Longer than any job may run (hard time limit), so a live job is not redelivered.
         transport_options["visibility_timeout"] = 3600
