@@ -73,11 +73,13 @@ class Orchestrator:
             match event:
                 case MessageReceived():
                     intent = parse_text(event.text, max_prompt_chars=self.settings.max_prompt_chars)
-                    return self._run_intent(event, intent, reply_to=event.message_id)
+                    return self._run_intent(event, intent, reply_to=event.message_id,
+                                            parent=self._thread_parent(event))
                 case CommandInvoked():
                     intent = parse_command(event.name, dict(event.args),
                                            max_prompt_chars=self.settings.max_prompt_chars)
-                    return self._run_intent(event, intent, reply_to=event.message_id)
+                    return self._run_intent(event, intent, reply_to=event.message_id,
+                                            parent=self._thread_parent(event))
                 case ReactionChanged():
                     return self._reaction(event)
                 case ReactionsCleared():
@@ -102,7 +104,16 @@ class Orchestrator:
             return [self._forget(event, intent.prompt, reply_to)]
         if intent.kind is IntentKind.LINK:
             return [self._link(event, intent.prompt, reply_to)]
-        return self._submit(event, intent, reply_to=reply_to, parent=parent)
+        return self._submit(event, intent, reply_to=reply_to, parent=parent,
+                            thread=parent is not None)
+
+    def _thread_parent(self, event: MessageReceived | CommandInvoked) -> Job | None:
+        """The job whose result ``event`` replies to: the new job continues that conversation."""
+        if not event.reply_to:
+            return None
+        delivered = self.store.find_delivered(event.platform, event.channel.chat_id,
+                                              event.reply_to)
+        return self.store.get_job(delivered.job_id) if delivered is not None else None
 
     # -- the person's view of their taste -------------------------------------------------------
 
@@ -168,7 +179,7 @@ class Orchestrator:
 
     def _submit(self, event: Event, intent: Intent, *, reply_to: str | None,
                 parent: Job | None = None, key_suffix: str = "",
-                keep_style: bool = False) -> list[OutboundMessage]:
+                keep_style: bool = False, thread: bool = False) -> list[OutboundMessage]:
         user_id = self.store.ensure_user(event.platform, event.actor)
         community_id = self.store.ensure_community(event.platform, event.channel)
         kind = "image" if intent.kind is IntentKind.IMAGINE else "text"
@@ -188,6 +199,9 @@ class Orchestrator:
             params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
                                                     * params.pop("length_factor")))
         params["taste"] = record
+        if thread:
+            # A reply to a result: the worker gives the model the earlier turns as context.
+            params["thread"] = True
         expanded = taste.expand_prompt(kind, intent.prompt, choice.values)
         target = DeliveryTarget(
             platform=event.platform, chat_id=event.channel.chat_id,

@@ -94,9 +94,9 @@ REROLL_WEIGHT = 0.5
 #: The most one actor can move one profile in an hour (sum of |weights|).
 HOURLY_CAP = 6.0
 #: A newcomer's prior from the community: at most this many pseudo-reactions per value.
-COMMUNITY_PRIOR_WEIGHT = 4.0
+COMMUNITY_PRIOR_WEIGHT = 25.0
 #: Posterior counts are multiplied by this before sampling (>1: exploit more).
-EXPLORATION = 1.0
+EXPLORATION = 2.0
 
 
 def emoji_meaning(emoji: str, overrides: Mapping[str, int] | None = None) -> int:

@@ -15,6 +15,7 @@ from core.orchestrator import Orchestrator
 from core.store import Artifact, JobState, Store, content_hash, utcnow
 
 _message_ids = itertools.count(1)
+_event_ids = itertools.count(1)
 
 
 def deliver(store: Store, job_id: str, *, text: str = "a result") -> str:
@@ -42,7 +43,6 @@ class SimChat:
     def __init__(self, orchestrator: Orchestrator, chat_id: str = "g1",
                  platform: str = "sim") -> None:
         self.orchestrator, self.chat_id, self.platform = orchestrator, chat_id, platform
-        self._events = itertools.count(1)
 
     @property
     def channel(self) -> Channel:
@@ -50,7 +50,7 @@ class SimChat:
 
     def ask(self, person: str, text: str, at: datetime | None = None) -> tuple[str, str]:
         """``person`` asks; returns (job_id, message_id of the delivered result)."""
-        event = MessageReceived(platform=self.platform, event_id=f"e{next(self._events)}",
+        event = MessageReceived(platform=self.platform, event_id=f"e{next(_event_ids)}",
                                 actor=Actor(person, person), channel=self.channel, text=text,
                                 **({"occurred_at": at} if at else {}))
         replies = self.orchestrator.handle(event)
@@ -62,16 +62,16 @@ class SimChat:
               at: datetime | None = None, is_bot: bool = False) -> None:
         change = {"removed" if remove else "added": frozenset([emoji])}
         self.orchestrator.handle(ReactionChanged(
-            platform=self.platform, event_id=f"e{next(self._events)}",
+            platform=self.platform, event_id=f"e{next(_event_ids)}",
             actor=Actor(person, person, is_bot=is_bot), channel=self.channel,
             message_id=message_id, **change, **({"occurred_at": at} if at else {})))
 
     def count(self, message_id: str, counts: dict[str, int]) -> None:
         self.orchestrator.handle(ReactionChanged(
-            platform=self.platform, event_id=f"e{next(self._events)}", actor=Actor("anonymous"),
+            platform=self.platform, event_id=f"e{next(_event_ids)}", actor=Actor("anonymous"),
             channel=self.channel, message_id=message_id, anonymous=True, counts=counts))
 
     def press(self, person: str, message_id: str, custom_id: str) -> list:
         return self.orchestrator.handle(ComponentActivated(
-            platform=self.platform, event_id=f"e{next(self._events)}", actor=Actor(person, person),
+            platform=self.platform, event_id=f"e{next(_event_ids)}", actor=Actor(person, person),
             channel=self.channel, custom_id=custom_id, message_id=message_id))

@@ -332,3 +332,89 @@ class FakeDiscord:
             if call.method == "GET":
                 return 200, self.messages[message_id], {}
         return 404, {"message": "404: Not Found", "code": 0}, {}
+
+
+# -- gateway dispatches, shaped as Discord documents them --------------------------------------
+
+GUILD_ID = "1200000000000000001"
+CHANNEL_ID = "1300000000000000001"
+ADMINISTRATOR_BITS = str(1 << 3)
+EVERYDAY_BITS = str((1 << 10) | (1 << 11) | (1 << 6) | (1 << 16) | (1 << 31))
+ATTACHMENT_SIZE_LIMIT = 10 * 1024 * 1024
+
+
+def snowflake_at(seconds_ago: float) -> str:
+    """An id whose embedded creation time lies ``seconds_ago`` in the past."""
+    ms = int((time.time() - seconds_ago) * 1000) - DISCORD_EPOCH_MS
+    return str((ms << 22) | 1)
+
+
+def member_payload(user_id: str, name: str, permissions: str = EVERYDAY_BITS) -> dict[str, Any]:
+    return {"user": user_payload(user_id, name), "roles": [], "joined_at": iso_now(),
+            "flags": 0, "deaf": False, "mute": False, "nick": None, "avatar": None,
+            "permissions": permissions, "pending": False}
+
+
+def interaction_payload(fake: FakeDiscord, kind: int, data: dict[str, Any], *, user_id: str,
+                        name: str = "someone", channel_id: str = CHANNEL_ID,
+                        guild_id: str | None = GUILD_ID, message: dict[str, Any] | None = None,
+                        interaction_id: str | None = None,
+                        permissions: str = EVERYDAY_BITS) -> dict[str, Any]:
+    """An INTERACTION_CREATE payload (type 2 command, 3 component, 4 autocomplete)."""
+    token = f"itoken-{snowflake()}"
+    fake.token_channels[token] = channel_id
+    payload: dict[str, Any] = {
+        "id": interaction_id or snowflake(), "application_id": APPLICATION_ID, "type": kind,
+        "data": data, "token": token, "version": 1, "channel_id": channel_id,
+        "channel": {"id": channel_id, "type": 0 if guild_id else 1, "name": "art",
+                    "position": 0, "permission_overwrites": [], "nsfw": False,
+                    "parent_id": None, **({"guild_id": guild_id} if guild_id else {})},
+        "app_permissions": EVERYDAY_BITS, "locale": "en-US", "entitlements": [],
+        "attachment_size_limit": ATTACHMENT_SIZE_LIMIT,
+        "authorizing_integration_owners": {"0": guild_id or "0"},
+        "context": 0 if guild_id else 1,
+    }
+    if guild_id:
+        payload["guild_id"] = guild_id
+        payload["guild_locale"] = "en-US"
+        payload["member"] = member_payload(user_id, name, permissions)
+    else:
+        payload["user"] = user_payload(user_id, name)
+    if message is not None:
+        payload["message"] = message
+        # For a component interaction, @original is the message the component is on.
+        fake.originals[token] = message["id"]
+    return payload
+
+
+def slash_payload(fake: FakeDiscord, command: str, options: dict[str, Any], *, user_id: str,
+                  **kw: Any) -> dict[str, Any]:
+    types = {str: 3, int: 4, bool: 5}
+    data = {"id": snowflake(), "name": command, "type": 1,
+            "options": [{"name": k, "type": types[type(v)], "value": v}
+                        for k, v in options.items()]}
+    return interaction_payload(fake, 2, data, user_id=user_id, **kw)
+
+
+def button_payload(fake: FakeDiscord, message: dict[str, Any], custom_id: str, *,
+                   user_id: str, **kw: Any) -> dict[str, Any]:
+    return interaction_payload(fake, 3, {"custom_id": custom_id, "component_type": 2},
+                               user_id=user_id, message=message, **kw)
+
+
+def reaction_payload(message_id: str, user_id: str, emoji: dict[str, Any], *, add: bool = True,
+                     author_id: str | None = APPLICATION_ID, channel_id: str = CHANNEL_ID,
+                     guild_id: str | None = GUILD_ID) -> dict[str, Any]:
+    """MESSAGE_REACTION_ADD / _REMOVE. Only the add event carries member and author."""
+    payload: dict[str, Any] = {"user_id": user_id, "channel_id": channel_id,
+                               "message_id": message_id, "emoji": emoji, "type": 0,
+                               "burst": False}
+    if guild_id:
+        payload["guild_id"] = guild_id
+    if add:
+        payload["burst_colors"] = []
+        if author_id:
+            payload["message_author_id"] = author_id
+        if guild_id:
+            payload["member"] = member_payload(user_id, f"user{user_id[-3:]}")
+    return payload

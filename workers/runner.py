@@ -109,17 +109,55 @@ def _result_buttons(job: Job) -> tuple[Button, ...]:
     return (*buttons, Button("why", "❓ Why this?", job.id))
 
 
-def _generate_text(job: Job, settings: Settings) -> _Outcome:
+#: A reply to a result continues the conversation: this many earlier request/result pairs
+#: (each cut to THREAD_TURN_MAX_CHARS) go to the text model before the new request.
+THREAD_TURNS_MAX = 4
+THREAD_TURN_MAX_CHARS = 1500
+
+
+def _thread_history(store: Store, job: Job) -> tuple[list[str], list[dict[str, str]]]:
+    """The earlier turns of the conversation ``job`` continues, oldest first, and their jobs.
+
+    Only jobs made by replying to a result (``params["thread"]``) continue one; a reroll or a
+    variation has a parent too, but starts afresh.
+    """
+    from sqlalchemy import select
+
+    ids: list[str] = []
+    turns: list[dict[str, str]] = []
+    current = job
+    while current.params.get("thread") and current.parent_job_id and len(ids) < THREAD_TURNS_MAX:
+        parent = store.get_job(current.parent_job_id)
+        if parent is None:
+            break
+        with store.session() as s:
+            texts = s.scalars(select(Artifact.text).where(
+                Artifact.job_id == parent.id, Artifact.kind == "text",
+            ).order_by(Artifact.position)).all()
+        answer = "\n".join(t for t in texts if t)
+        if not answer and parent.kind == "image":
+            answer = f"(I drew a picture of: {parent.prompt})"
+        if answer:
+            ids.insert(0, parent.id)
+            turns[:0] = [{"role": "user", "content": parent.prompt[:THREAD_TURN_MAX_CHARS]},
+                         {"role": "assistant", "content": answer[:THREAD_TURN_MAX_CHARS]}]
+        current = parent
+    return ids, turns
+
+
+def _generate_text(job: Job, settings: Settings, *, thread: list[str] | None = None,
+                   history: list[dict[str, str]] | None = None) -> _Outcome:
     from workers.pipelines.text_causal_lm import get_text_generator
 
     generator = get_text_generator(settings.text_model, settings.models_dir, settings.device)
-    messages = [{"role": "system", "content": SYSTEM_PROMPT},
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, *(history or []),
                 {"role": "user", "content": job.expanded_prompt}]
     result = generator.generate(messages, max_new_tokens=int(job.params["max_new_tokens"]),
                                 seed=job.seed)
     recipe = {"job_id": job.id, "prompt": job.prompt, "expanded_prompt": job.expanded_prompt,
               "seed": job.seed, "model": result.model_name, **_taste_recipe(job),
-              "params": {k: v for k, v in job.params.items() if k != "taste"}}
+              "params": {k: v for k, v in job.params.items() if k != "taste"},
+              **({"thread": thread} if thread else {})}
     artifact = Artifact(job_id=job.id, kind="text", position=0, text=result.text,
                         content_hash=content_hash(result.text.encode()), recipe=recipe,
                         created_at=utcnow())
@@ -283,7 +321,11 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
     _show_progress(job, settings, "🎨 Drawing…" if job.kind == "image" else "✍️ Writing…")
     try:
         with _Heartbeat(store, claim, settings.job_heartbeat_seconds):
-            outcome = GENERATORS[job.kind](job, settings)
+            if job.kind == "text":
+                thread, history = _thread_history(store, job)
+                outcome = _generate_text(job, settings, thread=thread, history=history)
+            else:
+                outcome = GENERATORS[job.kind](job, settings)
     except ModelUnavailableError as exc:
         log.error("job %s: model unavailable: %s", job_id, exc)
         return _fail(store, claim, job, exc.user_message, settings)

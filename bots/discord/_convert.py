@@ -37,6 +37,7 @@ __all__ = [
     "command_event",
     "component_event",
     "emoji_key",
+    "interaction_actor",
     "reaction_event",
     "reactions_cleared_event",
 ]
@@ -74,6 +75,13 @@ def _channel(channel_id: int | None, guild_id: int | None,
     return Channel(chat_id=chat_id, kind=ChannelKind.GUILD_CHANNEL, guild_id=str(guild_id))
 
 
+def interaction_actor(interaction: discord.Interaction[Any]) -> Actor:
+    """The person behind an interaction; an admin has Manage Server (everyone, in a DM)."""
+    admin = interaction.guild_id is None or interaction.permissions.manage_guild
+    return Actor(id=str(interaction.user.id), display_name=interaction.user.display_name,
+                 is_bot=interaction.user.bot, is_admin=admin)
+
+
 def channel_of_interaction(interaction: discord.Interaction[Any]) -> Channel:
     return _channel(interaction.channel_id, interaction.guild_id, interaction.channel)
 
@@ -82,7 +90,7 @@ def command_event(interaction: discord.Interaction[Any], name: str,
                   args: dict[str, Any]) -> CommandInvoked:
     """A slash command; ``event_id`` is the interaction id, so a replay makes no second job."""
     return CommandInvoked(
-        platform=PLATFORM, event_id=str(interaction.id), actor=actor_of(interaction.user),
+        platform=PLATFORM, event_id=str(interaction.id), actor=interaction_actor(interaction),
         channel=channel_of_interaction(interaction), occurred_at=interaction.created_at,
         raw=interaction.data, name=name, args={k: v for k, v in args.items() if v is not None},
         source=CommandSource.SLASH, interaction_token=interaction.token)
@@ -91,7 +99,7 @@ def command_event(interaction: discord.Interaction[Any], name: str,
 def component_event(interaction: discord.Interaction[Any], custom_id: str) -> ComponentActivated:
     message_id = str(interaction.message.id) if interaction.message else ""
     return ComponentActivated(
-        platform=PLATFORM, event_id=str(interaction.id), actor=actor_of(interaction.user),
+        platform=PLATFORM, event_id=str(interaction.id), actor=interaction_actor(interaction),
         channel=channel_of_interaction(interaction), occurred_at=interaction.created_at,
         raw=interaction.data, custom_id=custom_id, message_id=message_id,
         interaction_token=interaction.token)

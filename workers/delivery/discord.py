@@ -152,6 +152,9 @@ def result_buttons(message: OutboundMessage) -> list[Button]:
                    for n in range(1, min(count, 9) + 1)]
         wanted += [Button("more", "✨ More like this", job_id), Button("delete", "🗑️", job_id)]
         buttons += [b for b in wanted if b.action not in have]
+        # Variations next to each other; delete last, away from the others.
+        buttons.sort(key=lambda b: (b.action == "delete", b.action != "reroll",
+                                    not b.action.startswith("vary")))
     return buttons[: BUTTONS_PER_ROW * ROWS_MAX]
 
 

@@ -1,0 +1,249 @@
+"""The Discord gateway client: slash commands, result buttons, reactions, optional mentions.
+
+Deadlines and limits this code is shaped by (Discord API v10, discord.py 2.7):
+
+* An interaction must be answered within 3 seconds (else 404/10062 "Unknown interaction"), so
+  every handler defers first and only then calls core, which does blocking I/O in a thread.
+* The interaction token then serves follow-ups and edits of ``@original`` for 15 minutes; the
+  worker uses it to post the result, and falls back to the bot token after that. This module
+  stores the token's expiry and the application id with the job for that purpose.
+* For a button press answered with a deferred *update*, ``@original`` is the message the button
+  is on, which is how "delete" removes a result without any channel permission.
+* Buttons survive restarts: each is a :class:`discord.ui.DynamicItem` matched on its
+  ``action:job_id`` custom id; discord.py rebuilds it from the pressed message's components.
+* Message content is 2000 characters at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+import discord
+from discord import app_commands
+
+from bots.discord._commands import register_commands
+from bots.discord._convert import (
+    PLATFORM,
+    actor_of,
+    component_event,
+    reaction_event,
+    reactions_cleared_event,
+)
+from bots.discord._setup import build_intents
+from core.errors import UserInputError
+from core.events import Channel, ChannelKind, Event, MessageReceived
+from core.intents import Intent, parse_command
+from core.orchestrator import Orchestrator
+from core.outbound import MessageKind, OutboundMessage
+from core.store import Store
+
+__all__ = ["MuseSparkDiscord", "ResultButton"]
+
+log = logging.getLogger(__name__)
+
+MESSAGE_MAX_CHARS = 2000
+INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
+#: Buttons that answer privately and leave the result as it is (no new job).
+_QUIET_ACTIONS = frozenset({"delete", "up", "down", "why"})
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MESSAGE_MAX_CHARS else text[: MESSAGE_MAX_CHARS - 1] + "…"
+
+
+def _private(reply: OutboundMessage) -> bool:
+    return reply.ephemeral or reply.kind is MessageKind.ERROR
+
+
+class ResultButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
+                   template=r"(?P<action>reroll|more|up|down|delete|why|vary[1-9]):(?P<job_id>[0-9a-f]{6,32})"):
+    """A button under a result, rebuilt from its ``action:job_id`` custom id on every press."""
+
+    def __init__(self, action: str, job_id: str, label: str | None = None) -> None:
+        super().__init__(discord.ui.Button(label=label or action, custom_id=f"{action}:{job_id}"))
+        self.action, self.job_id = action, job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction[Any],
+                             item: discord.ui.Item[Any], match: re.Match[str]) -> ResultButton:
+        label = getattr(item, "label", None)
+        return cls(match["action"], match["job_id"], label)
+
+    async def callback(self, interaction: discord.Interaction[Any]) -> None:
+        client = interaction.client
+        assert isinstance(client, MuseSparkDiscord)
+        await client.press(interaction, self.action, self.custom_id)
+
+
+class MuseSparkDiscord(discord.Client):
+    """discord.py client that turns interactions and reactions into core events."""
+
+    def __init__(self, orchestrator: Orchestrator, store: Store, *, mention_mode: bool = False,
+                 max_prompt_chars: int = 2000, **options: Any) -> None:
+        # Prompts are echoed back: never let one ping @everyone or a role.
+        options.setdefault("allowed_mentions", discord.AllowedMentions.none())
+        super().__init__(intents=build_intents(mention_mode), **options)
+        self.orchestrator, self.store = orchestrator, store
+        self.mention_mode, self.max_prompt_chars = mention_mode, max_prompt_chars
+        self.tree = app_commands.CommandTree(self)
+        self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
+        register_commands(self.tree, self)
+
+    async def setup_hook(self) -> None:
+        self.add_dynamic_items(ResultButton)
+
+    async def handle(self, event: Event) -> list[OutboundMessage]:
+        """Core's ``handle`` in a thread (it does blocking database and broker I/O)."""
+        return await asyncio.to_thread(self.orchestrator.handle, event)
+
+    # -- slash commands -----------------------------------------------------------------------
+
+    async def run_command(self, interaction: discord.Interaction[Any], name: str,
+                          args: dict[str, Any]) -> None:
+        """Defer within Discord's 3 s, hand the command to core, show its immediate answer."""
+        from bots.discord._convert import command_event
+
+        args = {k: v for k, v in args.items() if v is not None}
+        try:  # pure and instant: bad input gets its plain-words answer before any deferral
+            intent: Intent = parse_command(name, args, max_prompt_chars=self.max_prompt_chars)
+        except UserInputError as exc:
+            await interaction.response.send_message(_clip(exc.user_message), ephemeral=True)
+            return
+        private = not intent.makes_job
+        await interaction.response.defer(thinking=True, ephemeral=private)
+        replies = await self.handle(command_event(interaction, name, args))
+        await self._answer(interaction, replies, original_pending=True, original_private=private)
+
+    async def _on_command_error(self, interaction: discord.Interaction[Any],
+                                error: app_commands.AppCommandError) -> None:
+        """Plain words, privately; the operator's log gets the details."""
+        if isinstance(error, app_commands.TransformerError):
+            text = (f"I couldn't use '{error.value}' there. Pick one of the offered values "
+                    "and try again.")
+        else:
+            log.error("slash command failed", exc_info=error)
+            text = "Something went wrong on my side. Please try again in a moment."
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(text, ephemeral=True)
+            else:
+                await interaction.response.send_message(text, ephemeral=True)
+        except discord.HTTPException as exc:
+            log.warning("could not tell the person about an error: %s", exc)
+
+    # -- buttons ------------------------------------------------------------------------------
+
+    async def press(self, interaction: discord.Interaction[Any], action: str,
+                    custom_id: str) -> None:
+        if action in _QUIET_ACTIONS:
+            await interaction.response.defer()  # a deferred update: @original is the result
+            pending = False
+        else:
+            await interaction.response.defer(thinking=True)
+            pending = True
+        replies = await self.handle(component_event(interaction, custom_id))
+        await self._answer(interaction, replies, original_pending=pending,
+                           original_private=False)
+
+    # -- answering ----------------------------------------------------------------------------
+
+    async def _answer(self, interaction: discord.Interaction[Any],
+                      replies: list[OutboundMessage], *, original_pending: bool,
+                      original_private: bool) -> None:
+        """Show core's replies: the first fills the deferred message; private ones are ephemeral.
+
+        A public "thinking" message cannot turn ephemeral, so a private reply to it deletes it
+        and follows up ephemerally instead.
+        """
+        for reply in replies:
+            if reply.delete_message_id:
+                await self._delete_result(interaction, reply.delete_message_id)
+            text = _clip(reply.text)
+            if original_pending:
+                original_pending = False
+                if _private(reply) and not original_private:
+                    await interaction.delete_original_response()
+                    await interaction.followup.send(text, ephemeral=True)
+                    continue
+                await interaction.edit_original_response(content=text)
+                if reply.job_id:
+                    await asyncio.to_thread(self._remember_interaction, interaction, reply.job_id)
+                continue
+            await interaction.followup.send(text, ephemeral=_private(reply))
+        if original_pending:  # a replayed event: core made nothing and has nothing to say
+            await interaction.delete_original_response()
+
+    async def _delete_result(self, interaction: discord.Interaction[Any], message_id: str) -> None:
+        try:
+            if interaction.message is not None and str(interaction.message.id) == message_id:
+                await interaction.delete_original_response()
+                return
+            channel = interaction.channel
+            if isinstance(channel, discord.abc.Messageable):
+                await channel.get_partial_message(int(message_id)).delete()  # type: ignore[attr-defined]
+        except discord.HTTPException as exc:
+            log.warning("could not delete message %s: %s", message_id, exc)
+
+    def _remember_interaction(self, interaction: discord.Interaction[Any], job_id: str) -> None:
+        """Keep what the worker needs to answer through this interaction (see module doc)."""
+        job = self.store.get_job(job_id)
+        if job is None:
+            return
+        extra = {**job.delivery.get("extra", {}),
+                 "application_id": str(interaction.application_id),
+                 "interaction_expires_at":
+                     interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_SECONDS,
+                 "attachment_size_limit": interaction.filesize_limit}
+        self.store.update_delivery(job_id, extra=extra)
+
+    # -- reactions ----------------------------------------------------------------------------
+
+    def _ours_to_ignore(self, user_id: int, message_author_id: int | None) -> bool:
+        me = self.user.id if self.user else None
+        if user_id == me:  # Discord echoes the bot's own reactions back to it
+            return True
+        return message_author_id is not None and message_author_id != me
+
+    async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
+        if self._ours_to_ignore(payload.user_id, payload.message_author_id):
+            return
+        # Replies dropped: reactions are silent feedback, also on messages that are not ours.
+        await self.handle(reaction_event(payload, channel=self.get_channel(payload.channel_id)))
+
+    async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
+        if self._ours_to_ignore(payload.user_id, None):
+            return
+        await self.handle(reaction_event(payload, channel=self.get_channel(payload.channel_id)))
+
+    async def on_raw_reaction_clear(self, payload: discord.RawReactionClearEvent) -> None:
+        await self.handle(reactions_cleared_event(
+            payload, channel=self.get_channel(payload.channel_id)))
+
+    async def on_raw_reaction_clear_emoji(self, payload: discord.RawReactionClearEmojiEvent) -> None:
+        await self.handle(reactions_cleared_event(
+            payload, channel=self.get_channel(payload.channel_id)))
+
+    # -- mention mode (needs the privileged MESSAGE_CONTENT intent) ---------------------------
+
+    async def on_message(self, message: discord.Message) -> None:
+        if not self.mention_mode or self.user is None or message.author.bot:
+            return
+        if self.user not in message.mentions:
+            return
+        text = re.sub(rf"<@!?{self.user.id}>", "", message.content).strip()
+        guild_id = str(message.guild.id) if message.guild else None
+        kind = (ChannelKind.DIRECT if guild_id is None else
+                ChannelKind.THREAD if isinstance(message.channel, discord.Thread)
+                else ChannelKind.GUILD_CHANNEL)
+        channel = Channel(chat_id=str(message.channel.id), kind=kind, guild_id=guild_id,
+                          thread_id=str(message.channel.id) if kind is ChannelKind.THREAD
+                          else None)
+        event = MessageReceived(platform=PLATFORM, event_id=f"message:{message.id}",
+                                actor=actor_of(message.author), channel=channel,
+                                occurred_at=message.created_at, text=text,
+                                message_id=str(message.id))
+        for reply in await self.handle(event):
+            await message.reply(_clip(reply.text), mention_author=False)

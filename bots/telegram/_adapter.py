@@ -1,0 +1,255 @@
+"""The Telegram adapter: python-telegram-bot handlers around the orchestrator.
+
+Handlers do the I/O; :mod:`bots.telegram._payloads` turns updates into core events. The
+orchestrator does blocking database and broker work, so it runs in a thread
+(``asyncio.to_thread``). Results never pass through here: the worker that made a job posts it
+to Telegram itself (``workers/delivery/telegram.py``).
+
+What the bot answers:
+
+* private chats: every command and every text (free text goes through core's intent parsing);
+* groups: commands (``/cmd`` or ``/cmd@thisbot``; ``/cmd@otherbot`` is left alone), messages
+  that mention the bot, and replies to its own messages. A reply to a result continues that
+  conversation: core looks up the replied-to message and makes the new job its child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+from telegram import BotCommand, Message, ReplyParameters, Update
+from telegram.constants import ChatMemberStatus, ChatType
+from telegram.error import TelegramError
+from telegram.ext import (
+    Application,
+    CallbackQueryHandler,
+    CommandHandler,
+    ContextTypes,
+    MessageHandler,
+    MessageReactionHandler,
+    filters,
+)
+
+from bots.runtime import BotRuntime
+from bots.telegram._payloads import (
+    addressed_text,
+    button_event,
+    message_event,
+    reaction_count_event,
+    reaction_event,
+)
+from core.events import Event, ReactionChanged
+from core.intents import COMMANDS
+from core.outbound import MessageKind, OutboundMessage
+
+__all__ = ["TelegramAdapter", "bot_commands"]
+
+log = logging.getLogger(__name__)
+
+MESSAGE_MAX_CHARS = 4096
+CAPTION_MAX_CHARS = 1024
+CALLBACK_ANSWER_MAX_CHARS = 200
+COMMAND_DESCRIPTION_MAX_CHARS = 256
+#: A callback query is answered at once; core gets this long to supply the toast's text
+#: ("Thanks, noted.") before the answer goes out without it.
+CALLBACK_TOAST_WAIT_SECONDS = 1.5
+
+
+def bot_commands() -> list[BotCommand]:
+    """Every command core offers, for setMyCommands (names 1-32 of a-z 0-9 _)."""
+    return [BotCommand(name, line[:COMMAND_DESCRIPTION_MAX_CHARS])
+            for name, (_, line) in COMMANDS.items()]
+
+
+def _strip_bot_name(text: str, bot_username: str) -> str:
+    """``/imagine@thisbot a fox`` -> ``/imagine a fox`` (core parses the rest)."""
+    head, sep, rest = text.partition(" ")
+    name, _, addressee = head.partition("@")
+    if addressee and addressee.lower() == bot_username.lower():
+        return name + sep + rest
+    return text
+
+
+class TelegramAdapter:
+    """Installs the handlers on a PTB :class:`~telegram.ext.Application`."""
+
+    def __init__(self, runtime: BotRuntime) -> None:
+        self.orchestrator = runtime.orchestrator
+        self.store = runtime.store
+
+    def install(self, app: Application) -> None:  # type: ignore[type-arg]
+        message_only = filters.UpdateType.MESSAGE
+        app.add_handler(CommandHandler(list(COMMANDS), self.on_command, filters=message_only))
+        app.add_handler(MessageHandler(filters.COMMAND & message_only, self.on_other_command))
+        app.add_handler(MessageHandler((filters.TEXT | filters.CAPTION) & ~filters.COMMAND
+                                       & message_only, self.on_text))
+        app.add_handler(CallbackQueryHandler(self.on_button))
+        app.add_handler(MessageReactionHandler(
+            self.on_reaction, message_reaction_types=MessageReactionHandler.MESSAGE_REACTION))
+        app.add_error_handler(self.on_error)
+
+    async def post_init(self, app: Application) -> None:  # type: ignore[type-arg]
+        await app.bot.set_my_commands(bot_commands())
+        log.info("Telegram bot @%s ready; %d commands registered", app.bot.username,
+                 len(COMMANDS))
+
+    # -- handlers ------------------------------------------------------------------------------
+
+    async def on_command(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or message.from_user is None or not message.text:
+            return
+        event: Event = message_event(update, _strip_bot_name(message.text, context.bot.username))
+        if message.chat.type != ChatType.PRIVATE and message.text.split()[0].split("@")[0] in (
+                "/settings",):
+            event = await self._with_admin_flag(event, context)
+        await self._handle_message(event, message, context)
+
+    async def on_other_command(self, update: Update,
+                               context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A ``/command`` core does not know: answered in private chats and when addressed to
+        this bot by name; in groups it may belong to another bot, so it is left alone."""
+        message = update.effective_message
+        if message is None or message.from_user is None or not message.text:
+            return
+        head = message.text.split()[0]
+        _, _, addressee = head.partition("@")
+        if addressee and addressee.lower() != context.bot.username.lower():
+            return
+        if message.chat.type != ChatType.PRIVATE and not addressee:
+            return
+        await self._handle_message(
+            message_event(update, _strip_bot_name(message.text, context.bot.username)),
+            message, context)
+
+    async def on_text(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        message = update.effective_message
+        if message is None or message.from_user is None:
+            return
+        if message.chat.type == ChatType.PRIVATE:
+            text: str | None = message.text or message.caption or ""
+        else:
+            text = addressed_text(message, context.bot.id, context.bot.username)
+            if text is None:
+                return
+        await self._handle_message(message_event(update, text), message, context)
+
+    async def on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        query = update.callback_query
+        if query is None:
+            return
+        event = button_event(update)
+        if event is None:
+            await query.answer("That message is too old for its buttons; ask me again.")
+            return
+        work = asyncio.ensure_future(asyncio.to_thread(self.orchestrator.handle, event))
+        # Answer at once (Telegram shows a spinner until then); wait briefly for a toast text.
+        done, _ = await asyncio.wait({work}, timeout=CALLBACK_TOAST_WAIT_SECONDS)
+        toast = ""
+        if done:
+            toast = " ".join(r.text for r in work.result() if r.ephemeral)
+        try:
+            await query.answer(toast[:CALLBACK_ANSWER_MAX_CHARS] or None)
+        except TelegramError as exc:
+            log.info("callback query %s not answered: %s", query.id, exc)
+        replies = await work
+        assert isinstance(query.message, Message)
+        if not done:
+            await self._send(context, query.message, [r for r in replies if r.ephemeral])
+        await self._send(context, query.message, [r for r in replies if not r.ephemeral],
+                         reply_to_message_id=query.message.message_id)
+
+    async def on_reaction(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Reactions arrive only when ``message_reaction``/``message_reaction_count`` are in
+        ``allowed_updates`` and, in groups, only when the bot is an admin there. Replies are
+        dropped: people react to all sorts of messages, and core's "not one of mine" would be
+        noise."""
+        event = reaction_event(update) or reaction_count_event(update)
+        if event is None:
+            return
+        if event.counts is not None:
+            event = await asyncio.to_thread(self._with_vanished_counts, event)
+        await asyncio.to_thread(self.orchestrator.handle, event)
+
+    async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
+        log.error("Telegram update failed: %s", context.error, exc_info=context.error)
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _with_vanished_counts(self, event: ReactionChanged) -> ReactionChanged:
+        """Telegram lists only emoji still present; an emoji that went to 0 must count as 0."""
+        delivered = self.store.find_delivered(event.platform, event.channel.chat_id,
+                                              event.message_id)
+        if delivered is None:
+            return event
+        seen = {f.value for f in self.store.feedback_for_job(delivered.job_id)
+                if f.user_id is None and f.message_id == event.message_id
+                and f.kind == "reaction"}
+        return dataclasses.replace(event, counts={**dict.fromkeys(seen, 0),
+                                                  **(event.counts or {})})
+
+    async def _with_admin_flag(self, event: Event,
+                               context: ContextTypes.DEFAULT_TYPE) -> Event:
+        """Group settings are for admins: ask Telegram whether the sender is one."""
+        if not hasattr(event.actor, "is_admin"):
+            return event
+        try:
+            member = await context.bot.get_chat_member(int(event.channel.chat_id),
+                                                       int(event.actor.id))
+        except TelegramError as exc:
+            log.info("could not check admin rights: %s", exc)
+            return event
+        is_admin = member.status in (ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER)
+        return dataclasses.replace(event, actor=dataclasses.replace(event.actor,
+                                                                    is_admin=is_admin))
+
+    async def _handle_message(self, event: Event, message: Message,
+                              context: ContextTypes.DEFAULT_TYPE) -> None:
+        replies = await asyncio.to_thread(self.orchestrator.handle, event)
+        await self._send(context, message, replies, reply_to_message_id=message.message_id)
+
+    async def _send(self, context: ContextTypes.DEFAULT_TYPE, where: Message,
+                    replies: Sequence[OutboundMessage], *,
+                    reply_to_message_id: int | None = None) -> None:
+        """Post core's immediate replies; a status reply becomes the job's progress message."""
+        for reply in replies:
+            try:
+                if reply.delete_message_id:
+                    await context.bot.delete_message(where.chat.id, int(reply.delete_message_id))
+                    continue
+                sent = None
+                text = reply.text
+                thread = where.message_thread_id if where.is_topic_message else None
+                for number, path in enumerate(reply.images):  # e.g. the /profile chart
+                    caption = text[:CAPTION_MAX_CHARS] if number == 0 else None
+                    with open(path, "rb") as picture:
+                        sent = await context.bot.send_photo(
+                            where.chat.id, picture, caption=caption, message_thread_id=thread,
+                            reply_parameters=ReplyParameters(reply_to_message_id,
+                                                             allow_sending_without_reply=True)
+                            if reply_to_message_id and number == 0 else None)
+                    if caption:
+                        text, reply_to_message_id = text[len(caption):], None
+                for number, start in enumerate(range(0, len(text), MESSAGE_MAX_CHARS)):
+                    sent = await context.bot.send_message(
+                        where.chat.id, text[start:start + MESSAGE_MAX_CHARS],
+                        message_thread_id=thread,
+                        reply_parameters=ReplyParameters(reply_to_message_id,
+                                                         allow_sending_without_reply=True)
+                        if reply_to_message_id and number == 0 else None)
+            except (TelegramError, OSError) as exc:  # blocked, rate limited: the job still runs
+                log.warning("reply in chat %s not sent: %s", where.chat.id, exc)
+                continue
+            if reply.kind is MessageKind.STATUS and reply.job_id and sent is not None:
+                await asyncio.to_thread(self._remember_progress, reply.job_id, sent.message_id)
+
+    def _remember_progress(self, job_id: str, message_id: int) -> None:
+        """The worker edits this message as the job moves ("Drawing…", "Done")."""
+        job = self.store.get_job(job_id)
+        if job is None:
+            return
+        extra = {**(job.delivery.get("extra") or {}), "progress_message_id": str(message_id)}
+        self.store.update_delivery(job_id, extra=extra)

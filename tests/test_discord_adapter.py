@@ -1,0 +1,303 @@
+"""The Discord adapter with discord.py's own objects, against a local fake Discord REST API.
+
+Interactions and reactions enter through discord.py's gateway parser
+(``ConnectionState.parse_interaction_create`` / ``parse_message_reaction_add`` ...) with payloads
+shaped as Discord documents them; the client logs in to the fake over real HTTP, so every
+deferral, edit and follow-up it makes is a recorded request. Core runs for real on SQLite (no
+worker here: results are the subject of tests/test_discord_delivery.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import discord.http
+import pytest
+
+from bots.discord import MuseSparkDiscord, build_intents, invite_url, use_api_url
+from bots.discord._setup import REQUIRED_PERMISSIONS
+from bots.runtime import BotRuntime
+from core.settings import Settings
+from tests.fake_discord import (
+    APPLICATION_ID,
+    BOT_TOKEN,
+    CHANNEL_ID,
+    FakeDiscord,
+    button_payload,
+    interaction_payload,
+    reaction_payload,
+    slash_payload,
+    snowflake,
+)
+
+REQUESTER, OTHER = "500000000000000001", "500000000000000002"
+WAIT_SECONDS = 10.0
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeDiscord]:
+    saved = discord.http.Route.BASE
+    with FakeDiscord() as server:
+        use_api_url(server.api_url)
+        try:
+            yield server
+        finally:
+            discord.http.Route.BASE = saved
+
+
+@pytest.fixture
+def runtime(tmp_path: Path) -> Iterator[BotRuntime]:
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data")  # type: ignore[call-arg]
+    with BotRuntime(settings, redrive=False) as rt:
+        yield rt
+
+
+@asynccontextmanager
+async def logged_in(runtime: BotRuntime) -> AsyncIterator[MuseSparkDiscord]:
+    client = MuseSparkDiscord(runtime.orchestrator, runtime.store)
+    await client.login(BOT_TOKEN)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def until(condition: Callable[[], Any], timeout: float = WAIT_SECONDS) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        await asyncio.sleep(0.02)
+
+
+def _token_calls(fake: FakeDiscord, payload: dict[str, Any]) -> list[Any]:
+    return [c for c in fake.calls if payload["token"] in c.path]
+
+
+def test_intents_are_the_fewest_that_work() -> None:
+    intents = build_intents()
+    assert intents.guilds and intents.guild_reactions and intents.dm_reactions
+    assert not intents.message_content and not intents.guild_messages and not intents.members
+    assert intents.value == (1 << 0) | (1 << 10) | (1 << 13)
+    assert build_intents(mention_mode=True).message_content
+
+
+def test_invite_url_asks_for_exactly_the_needed_permissions() -> None:
+    url = invite_url(APPLICATION_ID)
+    assert f"client_id={APPLICATION_ID}" in url and "scope=bot+applications.commands" in url
+    assert f"permissions={REQUIRED_PERMISSIONS.value}" in url
+    wanted = {"send_messages", "attach_files", "add_reactions", "read_message_history",
+              "use_application_commands", "view_channel", "send_messages_in_threads"}
+    assert {name for name, on in REQUIRED_PERMISSIONS if on} == (
+        wanted - {"view_channel"} | {"read_messages"})  # discord.py's name for View Channel
+    assert not REQUIRED_PERMISSIONS.administrator and not REQUIRED_PERMISSIONS.manage_messages
+
+
+def test_commands_have_typed_options_choices_and_autocomplete(runtime: BotRuntime) -> None:
+    client = MuseSparkDiscord(runtime.orchestrator, runtime.store)
+    commands = {c.name: c.to_dict(client.tree) for c in client.tree.get_commands()}
+    assert {"imagine", "write", "help", "profile"} <= set(commands)
+    imagine = {o["name"]: o for o in commands["imagine"]["options"]}
+    assert imagine["prompt"]["required"] and imagine["prompt"]["type"] == 3
+    assert (imagine["count"]["type"], imagine["count"]["min_value"],
+            imagine["count"]["max_value"]) == (4, 1, 4)
+    assert [c["value"] for c in imagine["aspect"]["choices"]] == ["square", "portrait",
+                                                                  "landscape"]
+    assert imagine["style"]["autocomplete"] is True and imagine["seed"]["type"] == 4
+    write = {o["name"]: o for o in commands["write"]["options"]}
+    assert "haiku" in [c["value"] for c in write["mode"]["choices"]]
+
+
+def test_imagine_is_deferred_then_shows_its_status_and_keeps_the_interaction(
+        fake: FakeDiscord, runtime: BotRuntime) -> None:
+    async def scenario() -> None:
+        async with logged_in(runtime) as client:
+            payload = slash_payload(fake, "imagine", {"prompt": "a fox in snow", "count": 2,
+                                                      "style": "watercolor",
+                                                      "aspect": "portrait", "seed": 7},
+                                    user_id=REQUESTER)
+            started = time.monotonic()
+            client._connection.parse_interaction_create(payload)
+            callback = (await until(lambda: fake.calls_to("POST", r"/callback$")))[0]
+            assert time.monotonic() - started < 3, "Discord's 3 s deadline"
+            assert callback.json == {"type": 5}  # public "thinking…"
+            edit = (await until(lambda: fake.calls_to("PATCH", "@original")))[0]
+            assert "Drawing" in edit.json["content"] and "a fox in snow" in edit.json["content"]
+            job_id = edit.json["content"].split("(job ")[1].split(")")[0].split(",")[0]
+            job = await until(lambda: (j := runtime.store.get_job(job_id)) and
+                              j.delivery.get("extra", {}).get("application_id") and j)
+        assert job.params["count"] == 2 and job.seed == 7 and job.kind == "image"
+        assert job.delivery["interaction_token"] == payload["token"]
+        assert job.delivery["chat_id"] == CHANNEL_ID and job.delivery["platform"] == "discord"
+        extra = job.delivery["extra"]
+        assert extra["application_id"] == APPLICATION_ID
+        assert abs(extra["interaction_expires_at"] - (time.time() + 15 * 60)) < 60
+
+    asyncio.run(scenario())
+
+
+def test_bad_input_is_answered_at_once_privately_and_makes_no_job(
+        fake: FakeDiscord, runtime: BotRuntime) -> None:
+    async def scenario() -> None:
+        async with logged_in(runtime) as client:
+            for options, expected in (({"prompt": "   "}, "empty"),
+                                      ({"prompt": "rain " * 500}, "characters long"),
+                                      # a stale command definition offering another choice
+                                      ({"prompt": "a cat", "aspect": "wide"}, "'wide'")):
+                payload = slash_payload(fake, "imagine", options, user_id=REQUESTER)
+                client._connection.parse_interaction_create(payload)
+                (call,) = await until(lambda: _token_calls(fake, payload))
+                assert call.json["type"] == 4 and call.json["data"]["flags"] == 64
+                assert expected in call.json["data"]["content"]
+        assert not fake.calls_to("POST", r"/webhooks/")
+
+    asyncio.run(scenario())
+
+
+def test_help_is_private(fake: FakeDiscord, runtime: BotRuntime) -> None:
+    async def scenario() -> None:
+        async with logged_in(runtime) as client:
+            payload = slash_payload(fake, "help", {}, user_id=REQUESTER)
+            client._connection.parse_interaction_create(payload)
+            calls = await until(lambda: len(_token_calls(fake, payload)) >= 2 and
+                                _token_calls(fake, payload))
+            assert calls[0].json == {"type": 5, "data": {"flags": 64}}
+            assert calls[1].method == "PATCH" and "/imagine" in calls[1].json["content"]
+
+    asyncio.run(scenario())
+
+
+def test_style_autocomplete_suggests_styles(fake: FakeDiscord, runtime: BotRuntime) -> None:
+    async def scenario() -> None:
+        async with logged_in(runtime) as client:
+            data = {"id": snowflake(), "name": "imagine", "type": 1, "options": [
+                {"name": "prompt", "type": 3, "value": "a cat"},
+                {"name": "style", "type": 3, "value": "wat", "focused": True}]}
+            payload = interaction_payload(fake, 4, data, user_id=REQUESTER)
+            client._connection.parse_interaction_create(payload)
+            (call,) = await until(lambda: _token_calls(fake, payload))
+            assert call.json["type"] == 8
+            assert {"name": "watercolor", "value": "watercolor"} in call.json["data"]["choices"]
+
+    asyncio.run(scenario())
+
+
+def _delivered_result(fake: FakeDiscord, runtime: BotRuntime, job_id: str) -> dict[str, Any]:
+    """Stand in for the worker: a result message with buttons, recorded as delivered."""
+    components = [{"type": 1, "components": [
+        {"type": 2, "style": 2, "label": label, "custom_id": f"{action}:{job_id}"}
+        for action, label in (("reroll", "🔁"), ("vary1", "V1"), ("delete", "🗑️"))]}]
+    message = fake.add_message(CHANNEL_ID, fake.bot_user, "“a fox” · seed 7", components)
+    runtime.store.record_delivered(job_id, "discord", CHANNEL_ID, 0, [message["id"]])
+    return message
+
+
+async def _make_job(fake: FakeDiscord, client: MuseSparkDiscord, prompt: str = "a fox") -> str:
+    payload = slash_payload(fake, "imagine", {"prompt": prompt}, user_id=REQUESTER)
+    client._connection.parse_interaction_create(payload)
+    edit = (await until(lambda: [c for c in _token_calls(fake, payload) if c.method == "PATCH"]))[0]
+    return str(edit.json["content"].split("(job ")[1].split(")")[0].split(",")[0])
+
+
+def test_delete_is_refused_to_others_and_done_for_the_requester(
+        fake: FakeDiscord, runtime: BotRuntime) -> None:
+    async def scenario() -> None:
+        async with logged_in(runtime) as client:
+            job_id = await _make_job(fake, client)
+            message = _delivered_result(fake, runtime, job_id)
+
+            other = button_payload(fake, message, f"delete:{job_id}", user_id=OTHER)
+            client._connection.parse_interaction_create(other)
+            calls = await until(lambda: len(_token_calls(fake, other)) >= 2 and
+                                _token_calls(fake, other))
+            assert calls[0].json == {"type": 6}  # deferred update, within the 3 s
+            assert calls[1].method == "POST" and calls[1].json["flags"] == 64
+            assert "Only the person who asked" in calls[1].json["content"]
+            assert message["id"] in fake.messages
+
+            mine = button_payload(fake, message, f"delete:{job_id}", user_id=REQUESTER)
+            client._connection.parse_interaction_create(mine)
+            await until(lambda: message["id"] not in fake.messages)
+            assert [c.method for c in _token_calls(fake, mine)][:2] == ["POST", "DELETE"]
+
+    asyncio.run(scenario())
+
+
+def test_a_button_press_reaches_core_in_a_client_that_never_sent_the_message(
+        fake: FakeDiscord, runtime: BotRuntime) -> None:
+    async def scenario() -> None:
+        async with logged_in(runtime) as first:
+            job_id = await _make_job(fake, first)
+        message = _delivered_result(fake, runtime, job_id)
+        async with logged_in(runtime) as restarted:  # no view was ever registered here
+            press = button_payload(fake, message, f"vary1:{job_id}", user_id=OTHER)
+            restarted._connection.parse_interaction_create(press)
+            edit = (await until(lambda: [c for c in _token_calls(fake, press)
+                                         if c.method == "PATCH"]))[0]
+        assert _token_calls(fake, press)[0].json == {"type": 5}
+        new_job = edit.json["content"].split("(job ")[1].split(")")[0].split(",")[0]
+        child = runtime.store.get_job(new_job)
+        assert child is not None and child.parent_job_id == job_id
+        assert child.delivery["reply_to"] == message["id"]
+
+    asyncio.run(scenario())
+
+
+def test_reactions_through_the_gateway_parser_become_feedback(
+        fake: FakeDiscord, runtime: BotRuntime) -> None:
+    async def scenario() -> None:
+        async with logged_in(runtime) as client:
+            job_id = await _make_job(fake, client)
+            message = _delivered_result(fake, runtime, job_id)
+            state = client._connection
+
+            def feedback() -> list[tuple[str, int]]:
+                return [(f.value, f.delta) for f in runtime.store.feedback_for_job(job_id)]
+
+            # Not in discord.py's message cache: only the raw events see these.
+            assert state._get_message(int(message["id"])) is None
+            state.parse_message_reaction_add(
+                reaction_payload(message["id"], OTHER, {"id": None, "name": "👍"}))
+            await until(lambda: feedback() == [("👍", 1)])
+            state.parse_message_reaction_add(reaction_payload(
+                message["id"], OTHER, {"id": "777000000000000001", "name": "partyblob"}))
+            await until(lambda: ("custom:777000000000000001", 1) in feedback())
+            state.parse_message_reaction_remove(
+                reaction_payload(message["id"], OTHER, {"id": None, "name": "👍"}, add=False))
+            await until(lambda: ("👍", -1) in feedback())
+            before = feedback()
+
+            # Ignored: the bot's own reaction, and reactions on messages the bot did not make.
+            state.parse_message_reaction_add(
+                reaction_payload(message["id"], APPLICATION_ID, {"id": None, "name": "❤️"}))
+            theirs = fake.add_message(CHANNEL_ID, {"id": OTHER, "username": "x",
+                                                   "discriminator": "0", "avatar": None})
+            state.parse_message_reaction_add(reaction_payload(
+                theirs["id"], REQUESTER, {"id": None, "name": "👍"}, author_id=OTHER))
+            state.parse_message_reaction_remove(reaction_payload(
+                theirs["id"], REQUESTER, {"id": None, "name": "👍"}, add=False))
+            calls_before = len(fake.calls)
+            await asyncio.sleep(0.5)
+            assert feedback() == before
+            assert len(fake.calls) == calls_before, "reactions must never be answered"
+
+            state.parse_message_reaction_remove_emoji({
+                "channel_id": CHANNEL_ID, "guild_id": "1200000000000000001",
+                "message_id": message["id"], "emoji": {"id": "777000000000000001",
+                                                       "name": "partyblob"}})
+            await until(lambda: len(feedback()) > len(before))
+            state.parse_message_reaction_remove_all({
+                "channel_id": CHANNEL_ID, "guild_id": "1200000000000000001",
+                "message_id": message["id"]})
+            await asyncio.sleep(0.3)
+        assert runtime.store.find_delivered("discord", CHANNEL_ID, message["id"]) is not None
+
+    asyncio.run(scenario())

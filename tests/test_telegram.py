@@ -1,0 +1,431 @@
+"""The Telegram bot end to end: the real python-telegram-bot Application (long polling and
+webhook) against a fake Bot API over real HTTP (tests/fake_telegram.py), with a real Celery
+worker process that posts results to the same fake.
+
+One deployment (embedded broker + SQLite, or Redis + PostgreSQL) and one worker serve the whole
+module; each test uses its own chat ids so tests do not see each other's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from bots.telegram import running
+from core.intents import COMMANDS
+from core.settings import Settings
+from core.store import Artifact, Job
+from tests._stack import Stack, free_port, postgres_reachable, redis_reachable
+from tests.fake_telegram import Call, FakeTelegram
+
+RESULT_TIMEOUT_SECONDS = 120
+POLL_TIMEOUT_SECONDS = 1
+
+
+class BotThread:
+    """The PTB Application running in its own thread and event loop, as in `musespark bot`."""
+
+    def __init__(self, stack: Stack, settings: Settings) -> None:
+        self.stack, self.settings = stack, settings
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="telegram-bot", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            async with running(self.stack.runtime, settings=self.settings,
+                               poll_timeout_seconds=POLL_TIMEOUT_SECONDS):
+                self._ready.set()
+                await self._stop.wait()
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # surfaced by start()
+            self._error = exc
+            self._ready.set()
+
+    def start(self) -> BotThread:
+        self._thread.start()
+        self._ready.wait(timeout=30)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(timeout=30)
+        assert not self._thread.is_alive(), "the bot did not stop"
+
+
+def _backends() -> list[Any]:
+    return ["embedded", pytest.param("distributed", marks=pytest.mark.distributed)]
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeTelegram]:
+    with FakeTelegram() as server:
+        yield server
+
+
+@pytest.fixture(scope="module", params=_backends())
+def tg(request: pytest.FixtureRequest, fake: FakeTelegram,
+       tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Stack]:
+    """A deployment whose workers deliver to the fake, with the bot polling it."""
+    if request.param == "distributed":
+        problems = [p for p in (redis_reachable(), postgres_reachable()) if p]
+        if problems:
+            pytest.skip(f"distributed mode NOT tested: {'; '.join(problems)}")
+    stack = Stack.create(request.param, tmp_path_factory.mktemp(f"tg-{request.param}"),
+                         model_cache, MUSESPARK_TELEGRAM_TOKEN=fake.token,
+                         MUSESPARK_TELEGRAM_API_URL=fake.url)
+    try:
+        stack.start_worker()
+        assert stack.runtime is not None  # made here: Stack.settings swaps os.environ
+        stack.bot = BotThread(stack, stack.settings).start()  # type: ignore[attr-defined]
+        yield stack
+    finally:
+        bot = getattr(stack, "bot", None)
+        if bot is not None:
+            bot.stop()
+        stack.close()
+
+
+_chat_ids = iter(range(5001, 6000))
+_group_ids = iter(range(-1001000000101, -1001000000999, -1))
+
+
+def private_chat() -> int:
+    return next(_chat_ids)
+
+
+def group_chat() -> int:
+    return next(_group_ids)
+
+
+def job_for(stack: Stack, chat: int, message_id: int, suffix: str = "",
+            timeout: float = 30) -> Job:
+    """The job made for a person's message (its idempotency key is chat:message)."""
+    key = f"telegram:{chat}:{message_id}{suffix}"
+    deadline = time.monotonic() + timeout
+    while True:
+        with stack.runtime.store.session() as s:
+            job = s.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+        if job is not None:
+            return job
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no job for {key}")
+        time.sleep(0.1)
+
+
+def jobs_with_key_prefix(stack: Stack, prefix: str) -> list[Job]:
+    with stack.runtime.store.session() as s:
+        return list(s.scalars(select(Job).where(Job.idempotency_key.like(prefix + "%"))).all())
+
+
+def callback_data(call: Call) -> list[str]:
+    markup = call.params.get("reply_markup") or {}
+    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
+
+
+def wait_feedback(stack: Stack, job_id: str, count: int, timeout: float = 30) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = list(stack.runtime.store.feedback_for_job(job_id))
+        if len(rows) >= count:
+            return rows
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{len(rows)} feedback rows for {job_id}, wanted {count}: {rows}")
+        time.sleep(0.1)
+
+
+def ask(fake: FakeTelegram, stack: Stack, chat: int, text: str, **kw: Any) -> tuple[int, Job]:
+    """Send a message as a person; returns its message id and the job it made."""
+    update = fake.push(fake.text_update(chat, text, **kw))
+    message_id = update["message"]["message_id"]
+    return message_id, job_for(stack, chat, message_id)
+
+
+@pytest.fixture(scope="module")
+def picture(tg: Stack, fake: FakeTelegram) -> dict[str, Any]:
+    """One /imagine in a private chat, delivered: the chat, the job and the photo message."""
+    chat = private_chat()
+    message_id, job = ask(fake, tg, chat, "/imagine a lighthouse at dusk")
+    done = tg.wait_job(job.id, ("delivered", "failed"), timeout=RESULT_TIMEOUT_SECONDS)
+    assert done.state == "delivered", (done.failure_reason, tg.workers[0].log()[-3000:])
+    (photo,) = fake.wait_calls("sendPhoto", chat_id=chat)
+    return {"chat": chat, "message_id": message_id, "job": tg.job(job.id), "photo": photo}
+
+
+# -- requests and results ----------------------------------------------------------------------
+
+
+def test_a_command_makes_a_job_whose_photo_arrives_with_buttons(
+        tg: Stack, fake: FakeTelegram, picture: dict[str, Any]) -> None:
+    chat, job, photo = picture["chat"], picture["job"], picture["photo"]
+    assert job.state == "delivered", job.failure_reason
+    assert job.prompt == "a lighthouse at dusk" and job.platform == "telegram"
+    # The immediate status reply answers the person's message, and becomes the progress message.
+    (status,) = fake.calls("sendMessage", chat_id=chat)
+    assert "Drawing" in status.params["text"] and job.id in status.params["text"]
+    assert int(status.params["reply_parameters"]["message_id"]) == picture["message_id"]
+    progress_id = status.result["message_id"]
+    assert tg.job(job.id).delivery["extra"]["progress_message_id"] == str(progress_id)
+    fake.wait_calls("editMessageText", chat_id=chat,
+                    where=lambda c: int(c.params["message_id"]) == progress_id
+                    and c.params["text"] == "✅ Done.")
+    # The photo: the artifact's bytes, the caption, the buttons, and recorded for feedback.
+    (artifact_path,) = [a for a in _artifacts(tg, job.id)]
+    assert photo.files["photo"] == Path(artifact_path).read_bytes()
+    assert photo.user_agent == "MuseSpark-worker"
+    assert "a lighthouse at dusk" in photo.params["caption"]
+    assert int(photo.params["reply_parameters"]["message_id"]) == picture["message_id"]
+    data = callback_data(photo)
+    for action in ("reroll", "vary1", "vary2", "up", "down"):
+        assert f"{action}:{job.id}" in data
+    assert all(len(d.encode()) <= 64 for d in data)
+    photo_id = str(photo.result["message_id"])
+    delivered = tg.runtime.store.find_delivered("telegram", str(chat), photo_id)
+    assert delivered is not None and delivered.job_id == job.id
+    # Commands registered, reactions asked for.
+    assert {c["command"] for c in fake.commands} == set(COMMANDS)
+    polls = [c for c in fake.calls("getUpdates")]
+    assert polls and {"message_reaction", "message_reaction_count"} <= set(
+        polls[0].params["allowed_updates"])
+
+
+def _artifacts(stack: Stack, job_id: str) -> list[str]:
+    with stack.runtime.store.session() as s:
+        return [a.path or "" for a in s.scalars(
+            select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.position))]
+
+
+def test_write_answers_in_text_and_a_reply_continues_the_thread(
+        tg: Stack, fake: FakeTelegram) -> None:
+    chat = private_chat()
+    _, first = ask(fake, tg, chat, "/write a haiku about rain")
+    assert tg.wait_job(first.id, ("delivered", "failed"),
+                       timeout=RESULT_TIMEOUT_SECONDS).state == "delivered"
+    (result,) = fake.wait_calls("sendMessage", chat_id=chat,
+                                where=lambda c: "SmolLM2" in c.params["text"])
+    assert f"reroll:{first.id}" in callback_data(result)
+    first_text = _texts(tg, first.id)
+
+    # Free text in a private chat, as a reply to the result: the conversation goes on.
+    _, second = ask(fake, tg, chat, "now one about snow",
+                    reply_to=result.result["message_id"])
+    assert second.parent_job_id == first.id and second.params.get("thread") is True
+    assert tg.wait_job(second.id, ("delivered", "failed"),
+                       timeout=RESULT_TIMEOUT_SECONDS).state == "delivered"
+    with tg.runtime.store.session() as s:
+        recipe = s.scalars(select(Artifact.recipe).where(Artifact.job_id == second.id)).one()
+    assert recipe["thread"] == [first.id], recipe
+    assert first_text  # what the model saw as the earlier turn
+
+
+def _texts(stack: Stack, job_id: str) -> list[str]:
+    with stack.runtime.store.session() as s:
+        return [t for t in s.scalars(select(Artifact.text).where(Artifact.job_id == job_id)) if t]
+
+
+def test_a_long_caption_is_split_not_failed(tg: Stack, fake: FakeTelegram) -> None:
+    chat = private_chat()
+    prompt = " ".join(["a quiet harbour town at dawn with gulls and fishing boats"] * 26)
+    assert 1024 < len(prompt) < 2000
+    _, job = ask(fake, tg, chat, f"/imagine {prompt}")
+    assert tg.wait_job(job.id, ("delivered", "failed"),
+                       timeout=RESULT_TIMEOUT_SECONDS).state == "delivered"
+    (photo,) = fake.wait_calls("sendPhoto", chat_id=chat)
+    rest = fake.wait_calls("sendMessage", chat_id=chat,
+                           where=lambda c: c.at >= photo.at and "MUSESPARK_IMAGE_MODEL"
+                           in c.params["text"])
+    assert len(photo.params["caption"]) <= 1024
+    assert not fake.calls(chat_id=chat, ok=False), "Telegram refused a part"
+    assert callback_data(rest[-1]), "the buttons go under the last part"
+
+
+# -- feedback ------------------------------------------------------------------------------------
+
+
+def test_reaction_updates_become_feedback_rows(tg: Stack, fake: FakeTelegram,
+                                               picture: dict[str, Any]) -> None:
+    chat, job = picture["chat"], picture["job"]
+    photo_id = picture["photo"].result["message_id"]
+    before = len(tg.runtime.store.feedback_for_job(job.id))
+    fake.push(fake.reaction_update(chat, photo_id, user_id=chat, new=("👍",)))
+    fake.push(fake.reaction_update(chat, photo_id, user_id=chat, old=("👍",), new=("❤",)))
+    rows = wait_feedback(tg, job.id, before + 3)[before:]
+    assert sorted((r.value, r.delta, r.kind) for r in rows) == [
+        ("❤", 1, "reaction"), ("👍", -1, "reaction"), ("👍", 1, "reaction")]
+    assert all(r.user_id is not None for r in rows)
+    # A reaction on a message the bot did not make is dropped without a word.
+    sends = len(fake.calls("sendMessage", chat_id=chat))
+    fake.push(fake.reaction_update(chat, picture["message_id"], user_id=chat, new=("🔥",)))
+    fake.push(fake.text_update(chat, "/help"))
+    fake.wait_calls("sendMessage", chat_id=chat, count=sends + 1)
+    assert "Commands" in fake.calls("sendMessage", chat_id=chat)[-1].params["text"]
+
+
+def test_anonymous_reaction_counts_move_the_community(tg: Stack, fake: FakeTelegram) -> None:
+    group = group_chat()
+    _, job = ask(fake, tg, group, f"/imagine@{fake.username} a fox in the snow")
+    assert tg.wait_job(job.id, ("delivered", "failed"),
+                       timeout=RESULT_TIMEOUT_SECONDS).state == "delivered"
+    (photo,) = fake.wait_calls("sendPhoto", chat_id=group)
+    photo_id = photo.result["message_id"]
+    fake.push(fake.reaction_count_update(group, photo_id, {"👍": 3}))
+    fake.push(fake.reaction_count_update(group, photo_id, {"👍": 1, "🔥": 2}))
+    fake.push(fake.reaction_count_update(group, photo_id, {"🔥": 2}))  # 👍 went to 0
+    rows = wait_feedback(tg, job.id, 4)
+    assert [(r.value, r.delta) for r in rows] == [("👍", 3), ("👍", -2), ("🔥", 2), ("👍", -1)]
+    assert all(r.user_id is None for r in rows), "anonymous counts belong to nobody"
+
+
+def test_buttons_reroll_and_rate_and_are_answered_at_once(
+        tg: Stack, fake: FakeTelegram, picture: dict[str, Any]) -> None:
+    chat, job = picture["chat"], picture["job"]
+    photo_id = picture["photo"].result["message_id"]
+    press = fake.push(fake.callback_update(chat, photo_id, f"up:{job.id}"))
+    pushed_at = time.monotonic()
+    (answer,) = fake.wait_calls("answerCallbackQuery", where=lambda c: str(
+        c.params["callback_query_id"]) == press["callback_query"]["id"], timeout=10)
+    assert answer.at - pushed_at < 5
+    assert answer.params.get("text") == "Thanks, noted."
+    assert any(r.kind == "button" and r.value == "up" for r in
+               wait_feedback(tg, job.id, 1))
+
+    fake.push(fake.callback_update(chat, photo_id, f"reroll:{job.id}"))
+    reroll = fake.wait_for(lambda: [j for j in jobs_with_key_prefix(tg, "telegram:cb:")
+                                    if j.parent_job_id == job.id and j.idempotency_key
+                                    .endswith(":reroll")], what="reroll job")
+    (new,) = reroll
+    assert new.prompt == job.prompt and new.params.get("thread") is None
+    assert tg.wait_job(new.id, ("delivered", "failed"),
+                       timeout=RESULT_TIMEOUT_SECONDS).state == "delivered"
+    photos = fake.wait_calls("sendPhoto", chat_id=chat, count=2)
+    assert f"reroll:{new.id}" in callback_data(photos[-1])
+
+
+def test_the_same_update_twice_makes_one_job(tg: Stack, fake: FakeTelegram) -> None:
+    chat = private_chat()
+    update = fake.text_update(chat, "/imagine a paper boat")
+    fake.push(update)
+    fake.push(update)  # Telegram (or a webhook retry) delivers it again
+    job = job_for(tg, chat, update["message"]["message_id"])
+    assert tg.wait_job(job.id, ("delivered", "failed"),
+                       timeout=RESULT_TIMEOUT_SECONDS).state == "delivered"
+    fake.wait_calls("sendPhoto", chat_id=chat)
+    time.sleep(1.0)  # a second job's status reply would be out by now
+    assert len(jobs_with_key_prefix(tg, f"telegram:{chat}:")) == 1
+    assert len(fake.calls("sendMessage", chat_id=chat,
+                          ok=True)) == 1, "one status reply, not two"
+    assert len(fake.calls("sendPhoto", chat_id=chat)) == 1
+
+
+# -- platform errors ---------------------------------------------------------------------------
+
+
+def test_429_waits_retry_after_then_delivers(tg: Stack, fake: FakeTelegram) -> None:
+    chat = private_chat()
+    fake.fail("sendPhoto", chat_id=chat, code=429, retry_after=3)
+    _, job = ask(fake, tg, chat, "/imagine a kite over the dunes")
+    (refused,) = fake.wait_calls("sendPhoto", chat_id=chat, ok=False)
+    assert refused.status == 429
+    assert tg.wait_job(job.id, ("delivered", "failed"),
+                       timeout=RESULT_TIMEOUT_SECONDS).state == "delivered"
+    (sent,) = fake.calls("sendPhoto", chat_id=chat, ok=True)
+    assert sent.at - refused.at >= 3 - 0.1, "sent again before retry_after"
+    assert tg.job(job.id).attempts == 1, "waiting is not a crash"
+
+
+def test_403_fails_the_job_and_sends_no_more_to_that_chat(tg: Stack,
+                                                          fake: FakeTelegram) -> None:
+    chat = private_chat()
+    fake.block_chat(chat)
+    update = fake.push(fake.text_update(chat, "/imagine a locked door"))
+    job = job_for(tg, chat, update["message"]["message_id"])
+    failed = tg.wait_job(job.id, ("delivered", "failed"), timeout=RESULT_TIMEOUT_SECONDS)
+    assert failed.state == "failed"
+    assert "blocked" in (failed.failure_reason or "")
+    time.sleep(1.5)  # anything more would have been sent by now
+    worker_calls = [c for c in fake.calls(chat_id=chat) if c.user_agent == "MuseSpark-worker"]
+    assert [c.method for c in worker_calls] == ["sendPhoto"], worker_calls
+    assert all(c.status == 403 for c in fake.calls(chat_id=chat))
+
+
+# -- groups ----------------------------------------------------------------------------------------
+
+
+def test_in_groups_only_commands_mentions_and_replies_are_answered(
+        tg: Stack, fake: FakeTelegram) -> None:
+    group = group_chat()
+    for text in ("hello everyone", "/imagine@some_other_bot a cat", "/paint a cat",
+                 "draw a cat please"):
+        fake.push(fake.text_update(group, text))
+    update = fake.push(fake.text_update(group, f"/help@{fake.username}"))
+    (help_reply,) = fake.wait_calls("sendMessage", chat_id=group)
+    assert "Commands" in help_reply.params["text"]
+    assert int(help_reply.params["reply_parameters"]["message_id"]) == (
+        update["message"]["message_id"])
+    assert jobs_with_key_prefix(tg, f"telegram:{group}:") == []
+
+    # A mention, and a reply to one of the bot's messages, are for the bot.
+    _, mentioned = ask(fake, tg, group, f"@{fake.username} draw a red fox")
+    assert mentioned.kind == "image" and mentioned.prompt == "a red fox"
+    _, replied = ask(fake, tg, group, "draw a blue fox",
+                     reply_to=help_reply.result["message_id"])
+    assert replied.kind == "image" and replied.parent_job_id is None
+    for job in (mentioned, replied):
+        assert tg.wait_job(job.id, ("delivered", "failed"),
+                           timeout=RESULT_TIMEOUT_SECONDS).state == "delivered"
+
+
+# -- webhook mode ----------------------------------------------------------------------------------
+
+
+def test_webhook_mode_refuses_requests_without_the_secret(tg: Stack,
+                                                          fake: FakeTelegram) -> None:
+    port = free_port()
+    settings = tg.settings.model_copy(update={
+        "telegram_webhook_url": f"http://127.0.0.1:{port}/telegram-hook",
+        "telegram_webhook_listen": "127.0.0.1", "telegram_webhook_port": port})
+    polling: BotThread = tg.bot  # type: ignore[attr-defined]
+    polling.stop()
+    webhook = BotThread(tg, settings).start()
+    try:
+        assert fake.webhook["url"] == settings.telegram_webhook_url
+        secret = fake.webhook["secret_token"]
+        assert secret and len(secret) >= 32
+        assert {"message_reaction", "message_reaction_count"} <= set(
+            fake.webhook["allowed_updates"])
+
+        chat = private_chat()
+        update = fake.text_update(chat, "/imagine a lantern in the fog")
+        assert fake.post_webhook(update, secret=None) == 403
+        assert fake.post_webhook(update, secret="wrong-secret") == 403
+        time.sleep(0.5)
+        assert jobs_with_key_prefix(tg, f"telegram:{chat}:") == []
+
+        assert fake.post_webhook(update) == 200
+        assert fake.post_webhook(update) == 200  # Telegram retries: still one job
+        job = job_for(tg, chat, update["message"]["message_id"])
+        assert tg.wait_job(job.id, ("delivered", "failed"),
+                           timeout=RESULT_TIMEOUT_SECONDS).state == "delivered"
+        fake.wait_calls("sendPhoto", chat_id=chat)
+        assert len(jobs_with_key_prefix(tg, f"telegram:{chat}:")) == 1
+        assert len(fake.calls("sendMessage", chat_id=chat)) == 1
+    finally:
+        webhook.stop()
+        tg.bot = BotThread(tg, tg.settings).start()  # type: ignore[attr-defined]
+    assert not fake.webhook, "polling removes the webhook when it starts"
