@@ -269,3 +269,19 @@ def _sync_tree(folder: Path) -> None:
             item.chmod(0o644)
             with open(item, "rb") as handle:
                 os.fsync(handle.fileno())
+
+
+if __name__ == "__main__":  # `musespark models tiny PATH`
+    import sys
+
+    if len(sys.argv) != 2:
+        print("usage: python -m workers.pipelines.tiny_diffusion PATH", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        built = build_tiny_pipeline(Path(sys.argv[1]))
+    except (FileExistsError, OSError) as error:
+        print(f"could not build the demo pipeline: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"Built an untrained tiny demo pipeline at {built} (random weights: its pictures are "
+          "noise). Point MUSESPARK_IMAGE_MODEL at it, or leave the setting unset to use the "
+          "built-in one.")
