@@ -91,10 +91,11 @@ class Rule:
     description: str
     retry_after: int | None = None
     times: int | None = 1
+    where: Callable[[Call], bool] | None = None
 
-    def matches(self, method: str, chat_id: str | None) -> bool:
-        return (self.method in (None, method)) and (self.chat_id in (None, chat_id)) and (
-            self.times is None or self.times > 0)
+    def matches(self, call: Call) -> bool:
+        return (self.method in (None, call.method)) and (self.chat_id in (None, call.chat_id)) and (
+            self.times is None or self.times > 0) and (self.where is None or self.where(call))
 
 
 @dataclass
@@ -167,13 +168,17 @@ class FakeTelegram:
 
     def fail(self, method: str | None = None, *, chat_id: int | str | None = None,
              code: int = 429, retry_after: int | None = None, description: str | None = None,
-             times: int | None = 1) -> Rule:
-        """Answer the next ``times`` matching calls with an error (429, 403, 400...)."""
+             times: int | None = 1, where: Callable[[Call], bool] | None = None) -> Rule:
+        """Answer the next ``times`` matching calls with an error (429, 403, 400...).
+
+        ``where`` narrows the match further, e.g. to the worker's calls
+        (``lambda c: c.user_agent == "MuseSpark-worker"``).
+        """
         default = {429: f"Too Many Requests: retry after {retry_after}",
                    403: "Forbidden: bot was blocked by the user",
                    400: "Bad Request: chat not found"}.get(code, f"Error {code}")
         rule = Rule(method, None if chat_id is None else str(chat_id), code,
-                    description or default, retry_after, times)
+                    description or default, retry_after, times, where)
         with self._cond:
             self._rules.append(rule)
         return rule
@@ -401,7 +406,7 @@ class FakeTelegram:
     def _dispatch(self, call: Call) -> Any:
         with self._cond:
             for rule in self._rules:
-                if rule.matches(call.method, call.chat_id):
+                if rule.matches(call):
                     if rule.times is not None:
                         rule.times -= 1
                     parameters = ({"retry_after": rule.retry_after}

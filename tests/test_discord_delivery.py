@@ -71,9 +71,6 @@ def _followups(fake: FakeDiscord, token: str) -> list[Any]:
             if c.status == 200]
 
 
-IMAGE_PIPELINE = Path(__file__).resolve().parent.parent / "workers/pipelines/image_diffusion.py"
-
-
 def _start(make_stack, fake: FakeDiscord):  # type: ignore[no-untyped-def]
     stack = make_stack(MUSESPARK_DISCORD_API_URL=fake.api_url, MUSESPARK_DISCORD_TOKEN=BOT_TOKEN)
     stack.start_worker()
@@ -163,9 +160,6 @@ def test_buttons_restarts_rate_limits_and_expired_tokens_end_to_end(make_stack,
     asyncio.run(scenario())
 
 
-@pytest.mark.skipif(not IMAGE_PIPELINE.exists(), reason=(
-    "workers/pipelines/image_diffusion.py (imported by workers/runner.py) is not in the tree: "
-    "image jobs fail in every worker"))
 def test_images_go_as_attachments_and_long_captions_are_split(make_stack,
                                                               fake: FakeDiscord) -> None:
     stack = _start(make_stack, fake)

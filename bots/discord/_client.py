@@ -28,6 +28,7 @@ from bots.discord._commands import register_commands
 from bots.discord._convert import (
     PLATFORM,
     actor_of,
+    command_event,
     component_event,
     reaction_event,
     reactions_cleared_event,
@@ -104,8 +105,6 @@ class MuseSparkDiscord(discord.Client):
     async def run_command(self, interaction: discord.Interaction[Any], name: str,
                           args: dict[str, Any]) -> None:
         """Defer within Discord's 3 s, hand the command to core, show its immediate answer."""
-        from bots.discord._convert import command_event
-
         args = {k: v for k, v in args.items() if v is not None}
         try:  # pure and instant: bad input gets its plain-words answer before any deferral
             intent: Intent = parse_command(name, args, max_prompt_chars=self.max_prompt_chars)

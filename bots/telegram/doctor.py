@@ -11,7 +11,7 @@ Checks, against ``MUSESPARK_TELEGRAM_API_URL`` with ``MUSESPARK_TELEGRAM_TOKEN``
 4. the webhook (getWebhookInfo): set while polling (getUpdates would fail with 409), missing in
    webhook mode, a different URL, or a recent delivery error.
 
-Exit status: 0 when nothing needs fixing, 1 when something does, 2 when the check could not run.
+Exit status: 0 when nothing needs fixing, 1 when something does (or the check could not run).
 """
 
 from __future__ import annotations
