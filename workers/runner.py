@@ -269,7 +269,9 @@ def _deliver(store: Store, claim: Claim, job: Job, messages: list[OutboundMessag
         ok = _record_transactionally(store, claim, job, JobState.DELIVERED, messages, deliverer,
                                      None)
         return "delivered" if ok else "lost"
-    target = DeliveryTarget.from_dict(job.delivery)
+    # Read afresh: the adapter may have added the progress message's id after the claim.
+    fresh = store.get_job(job.id)
+    target = DeliveryTarget.from_dict((fresh or job).delivery)
     done = store.delivered_positions(job.id)
     for position, message in enumerate(messages):
         if position in done:

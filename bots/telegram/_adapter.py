@@ -149,7 +149,7 @@ class TelegramAdapter:
         # Answer at once (Telegram shows a spinner until then); wait briefly for a toast text.
         done, _ = await asyncio.wait({work}, timeout=CALLBACK_TOAST_WAIT_SECONDS)
         toast = ""
-        if done:
+        if done and work.exception() is None:
             toast = " ".join(r.text for r in work.result() if r.ephemeral)
         try:
             await query.answer(toast[:CALLBACK_ANSWER_MAX_CHARS] or None)

@@ -1,25 +1,28 @@
-"""Text-to-image with a diffusers pipeline (the ``/imagine`` command).
+"""Text-to-image generation with diffusers (the ``/imagine`` command), plus PNG recipe helpers.
 
 ``MUSESPARK_IMAGE_MODEL`` may be:
 
-* unset: MuseSpark's tiny untrained demo pipeline (built offline on first use under the model
-  cache, see :mod:`workers.pipelines.tiny_diffusion`). Its pictures are noise; every result
-  made with it says so.
-* a local folder holding a diffusers pipeline (``model_index.json``), or
-* a Hugging Face hub id such as ``stabilityai/sd-turbo``, ``runwayml/stable-diffusion-v1-5`` or
-  ``stabilityai/stable-diffusion-xl-base-1.0`` (needs network or a warm hub cache).
+* unset: the tiny untrained demo pipeline (see :mod:`workers.pipelines.tiny_diffusion`), built
+  once under ``models_dir / "tiny-demo"``. It works offline on any CPU but draws coloured noise.
+* an existing local folder in diffusers layout (``model_index.json`` at the top).
+* anything else: a Hugging Face hub id (SD-1.5, SD-Turbo, SDXL, SDXL-Turbo families).
 
-The family decides the usual steps, guidance and size (SD-Turbo: 1 step, no guidance, 512 px;
-SD-1.5: 25 steps, 7.5, 512 px; SDXL: 30 steps, 5.0, 1024 px). Every loading failure becomes
-:class:`~core.errors.ModelUnavailableError` naming the setting and the value.
+Each family gets its usual defaults (steps, guidance, size), so callers may pass ``None`` for
+any of them. Every loading failure becomes :class:`~core.errors.ModelUnavailableError`.
+
+Reproducibility: image ``i`` of a request with seed ``s`` is drawn from its own generator seeded
+``s + i``, so a single image can be re-made with ``n=1, seed=s+i`` (the same pixels on the same
+device and dtype, up to floating-point differences between batch sizes).
 
 Limits:
-    * Sizes are rounded to multiples of 8 pixels (the VAE works on 8x8 blocks).
-    * fp16 on CUDA, fp32 elsewhere; one pipeline per process, calls serialised by a lock.
+    * A pipeline is not thread-safe; :meth:`DiffusionGenerator.generate` holds a lock, so calls
+      on one generator run one after another.
+    * No upper bound on ``n`` or the size; callers cap them (memory grows with both).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -29,44 +32,81 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
+import PIL.PngImagePlugin
 import torch
-from PIL import Image, PngImagePlugin
+from diffusers import AutoPipelineForText2Image, DiffusionPipeline
 
 from core.errors import ModelUnavailableError
-from workers.pipelines.tiny_diffusion import DEMO_SIZE, build_tiny_pipeline, is_demo_pipeline
+from workers.pipelines.tiny_diffusion import build_tiny_pipeline, is_demo_pipeline
 
 __all__ = [
-    "DiffusionGenerator",
-    "ImageResult",
+    "DEMO_FOLDER",
+    "FAMILY_DEFAULTS",
+    "PNG_RECIPE_KEY",
     "RECIPE_CHUNK",
+    "DiffusionGenerator",
+    "FamilyDefaults",
+    "ImageResult",
     "get_image_generator",
     "load_image_generator",
     "read_png_recipe",
     "save_png",
 ]
 
-#: PNG text chunk holding the job's recipe as JSON.
-RECIPE_CHUNK = "musespark"
-_SETTING = "MUSESPARK_IMAGE_MODEL"
-_USER_MESSAGE = ("The picture model is not available right now, so I cannot draw this. "
-                 "The bot's operator has been told.")
-_DEMO_NAME = "tiny-demo"
-PIXEL_MULTIPLE = 8
+#: Folder name of the demo pipeline inside ``models_dir``.
+DEMO_FOLDER = "tiny-demo"
+#: PNG text chunk that holds the JSON recipe (``RECIPE_CHUNK`` is the older name).
+PNG_RECIPE_KEY = "musespark"
+RECIPE_CHUNK = PNG_RECIPE_KEY
 
-#: family -> (steps, guidance, side in pixels)
-FAMILY_DEFAULTS: dict[str, tuple[int, float, int]] = {
-    "sd15": (25, 7.5, 512),
-    "sd-turbo": (1, 0.0, 512),
-    "sdxl": (30, 5.0, 1024),
-    "sdxl-turbo": (1, 0.0, 512),
-    "demo": (2, 1.0, DEMO_SIZE),
-    "other": (25, 7.5, 512),
+_SETTING = "MUSESPARK_IMAGE_MODEL"
+_USER_MESSAGE = (
+    "The picture model is not available right now, so I cannot draw this. "
+    "The bot's operator has been told."
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FamilyDefaults:
+    """What a model family is usually run with. ``size`` ``None``: the model's native size."""
+
+    steps: int
+    guidance: float
+    size: int | None
+
+
+#: Defaults per family. Turbo models are distilled for one step without guidance.
+FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
+    "sd15": FamilyDefaults(steps=25, guidance=7.5, size=None),  # native: 512 (768 for SD-2 768)
+    "sd-turbo": FamilyDefaults(steps=1, guidance=0.0, size=512),
+    "sdxl": FamilyDefaults(steps=30, guidance=5.0, size=None),  # native: 1024
+    "sdxl-turbo": FamilyDefaults(steps=1, guidance=0.0, size=512),
+    # Two steps are enough to make (noise) pictures; guidance 1.0 skips the unconditional pass.
+    "demo": FamilyDefaults(steps=2, guidance=1.0, size=None),  # native: 64
+    "other": FamilyDefaults(steps=25, guidance=5.0, size=None),
 }
+
+
+# --------------------------------------------------------------------------------------------
+# Results and the generator
+# --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class ImageResult:
-    images: list[Image.Image]
+    """Images from one request, with the settings actually used (after defaults and rounding).
+
+    Attributes:
+        images: ``n`` RGB images.
+        seed: the request's seed; image ``i`` used ``seed + i`` (see :attr:`seeds`).
+        steps, guidance, width, height: what the pipeline ran with.
+        model_name: human-readable model name.
+        is_demo: ``True`` for the untrained demo pipeline (its pictures are noise).
+        seconds: wall time of the pipeline call.
+    """
+
+    images: list[PIL.Image.Image]
     seed: int
     steps: int
     guidance: float
@@ -76,136 +116,360 @@ class ImageResult:
     is_demo: bool
     seconds: float
 
+    @property
+    def seeds(self) -> list[int]:
+        """The seed of each image; ``n=1`` with one of these re-makes that image."""
+        return [self.seed + i for i in range(len(self.images))]
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    def recipe(self, index: int, prompt: str, negative_prompt: str | None = None) -> dict[str, Any]:
+        """A JSON-ready description of image ``index``, for :func:`save_png`.
 
-
-def _family(source: str, index: dict[str, Any], demo: bool) -> str:
-    if demo:
-        return "demo"
-    name = source.lower()
-    turbo = "turbo" in name
-    if "XL" in str(index.get("_class_name", "")):
-        return "sdxl-turbo" if turbo else "sdxl"
-    if str(index.get("_class_name", "")).startswith("StableDiffusion") or "stable-diffusion" in name:
-        return "sd-turbo" if turbo else "sd15"
-    return "sd-turbo" if turbo else "other"
-
-
-def _round8(value: int) -> int:
-    return max(PIXEL_MULTIPLE, int(round(value / PIXEL_MULTIPLE)) * PIXEL_MULTIPLE)
+        Keys: ``prompt``, ``negative_prompt``, ``seed`` (that image's own seed), ``steps``,
+        ``guidance``, ``width``, ``height``, ``model``, ``demo``.
+        """
+        return {
+            "prompt": prompt,
+            "negative_prompt": negative_prompt,
+            "seed": self.seeds[index],
+            "steps": self.steps,
+            "guidance": self.guidance,
+            "width": self.width,
+            "height": self.height,
+            "model": self.model_name,
+            "demo": self.is_demo,
+        }
 
 
 class DiffusionGenerator:
-    """A loaded pipeline. Keep it: loading is the slow part."""
+    """A loaded text-to-image pipeline; create it once per process and keep it.
 
-    def __init__(self, pipe: Any, *, model_name: str, family: str, is_demo: bool,
-                 device: str) -> None:
-        self.pipe, self.model_name, self.family, self.is_demo = pipe, model_name, family, is_demo
+    Attributes:
+        model_name: human-readable name (hub id, folder name, or the demo's name).
+        is_demo: ``True`` for a folder marked ``musespark-demo.json``.
+        family: ``"sd15"``, ``"sd-turbo"``, ``"sdxl"``, ``"sdxl-turbo"``, ``"demo"`` or
+            ``"other"``; picks the defaults in :data:`FAMILY_DEFAULTS`.
+        device: the torch device the pipeline runs on.
+        native_size: the side in pixels the model was trained at.
+        default_steps, default_guidance, default_size: what ``None`` settings become (the
+            family's defaults; ``default_size`` is a square side in pixels).
+        size_multiple: width and height are rounded to multiples of this.
+    """
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        *,
+        model_name: str,
+        is_demo: bool,
+        family: str,
+        device: torch.device,
+    ) -> None:
+        self.pipe = pipe
+        self.model_name = model_name
+        self.is_demo = is_demo
+        self.family = family
         self.device = device
-        steps, guidance, side = FAMILY_DEFAULTS[family]
-        self.default_steps, self.default_guidance, self.default_size = steps, guidance, side
+        self.defaults = FAMILY_DEFAULTS[family]
+        vae_factor = int(getattr(pipe, "vae_scale_factor", 8))
+        unet_config = getattr(getattr(pipe, "unet", None), "config", None)
+        sample_size = getattr(unet_config, "sample_size", None)
+        self.native_size = int(sample_size) * vae_factor if sample_size else 512
+        # Each UNet down block halves the latent, so sides must divide by all of it or the skip
+        # connections stop lining up.
+        blocks = len(getattr(unet_config, "block_out_channels", (0, 0, 0, 0)))
+        self.size_multiple = vae_factor * 2 ** max(blocks - 1, 0)
+        self.default_steps = self.defaults.steps
+        self.default_guidance = self.defaults.guidance
+        self.default_size = self.defaults.size or self.native_size
         self._lock = threading.Lock()
 
-    def generate(self, prompt: str, *, n: int, seed: int, negative_prompt: str | None = None,
-                 steps: int | None = None, guidance: float | None = None,
-                 width: int | None = None, height: int | None = None) -> ImageResult:
-        steps = steps or self.default_steps
+    def __repr__(self) -> str:
+        return (
+            f"DiffusionGenerator({self.model_name!r}, family={self.family!r}, "
+            f"device={str(self.device)!r}, demo={self.is_demo})"
+        )
+
+    def generate(
+        self,
+        prompt: str,
+        *,
+        n: int,
+        seed: int,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> ImageResult:
+        """Draw ``n`` images for ``prompt``.
+
+        ``None`` settings take the family's defaults. Width and height are rounded to the nearest
+        multiple the model accepts (64 px for SD models, 4 px for the demo), at least one
+        multiple; the result reports the sizes used. ``negative_prompt`` has no effect when
+        guidance is 1.0 or less (no unconditional pass runs).
+
+        Args:
+            prompt: what to draw.
+            n: number of images, at least 1.
+            seed: image ``i`` is seeded ``seed + i``.
+            negative_prompt: what to avoid, or ``None``.
+            steps: denoising steps, at least 1.
+            guidance: classifier-free guidance scale, >= 0.
+            width, height: requested size in pixels.
+
+        Returns:
+            The images and the settings used.
+
+        Raises:
+            ValueError: ``n`` or ``steps`` below 1, or negative guidance.
+        """
+        if n < 1:
+            raise ValueError(f"n must be at least 1, got {n}")
+        steps = self.default_steps if steps is None else steps
         guidance = self.default_guidance if guidance is None else guidance
-        width = _round8(width or self.default_size)
-        height = _round8(height or self.default_size)
-        started = time.perf_counter()
-        generator = torch.Generator(device="cpu" if self.device == "mps" else self.device)
-        generator.manual_seed(seed)
-        with self._lock, torch.inference_mode():
-            output = self.pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps,
-                               guidance_scale=guidance, width=width, height=height,
-                               num_images_per_prompt=n, generator=generator)
-        return ImageResult(list(output.images), seed, steps, guidance, width, height,
-                           self.model_name, self.is_demo, time.perf_counter() - started)
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        width = self._round_size(self.default_size if width is None else width)
+        height = self._round_size(self.default_size if height is None else height)
+        # mps generators are unreliable; diffusers draws on cpu and moves the noise over.
+        gen_device = "cpu" if self.device.type == "mps" else self.device
+        generators = [torch.Generator(gen_device).manual_seed(seed + i) for i in range(n)]
+        with self._lock:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                output = self.pipe(
+                    prompt=prompt,
+                    negative_prompt=negative_prompt if guidance > 1.0 else None,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    width=width,
+                    height=height,
+                    num_images_per_prompt=n,
+                    generator=generators,
+                    output_type="pil",
+                )
+            seconds = time.perf_counter() - start
+        images = [image.convert("RGB") for image in output.images]
+        return ImageResult(
+            images=images,
+            seed=seed,
+            steps=steps,
+            guidance=float(guidance),
+            width=width,
+            height=height,
+            model_name=self.model_name,
+            is_demo=self.is_demo,
+            seconds=seconds,
+        )
+
+    def _round_size(self, pixels: int) -> int:
+        m = self.size_multiple
+        return max(m, int(round(pixels / m)) * m)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def load_image_generator(
+    spec: str | None, *, models_dir: Path, device: str = "auto"
+) -> DiffusionGenerator:
+    """Load an image model (slow); prefer :func:`get_image_generator`, which loads once.
+
+    Args:
+        spec: ``MUSESPARK_IMAGE_MODEL``: ``None`` for the demo, a local folder or a hub id. A value
+            that looks like a path (absolute, ``./``, ``~``) is never sent to the hub.
+        models_dir: where the demo pipeline is built (``models_dir / "tiny-demo"``).
+        device: ``"auto"`` (cuda, else mps, else cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+            ``"mps"``.
+
+    Returns:
+        A ready generator: fp16 on cuda (the ``fp16`` weight variant when the model has one),
+        fp32 on cpu and mps (half precision there is slow or gives black images).
+
+    Raises:
+        ModelUnavailableError: the model cannot be loaded. ``str()`` names
+            ``MUSESPARK_IMAGE_MODEL``, the value and the cause; ``user_message`` is plain words.
+    """
+    torch_device = _resolve_device(device, spec)
+    if spec is None:
+        try:
+            path = build_tiny_pipeline(Path(models_dir).expanduser() / DEMO_FOLDER)
+        except Exception as exc:
+            raise _unavailable(None, f"cannot build the demo pipeline: {exc}") from exc
+        source, name = str(path), "MuseSpark tiny demo (untrained)"
+    else:
+        path = Path(spec).expanduser()
+        looks_like_path = spec.startswith(("/", "./", "../", "~", "\\")) or (
+            len(spec) > 1 and spec[1] == ":"
+        )
+        if path.is_dir():
+            if not (path / "model_index.json").is_file():
+                raise _unavailable(
+                    spec, f"{path} is not a diffusers pipeline folder (no model_index.json)"
+                )
+            source, name = str(path), path.resolve().name
+        elif looks_like_path or path.exists():
+            raise _unavailable(spec, f"no such folder: {path}")
+        else:
+            source, name = spec, spec
+    is_local = Path(source).is_dir()
+    demo = is_local and is_demo_pipeline(Path(source))
+    if demo and spec is not None:
+        name = f"{name} (demo, untrained)"
+
+    try:
+        pipe = _from_pretrained(source, torch_device)
+    except Exception as exc:  # diffusers raises OSError, ValueError, KeyError, ... alike
+        raise _unavailable(spec, f"{type(exc).__name__}: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    family = "demo" if demo else _detect_family(pipe, source)
+    return DiffusionGenerator(
+        pipe, model_name=name, is_demo=demo, family=family, device=torch_device
+    )
+
+
+_generators: dict[tuple[str | None, Path, str], DiffusionGenerator] = {}
+_generators_lock = threading.Lock()
+
+
+def get_image_generator(
+    spec: str | None, models_dir: Path, device: str = "auto"
+) -> DiffusionGenerator:
+    """The process-wide generator for these arguments, loaded on first use.
+
+    Failures are not remembered: after the operator fixes the setting, the next call tries again.
+
+    Raises:
+        ModelUnavailableError: as in :func:`load_image_generator`.
+    """
+    key = (spec, Path(models_dir).expanduser().resolve(), device)
+    with _generators_lock:
+        generator = _generators.get(key)
+        if generator is None:
+            generator = load_image_generator(spec, models_dir=key[1], device=device)
+            _generators[key] = generator
+        return generator
+
+
+def _resolve_device(device: str, spec: str | None) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ModelUnavailableError(
+            f"MUSESPARK_DEVICE={device!r} is not a torch device (for {_SETTING}={spec!r}): {exc}",
+            user_message=_USER_MESSAGE,
+        ) from exc
+
+
+def _from_pretrained(source: str, device: torch.device) -> DiffusionPipeline:
+    if device.type == "cuda":
+        try:
+            pipe = AutoPipelineForText2Image.from_pretrained(
+                source, dtype=torch.float16, variant="fp16"
+            )
+        except Exception:
+            # Many checkpoints have no fp16 variant; the fp32 files are cast on load instead.
+            pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=torch.float16)
+    else:
+        pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=torch.float32)
+    pipe.to(device)
+    if device.type == "mps":
+        pipe.enable_attention_slicing()  # diffusers' advice for unified-memory Macs
+    return pipe
+
+
+def _detect_family(pipe: DiffusionPipeline, source: str) -> str:
+    """Family from the pipeline class (``model_index.json``'s ``_class_name``) and the name."""
+    class_name = type(pipe).__name__
+    if Path(source).is_dir():
+        try:
+            index = json.loads((Path(source) / "model_index.json").read_text("utf-8"))
+            class_name = str(index.get("_class_name", class_name))
+        except (OSError, ValueError):
+            pass
+    turbo = "turbo" in source.lower()
+    if class_name.startswith("StableDiffusionXL"):
+        return "sdxl-turbo" if turbo else "sdxl"
+    if class_name.startswith("StableDiffusion") and not class_name.startswith("StableDiffusion3"):
+        return "sd-turbo" if turbo else "sd15"
+    return "other"
 
 
 def _unavailable(spec: str | None, detail: str) -> ModelUnavailableError:
+    shown = "unset (built-in demo)" if spec is None else repr(spec)
     return ModelUnavailableError(
-        f"{_SETTING}={spec!r} cannot be loaded: {detail}. Set {_SETTING} to a diffusers "
-        "pipeline folder or a Hugging Face id (e.g. stabilityai/sd-turbo), or unset it for "
-        "the offline demo model.", user_message=_USER_MESSAGE)
+        f"cannot load image model {_SETTING}={shown}: {detail}. Set {_SETTING} to a diffusers "
+        "pipeline folder or a Hugging Face id (e.g. stabilityai/sd-turbo), or unset it for the "
+        "offline demo model.",
+        user_message=_USER_MESSAGE,
+    )
 
 
-def load_image_generator(spec: str | None, *, models_dir: Path,
-                         device: str = "auto") -> DiffusionGenerator:
-    """Load the pipeline named by ``spec`` (see the module docstring)."""
-    from diffusers import AutoPipelineForText2Image
-
-    device = _resolve_device(device)
-    if spec is None:
-        try:
-            source = str(build_tiny_pipeline(Path(models_dir) / _DEMO_NAME))
-        except OSError as exc:
-            raise _unavailable(spec, f"could not build the demo pipeline: {exc}") from exc
-    else:
-        source = spec
-        if (spec.startswith(("/", ".", "~")) or os.sep in spec.strip("/").split("/", 1)[-1]
-                or Path(spec).expanduser().exists()):
-            folder = Path(spec).expanduser()
-            if not (folder / "model_index.json").is_file():
-                raise _unavailable(spec, f"{folder} is not a diffusers pipeline folder "
-                                   "(no model_index.json)")
-            source = str(folder)
-    demo = Path(source).is_dir() and is_demo_pipeline(Path(source))
-    index: dict[str, Any] = {}
-    if Path(source, "model_index.json").is_file():
-        index = json.loads(Path(source, "model_index.json").read_text())
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    try:
-        pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=dtype)
-        pipe = pipe.to(device)
-        pipe.set_progress_bar_config(disable=True)
-    except Exception as exc:  # hub errors, missing files, broken weights all end up here
-        raise _unavailable(spec, f"{type(exc).__name__}: {exc}") from exc
-    family = _family(source, index, demo)
-    name = "untrained tiny demo pipeline" if demo else (spec or source)
-    return DiffusionGenerator(pipe, model_name=name, family=family, is_demo=demo, device=device)
+# --------------------------------------------------------------------------------------------
+# PNG files that remember how they were made
+# --------------------------------------------------------------------------------------------
 
 
-_cache: dict[tuple[str | None, str, str], DiffusionGenerator] = {}
-_cache_lock = threading.Lock()
+def save_png(image: PIL.Image.Image, path: Path, recipe: dict) -> Path:
+    """Write ``image`` as PNG with ``recipe`` as JSON in the text chunk ``"musespark"``.
 
+    The file appears atomically (temporary file in the same folder, then rename), so a reader
+    never sees half a PNG. The parent folder is created if missing.
 
-def get_image_generator(spec: str | None, models_dir: Path,
-                        device: str = "auto") -> DiffusionGenerator:
-    """The process's generator for these arguments, loaded once and kept."""
-    key = (spec, str(models_dir), device)
-    with _cache_lock:
-        if key not in _cache:
-            _cache[key] = load_image_generator(spec, models_dir=models_dir, device=device)
-        return _cache[key]
+    Args:
+        image: the picture.
+        path: destination, normally ending in ``.png``.
+        recipe: JSON-serialisable settings (see :meth:`ImageResult.recipe`).
 
+    Returns:
+        ``path``.
 
-def save_png(image: Image.Image, path: Path, recipe: dict[str, Any]) -> Path:
-    """Write ``image`` as PNG with ``recipe`` as JSON in the ``musespark`` text chunk, atomically."""
+    Raises:
+        TypeError: ``recipe`` is not JSON-serialisable.
+        OSError: the file cannot be written.
+    """
     path = Path(path)
+    info = PIL.PngImagePlugin.PngInfo()
+    # iTXt keeps non-Latin-1 prompts intact; plain tEXt is Latin-1 only.
+    info.add_itxt(PNG_RECIPE_KEY, json.dumps(recipe, ensure_ascii=False))
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngImagePlugin.PngInfo()
-    info.add_itxt(RECIPE_CHUNK, json.dumps(recipe, ensure_ascii=False, sort_keys=True))
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as out:
-            image.save(out, format="PNG", pnginfo=info)
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format="PNG", pnginfo=info)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the bot process may be another user
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
     return path
 
 
-def read_png_recipe(path: Path) -> dict[str, Any]:
-    with Image.open(path) as image:
-        return dict(json.loads(image.text[RECIPE_CHUNK]))  # type: ignore[attr-defined]
+def read_png_recipe(path: Path) -> dict:
+    """The recipe stored by :func:`save_png`, or ``{}`` when the PNG has none.
+
+    Raises:
+        OSError: the file is missing or not an image (``PIL.UnidentifiedImageError``).
+        ValueError: the chunk is there but is not a JSON object.
+    """
+    with PIL.Image.open(path) as image:
+        raw = getattr(image, "text", {}).get(PNG_RECIPE_KEY)
+    if raw is None:
+        return {}
+    recipe = json.loads(raw)
+    if not isinstance(recipe, dict):
+        raise ValueError(f"{path}: the {PNG_RECIPE_KEY!r} chunk is not a JSON object")
+    return recipe

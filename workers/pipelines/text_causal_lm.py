@@ -389,7 +389,9 @@ def _from_pretrained(source: str, device: torch.device) -> tuple[PreTrainedModel
 def _unavailable(spec: str | None, detail: str) -> ModelUnavailableError:
     shown = "unset (offline SmolLM2 default)" if spec is None else repr(spec)
     return ModelUnavailableError(
-        f"cannot load text model {_SETTING}={shown}: {detail}", user_message=_USER_MESSAGE
+        f"cannot load text model {_SETTING}={shown}: {detail}. Set {_SETTING} to a model folder "
+        "or a Hugging Face id of a causal LM, or unset it for the offline SmolLM2 default.",
+        user_message=_USER_MESSAGE,
     )
 
 
