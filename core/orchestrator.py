@@ -39,7 +39,9 @@ SEED_BITS = 32
 VARIATION_SEED_STEP = 7919
 #: Button actions under results: again with a new seed, more like this, thumbs, delete
 #: (requester only). ``varyN`` (N = 1..9) is variation N of a result.
-BUTTON_ACTIONS = frozenset({"reroll", "more", "up", "down", "delete", "why"})
+BUTTON_ACTIONS = frozenset({"reroll", "more", "up", "down", "delete", "why", "upscale"})
+#: "upscale" renders the same picture (prompt, seed, style) again at this many times the side.
+UPSCALE_FACTOR = 2
 _VARIATION = re.compile(r"vary[1-9]")
 
 
@@ -179,7 +181,8 @@ class Orchestrator:
 
     def _submit(self, event: Event, intent: Intent, *, reply_to: str | None,
                 parent: Job | None = None, key_suffix: str = "",
-                keep_style: bool = False, thread: bool = False) -> list[OutboundMessage]:
+                keep_style: bool = False, thread: bool = False,
+                extra_params: dict[str, Any] | None = None) -> list[OutboundMessage]:
         user_id = self.store.ensure_user(event.platform, event.actor)
         community_id = self.store.ensure_community(event.platform, event.channel)
         kind = "image" if intent.kind is IntentKind.IMAGINE else "text"
@@ -199,6 +202,7 @@ class Orchestrator:
             params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
                                                     * params.pop("length_factor")))
         params["taste"] = record
+        params.update(extra_params or {})
         if thread:
             # A reply to a result: the worker gives the model the earlier turns as context.
             params["thread"] = True
@@ -299,13 +303,20 @@ class Orchestrator:
                           "this.", ephemeral=True)]
         kind = IntentKind.IMAGINE if job.kind == "image" else IntentKind.WRITE
         options: dict[str, Any] = {"count": job.params.get("count", 1)} if job.kind == "image" else {}
+        extra: dict[str, Any] = {}
         if _VARIATION.fullmatch(action):
             # A variation keeps the prompt and moves the seed by a fixed, reproducible step.
             options["seed"] = (job.seed + int(action[4:]) * VARIATION_SEED_STEP) % 2**SEED_BITS
             options["count"] = 1
-        # "more like this" and variations keep the style; a reroll lets the learner choose again.
+        elif action == "upscale":
+            if job.kind != "image":
+                return [_error("Only pictures can be upscaled.", ephemeral=True)]
+            options.update(seed=job.seed, count=1)
+            extra["scale"] = UPSCALE_FACTOR * float(job.params.get("scale", 1))
+        # "more like this", variations and upscales keep the style; a reroll chooses again.
         return self._submit(event, Intent(kind, job.prompt, options), reply_to=event.message_id,
-                            parent=job, key_suffix=f":{action}", keep_style=action != "reroll")
+                            parent=job, key_suffix=f":{action}", keep_style=action != "reroll",
+                            extra_params=extra)
 
 
 def _fixed_choices(kind: str, options: dict[str, Any]) -> dict[str, str]:

@@ -71,6 +71,20 @@ def test_imagine_delivers_png_files_with_their_recipe(stack: Stack) -> None:
     assert stack.job(job_id).state == "delivered"
 
 
+def test_the_bigger_button_renders_the_same_picture_at_twice_the_side(stack: Stack) -> None:
+    chat = stack.chat()
+    job_id = _status_job(chat.say("/imagine a red fox --seed 11"))
+    shown = chat.wait(lambda ms: bool(_results(ms, job_id)), timeout=RESULT_TIMEOUT_SECONDS)
+    (first,) = _results(shown, job_id)
+    assert any(b == f"upscale:{job_id}" for b in first.buttons), first.buttons
+    bigger_job = _status_job(chat.say(f"/press {first.id} upscale"))
+    shown = chat.wait(lambda ms: bool(_results(ms, bigger_job)), timeout=RESULT_TIMEOUT_SECONDS)
+    (bigger,) = _results(shown, bigger_job)
+    with Image.open(first.images[0]) as small, Image.open(bigger.images[0]) as large:
+        assert large.width == 2 * small.width and large.height == 2 * small.height
+        assert json.loads(large.text["musespark"])["seed"] == 11  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

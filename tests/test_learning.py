@@ -267,3 +267,15 @@ def test_exports_parse_as_trl_kto_and_dpo(chat: SimChat, orchestrator: Orchestra
     (pair,) = [json.loads(line) for line in dpo.getvalue().splitlines()]
     assert pair["prompt"] == "a poem about rain"
     assert pair["chosen"] == "a result" and pair["rejected"] == "another poem"
+
+
+def test_upscale_renders_the_same_picture_bigger(chat: SimChat, orchestrator: Orchestrator) -> None:
+    job_id, message = chat.ask("ann", "/imagine a fox --count 2")
+    (status,) = chat.press("bob", message, f"upscale:{job_id}")
+    first, bigger = orchestrator.store.get_job(job_id), orchestrator.store.get_job(status.job_id)
+    assert first is not None and bigger is not None
+    assert bigger.seed == first.seed and bigger.params["scale"] == 2 and bigger.params["count"] == 1
+    assert bigger.params["taste"]["choice"] == first.params["taste"]["choice"]
+    text_job, text_message = chat.ask("ann", "/write a poem")
+    (refusal,) = chat.press("ann", text_message, f"upscale:{text_job}")
+    assert refusal.kind == "error" and "pictures" in refusal.text

@@ -105,7 +105,8 @@ def _taste_recipe(job: Job) -> dict[str, Any]:
 def _result_buttons(job: Job) -> tuple[Button, ...]:
     buttons = [Button("reroll", "🔁 Reroll", job.id), Button("more", "✨ More like this", job.id)]
     if job.kind == "image":
-        buttons += [Button("vary1", "V1", job.id), Button("vary2", "V2", job.id)]
+        buttons += [Button("vary1", "V1", job.id), Button("vary2", "V2", job.id),
+                    Button("upscale", "⬆️ Bigger", job.id)]
     return (*buttons, Button("why", "❓ Why this?", job.id))
 
 
@@ -171,8 +172,8 @@ def _generate_image(job: Job, settings: Settings) -> _Outcome:
     from workers.pipelines.image_diffusion import get_image_generator, save_png
 
     generator = get_image_generator(settings.image_model, settings.models_dir, settings.device)
-    width, height = _dimensions(job.params.get("size") or generator.default_size,
-                                job.params.get("aspect_ratio") or (1, 1))
+    side = (job.params.get("size") or generator.default_size) * float(job.params.get("scale", 1))
+    width, height = _dimensions(round(side), job.params.get("aspect_ratio") or (1, 1))
     guidance = generator.default_guidance * float(job.params.get("guidance_factor", 1.0))
     result = generator.generate(job.expanded_prompt, n=int(job.params.get("count", 1)),
                                 seed=job.seed, steps=job.params.get("steps"),

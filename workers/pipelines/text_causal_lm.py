@@ -468,6 +468,10 @@ def _convert_default(cache_dir: Path, target: Path) -> None:
             # The weights are already dequantised; without this save_pretrained refuses (or
             # writes a GGUF quantisation config that the reload would then expect).
             model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                # The saved weights are plain fp32; a leftover GGUF entry would make loaders
+                # look for the .gguf file.
+                del model.config.quantization_config
             model.save_pretrained(build)
             tokenizer.save_pretrained(build)
             marker = {

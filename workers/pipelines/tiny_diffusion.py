@@ -216,11 +216,15 @@ def _train_tokenizer() -> CLIPTokenizer:
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ]
     )
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    word_ends = [char + "</w>" for char in alphabet]
     trainer = trainers.BpeTrainer(
         vocab_size=_VOCAB_SIZE,
         min_frequency=1,
-        special_tokens=[_BOS, _EOS],
+        # Listing every "x</w>" up front fixes their ids. Left to the trainer they are created in
+        # hash-map order, and ids break ties between equally frequent pairs, so the merges would
+        # change from run to run (huggingface/tokenizers#1794).
+        special_tokens=[_BOS, _EOS, *word_ends],
         initial_alphabet=alphabet,
         end_of_word_suffix="</w>",
         show_progress=False,
@@ -228,12 +232,13 @@ def _train_tokenizer() -> CLIPTokenizer:
     bpe.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
 
     state = json.loads(bpe.to_str())["model"]
-    vocab: dict[str, int] = dict(state["vocab"])
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
-    # The trainer only learns "x</w>" for bytes seen at a word's end; add the rest (in a fixed
-    # order) so no byte ever falls back to the unknown token.
-    for char in sorted(alphabet):
-        vocab.setdefault(char + "</w>", len(vocab))
+    # Number the vocabulary the way CLIP's is: bytes, bytes ending a word, merge results in
+    # merge order, then the two special tokens.
+    ordered = [*alphabet, *word_ends, *(a + b for a, b in merges), _BOS, _EOS]
+    vocab: dict[str, int] = {}
+    for token in ordered:
+        vocab.setdefault(token, len(vocab))
     # CLIPTokenizer rebuilds CLIP's normalizer, word split and post-processor around these.
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=_MAX_TOKENS, pad_token=_EOS)
 
