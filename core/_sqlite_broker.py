@@ -118,7 +118,7 @@ import time
 import weakref
 from pathlib import Path
 from queue import Empty
-from typing import Any
+from typing import Any, cast
 from urllib.parse import unquote, urlsplit
 
 from kombu.transport import TRANSPORT_ALIASES, virtual
@@ -351,7 +351,7 @@ class Channel(virtual.Channel):
     busy_timeout = DEFAULT_BUSY_TIMEOUT
     sqlite_synchronous = DEFAULT_SYNCHRONOUS
 
-    from_transport_options = virtual.Channel.from_transport_options + (
+    from_transport_options = virtual.Channel.from_transport_options + (  # type: ignore[assignment]
         "visibility_timeout",
         "busy_timeout",
         "sqlite_synchronous",
@@ -428,7 +428,7 @@ class Channel(virtual.Channel):
         info[CLAIM_KEY] = claim
         info["redelivered"] = claim > 1
         message["redelivered"] = claim > 1
-        return message
+        return cast(dict[str, Any], message)
 
     def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
         return self._claim(queue, queue in self._noack_queues)
@@ -545,7 +545,8 @@ class Channel(virtual.Channel):
             message = None
         row = self._row_of(message)
         if row is None:  # unknown tag or foreign message: kombu's default handling
-            return super().basic_reject(delivery_tag, requeue=requeue)
+            super().basic_reject(delivery_tag, requeue=requeue)
+            return
         try:
             if requeue:
                 self._release_row(*row)
@@ -559,7 +560,8 @@ class Channel(virtual.Channel):
         """Give an unacked message back: UPDATE its row visible; never insert a copy."""
         row = self._row_of(message)
         if row is None:  # not read from this store (should not happen): publish it again
-            return super()._restore(message)
+            super()._restore(message)
+            return
         if not self._held_by_this_process():
             # A forked child closing an inherited channel: the claim is the parent's.
             return None
@@ -738,7 +740,7 @@ class Transport(virtual.Transport):
     Channel = Channel
 
     can_parse_url = True  # kombu hands us the whole URL as ``hostname``
-    default_port = 0
+    default_port = 0  # type: ignore[assignment]  # kombu types it None
     driver_type = "sqlite"
     driver_name = "sqlite3"
     polling_interval = DEFAULT_POLLING_INTERVAL
@@ -747,8 +749,11 @@ class Transport(virtual.Transport):
     # ensure() -- Producer.publish(retry=True), Celery's publish retry policy -- and by the
     # worker's reconnect loop, and re-raised when they give up. Declaring the recoverable sets
     # matters: without them kombu gives up after the first reconnect.
-    connection_errors = virtual.Transport.connection_errors + (sqlite3.OperationalError,)
-    channel_errors = virtual.Transport.channel_errors + (sqlite3.DatabaseError,)
+    # kombu annotates these as one-element tuples; they are tuples of any length.
+    connection_errors = virtual.Transport.connection_errors + (  # type: ignore[assignment]
+        sqlite3.OperationalError,)
+    channel_errors = virtual.Transport.channel_errors + (  # type: ignore[assignment]
+        sqlite3.DatabaseError,)
     recoverable_connection_errors = (ConnectionError, sqlite3.OperationalError)
     recoverable_channel_errors = ()
 

@@ -27,7 +27,10 @@ __all__ = ["FORMATS", "export_feedback", "rows"]
 FORMATS = ("kto", "dpo")
 
 
-def _scored(store: Store) -> list[tuple[Job, float, list[Artifact]]]:
+_Scored = tuple[Job, float, list[Artifact], str]  # job, net weight, artifacts, request root
+
+
+def _scored(store: Store) -> list[_Scored]:
     with store.session() as s:
         scores = dict(s.execute(select(FeedbackEvent.job_id, func.sum(FeedbackEvent.weight))
                                 .group_by(FeedbackEvent.job_id)).all())
@@ -42,8 +45,7 @@ def _scored(store: Store) -> list[tuple[Job, float, list[Artifact]]]:
     for job_id, score in scores.items():
         job = by_id.get(job_id)
         if job is not None and artifacts.get(job_id):
-            job.parent_job_id = _root(job_id, parents)
-            out.append((job, float(score or 0.0), artifacts[job_id]))
+            out.append((job, float(score or 0.0), artifacts[job_id], _root(job_id, parents)))
     return out
 
 
@@ -67,14 +69,14 @@ def rows(store: Store, fmt: str) -> Iterator[dict[str, Any]]:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
     scored = [item for item in _scored(store) if item[1] != 0]
     if fmt == "kto":
-        for job, score, artifacts in scored:
+        for job, score, artifacts, _ in scored:
             completion, extra = _completion(job, artifacts)
             yield {"prompt": job.prompt, "completion": completion, "label": score > 0,
                    "kind": job.kind, "job_id": job.id, **extra}
         return
-    groups: dict[tuple[str | None, str], list[tuple[Job, float, list[Artifact]]]] = defaultdict(list)
+    groups: dict[tuple[str, str], list[_Scored]] = defaultdict(list)
     for item in scored:
-        groups[(item[0].parent_job_id, item[0].prompt)].append(item)
+        groups[(item[3], item[0].prompt)].append(item)
     for (_, prompt), members in groups.items():
         for a, b in itertools.combinations(members, 2):
             if (a[1] > 0) == (b[1] > 0):

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from core import taste
 from core.store import Community, FeedbackEvent, Job, Store, User, utcnow
+from core.store import rows_changed
 from core.store.models import LinkCode, Profile
 
 __all__ = ["ProfileKey", "TasteService"]
@@ -274,8 +275,10 @@ class TasteService:
                 actor_person = persons.get(row.user_id) if row.user_id is not None else None
                 used = history.used(row.user_id, _naive(row.created_at)) if row.user_id else 0.0
                 net = history.net[(row.user_id, row.platform, row.message_id, row.value)]
+                community_overrides = (overrides.get(job.community_id)
+                                       if job.community_id is not None else None)
                 row.weight = _weigh(row, job, persons.get(job.user_id, job.user_id), actor_person,
-                                    overrides.get(job.community_id), used, net)
+                                    community_overrides, used, net)
                 history.add(row, row.weight)
                 choice = _choice(job)
                 if row.weight and choice:
@@ -294,7 +297,7 @@ class TasteService:
         with self.store.session() as s:
             person = self._person(s, user_id)
             ids = [u.id for u in s.scalars(select(User)).all() if u.person == person]
-            count = s.execute(delete(FeedbackEvent).where(FeedbackEvent.user_id.in_(ids))).rowcount
+            count = rows_changed(s.execute(delete(FeedbackEvent).where(FeedbackEvent.user_id.in_(ids))))
         self.rebuild()
         return int(count or 0)
 

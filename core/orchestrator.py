@@ -241,7 +241,7 @@ class Orchestrator:
         if delivered is None:
             return [_error("I only learn from reactions on results I made; that message isn't "
                            "one of mine.", ephemeral=True)]
-        common = dict(job_id=delivered.job_id, platform=event.platform,
+        common: dict[str, Any] = dict(job_id=delivered.job_id, platform=event.platform,
                       chat_id=event.channel.chat_id, message_id=event.message_id,
                       kind="reaction", occurred_at=event.occurred_at)
         if event.anonymous:

@@ -10,7 +10,7 @@ import logging
 from typing import Any, Protocol
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from core.errors import QueueUnavailableError
 from core.settings import Settings
@@ -62,7 +62,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_queues": [Queue(name) for name in QUEUE_FOR_KIND.values()],
+        "task_queues": [Queue(name) for name in QUEUE_FOR_KIND.values()],  # type: ignore[no-untyped-call]
         "task_routes": {TASK_FOR_KIND[k]: {"queue": q} for k, q in QUEUE_FOR_KIND.items()},
         "task_default_queue": QUEUE_FOR_KIND["text"],
         "task_serializer": "json",

@@ -1,6 +1,6 @@
 """Persistence: SQLAlchemy models, Alembic migrations and the :class:`Store` facade."""
 
-from core.store._store import Claim, Store, content_hash, utcnow
+from core.store._store import Claim, Store, content_hash, rows_changed, utcnow
 from core.store.models import (
     Artifact,
     Community,
@@ -24,5 +24,6 @@ __all__ = [
     "Store",
     "User",
     "content_hash",
+    "rows_changed",
     "utcnow",
 ]

@@ -15,11 +15,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,10 +35,15 @@ from core.store.models import (
     User,
 )
 
-__all__ = ["Claim", "Store", "utcnow"]
+__all__ = ["Claim", "Store", "content_hash", "rows_changed", "utcnow"]
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE touched (DML results are cursor results)."""
+    return int(cast(CursorResult[Any], result).rowcount)
 
 
 def utcnow() -> datetime:
@@ -239,7 +244,7 @@ class Store:
                 .where(Job.id == claim.job_id, Job.state == JobState.RUNNING,
                        Job.attempts == claim.attempt)
                 .values(model=model, outbox=outbox, updated_at=utcnow()))
-            if not result.rowcount:
+            if not rows_changed(result):
                 return False
             s.add_all(artifacts)
             return True
@@ -258,7 +263,7 @@ class Store:
                        Job.attempts == claim.attempt)
                 .values(state=JobState.QUEUED, not_before=due, published_at=due,
                         attempts=Job.attempts - 1, worker=None, updated_at=utcnow()))
-            return due if result.rowcount else None
+            return due if rows_changed(result) else None
 
     def delivered_positions(self, job_id: str) -> set[int]:
         """Positions of a job's outbox that were already posted."""
@@ -282,7 +287,7 @@ class Store:
                        Job.attempts == claim.attempt)
                 .values(heartbeat_at=utcnow())
             )
-            return bool(result.rowcount)
+            return bool(rows_changed(result))
 
     @contextmanager
     def finishing(self, claim: Claim, state: JobState, *, reason: str | None = None,
@@ -305,7 +310,7 @@ class Store:
                        Job.attempts == claim.attempt)
                 .values(**values)
             )
-            yield s if result.rowcount else None
+            yield s if rows_changed(result) else None
 
     def fail_unclaimed(self, job_id: str, reason: str) -> bool:
         """Fail a job that is not running (e.g. it could never be published)."""
@@ -315,7 +320,7 @@ class Store:
                 update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
                 .values(state=JobState.FAILED, failure_reason=reason, finished_at=now,
                         updated_at=now))
-            return bool(result.rowcount)
+            return bool(rows_changed(result))
 
     def jobs_to_redrive(self, *, stale_after: float, republish_after: float,
                         limit: int = 100) -> Sequence[Job]:
@@ -382,7 +387,7 @@ class Store:
                      .having(func.sum(FeedbackEvent.delta) > 0))
             if emoji is not None:
                 query = query.where(FeedbackEvent.value == emoji)
-            return [(int(u), str(v)) for u, v in s.execute(query).all()]
+            return [(int(u), str(v)) for u, v in s.execute(query).all() if u is not None]
 
     def feedback_for_job(self, job_id: str) -> Sequence[FeedbackEvent]:
         with self.session() as s:

@@ -406,6 +406,7 @@ def _detect_family(pipe: DiffusionPipeline, source: str) -> str:
 
 
 def _unavailable(spec: str | None, detail: str) -> ModelUnavailableError:
+    detail = detail.rstrip(". \n")  # the text below adds its own full stop
     shown = "unset (built-in demo)" if spec is None else repr(spec)
     return ModelUnavailableError(
         f"cannot load image model {_SETTING}={shown}: {detail}. Set {_SETTING} to a diffusers "

@@ -387,6 +387,7 @@ def _from_pretrained(source: str, device: torch.device) -> tuple[PreTrainedModel
 
 
 def _unavailable(spec: str | None, detail: str) -> ModelUnavailableError:
+    detail = detail.rstrip(". \n")  # the text below adds its own full stop
     shown = "unset (offline SmolLM2 default)" if spec is None else repr(spec)
     return ModelUnavailableError(
         f"cannot load text model {_SETTING}={shown}: {detail}. Set {_SETTING} to a model folder "

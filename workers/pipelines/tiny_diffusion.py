@@ -3,7 +3,7 @@
 When ``MUSESPARK_IMAGE_MODEL`` is unset, MuseSpark still has to answer ``/imagine`` on a machine
 with no network and no GPU. This module builds a real ``diffusers.StableDiffusionPipeline``
 (UNet, VAE, CLIP text encoder, CLIP tokenizer, scheduler) at toy size with random weights from a
-fixed seed. It exercises the same code path as a real model, is about 3 MB on disk and makes a
+fixed seed. It exercises the same code path as a real model, is about 7 MB on disk and makes a
 64x64 image in a fraction of a second on a CPU. Its pictures are coloured noise, not art: the
 folder carries ``musespark-demo.json`` so loaders can tell people so.
 
