@@ -210,7 +210,8 @@ _CONVERT_SCRIPT = textwrap.dedent(
 def text_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     """A cache dir converted by two worker-like processes started at the same moment."""
     cache = tmp_path_factory.mktemp("text-cache")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     procs = [
         subprocess.Popen([sys.executable, "-c", _CONVERT_SCRIPT, str(cache)], cwd=REPO, env=env,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

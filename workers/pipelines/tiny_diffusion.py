@@ -48,7 +48,8 @@ _MAX_TOKENS = 77  # CLIP's usual context; the text encoder's position table has 
 _BOS, _EOS = "<|startoftext|>", "<|endoftext|>"
 # CLIP splits words like this before byte-level BPE; the trainer must see the same pieces.
 _CLIP_SPLIT = (
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
+    r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 )
 
 # A small English corpus of the kind of text people type as image prompts.
