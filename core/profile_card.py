@@ -31,7 +31,8 @@ def summarize(mine: dict[str, taste.Posterior], community: dict[str, taste.Poste
                      "(/settings learning on to change that).")
     for kind, noun in (("image", "pictures"), ("text", "writing")):
         best = _best(kind, mine.get(kind, {}))
-        n = taste.evidence(mine.get(kind, {}))
+        lead = next(iter(taste.CATALOGUE[kind]))  # every reaction counts once per dimension
+        n = taste.evidence({lead: mine.get(kind, {}).get(lead, {})})
         if best:
             parts = ", ".join(f"{dim} {value} ({liked:.0%} liked)"
                               for dim, (value, liked, _) in best.items())

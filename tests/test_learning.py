@@ -279,3 +279,23 @@ def test_upscale_renders_the_same_picture_bigger(chat: SimChat, orchestrator: Or
     text_job, text_message = chat.ask("ann", "/write a poem")
     (refusal,) = chat.press("ann", text_message, f"upscale:{text_job}")
     assert refusal.kind == "error" and "pictures" in refusal.text
+
+
+def test_profile_shows_the_learned_taste_in_words_and_as_a_chart(
+        chat: SimChat, orchestrator: Orchestrator) -> None:
+    from PIL import Image
+
+    from core.events import Actor, MessageReceived
+
+    job_id, message = chat.ask("ann", "/imagine a fox")
+    chat.react("ann", message, "👍")
+    (reply,) = orchestrator.handle(MessageReceived(platform="sim", event_id="profile-1",
+                                                   actor=Actor("ann", "ann"),
+                                                   channel=chat.channel, text="/profile"))
+    style = _style_of(orchestrator, job_id)
+    assert f"style {style} (67% liked)" in reply.text
+    assert "from 1.0 weighted reactions" in reply.text
+    assert "Your writing: nothing learned yet" in reply.text
+    (chart,) = reply.images
+    with Image.open(chart) as image:
+        assert image.format == "PNG" and image.width > 200
