@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, or_, select
 from sqlalchemy.orm import Session
 
 from core import taste
@@ -311,11 +311,23 @@ class TasteService:
     def choose(self, *, user_id: int, community_id: int | None, kind: str, rng: Any,
                learning: bool = True, fixed: dict[str, str] | None = None
                ) -> tuple[taste.Choice, dict[str, Any]]:
-        """Choose the next job's style and parameters; returns the choice and its record."""
-        opted_out = self.opted_out(user_id)
-        person = self.person_of(user_id)
-        own, own_version = ({}, 0) if opted_out else self.profile("person", person, kind)
-        community, community_version = self.profile("community", community_id, kind)
+        """Choose the next job's style and parameters; returns the choice and its record.
+
+        On the request path: one transaction, two queries.
+        """
+        with self.store.session() as s:
+            user = s.get(User, user_id)
+            opted_out = bool(user and user.learning_opt_out)
+            person = user.person if user is not None else user_id
+            wanted = [("person", person)] if not opted_out else []
+            if community_id is not None:
+                wanted.append(("community", community_id))
+            found = {(p.subject, p.subject_id): (dict(p.stats), p.version) for p in s.scalars(
+                select(Profile).where(Profile.kind == kind, or_(*(
+                    (Profile.subject == subject) & (Profile.subject_id == subject_id)
+                    for subject, subject_id in wanted))))} if wanted else {}
+        own, own_version = found.get(("person", person), ({}, 0))
+        community, community_version = found.get(("community", community_id or -1), ({}, 0))
         choice = taste.choose(kind, own, community, rng=rng, learning=learning, fixed=fixed)
         why = choice.why + ("; you opted out of learning, so only your community's taste counts"
                             if opted_out and learning else "")
