@@ -41,8 +41,8 @@ def summarize(mine: dict[str, taste.Posterior], community: dict[str, taste.Poste
             lines.append(f"Your {noun}: nothing learned yet; react with 👍 or 👎 to teach me.")
         group = _best(kind, community.get(kind, {}))
         if group:
-            lead = next(iter(group.items()))
-            lines.append(f"  Here, people like {noun} with {lead[0]} {lead[1][0]}.")
+            group_dim, (group_value, _, _) = next(iter(group.items()))
+            lines.append(f"  Here, people like {noun} with {group_dim} {group_value}.")
     lines.append("Every result has a “why this?” button; /forget feedback erases what I learned.")
     return "\n".join(lines)
 
