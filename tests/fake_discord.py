@@ -15,6 +15,7 @@ It can be told to misbehave the way Discord does:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import re
@@ -22,6 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -418,3 +420,20 @@ def reaction_payload(message_id: str, user_id: str, emoji: dict[str, Any], *, ad
         if guild_id:
             payload["member"] = member_payload(user_id, f"user{user_id[-3:]}")
     return payload
+
+
+@contextlib.contextmanager
+def serving() -> Iterator[FakeDiscord]:
+    """A running fake that discord.py's REST client talks to; discord.py's base URL is put
+    back afterwards (it is a class attribute, shared by every client in the process)."""
+    import discord
+
+    from bots.discord import use_api_url
+
+    saved = discord.http.Route.BASE
+    with FakeDiscord() as server:
+        use_api_url(server.api_url)
+        try:
+            yield server
+        finally:
+            discord.http.Route.BASE = saved

@@ -16,10 +16,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import discord.http
 import pytest
 
-from bots.discord import MuseSparkDiscord, build_intents, invite_url, use_api_url
+from bots.discord import MuseSparkDiscord, build_intents, invite_url
 from bots.discord._setup import REQUIRED_PERMISSIONS
 from bots.runtime import BotRuntime
 from core.settings import Settings
@@ -32,6 +31,7 @@ from tests.fake_discord import (
     interaction_payload,
     reaction_payload,
     slash_payload,
+    serving,
     snowflake,
 )
 
@@ -41,13 +41,8 @@ WAIT_SECONDS = 10.0
 
 @pytest.fixture
 def fake() -> Iterator[FakeDiscord]:
-    saved = discord.http.Route.BASE
-    with FakeDiscord() as server:
-        use_api_url(server.api_url)
-        try:
-            yield server
-        finally:
-            discord.http.Route.BASE = saved
+    with serving() as server:
+        yield server
 
 
 @pytest.fixture

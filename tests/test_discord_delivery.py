@@ -16,11 +16,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import discord.http
 import pytest
 from PIL import Image
 
-from bots.discord import MuseSparkDiscord, use_api_url
+from bots.discord import MuseSparkDiscord
 from core.errors import DeliveryError
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
@@ -31,6 +30,7 @@ from tests.fake_discord import (
     FakeDiscord,
     button_payload,
     slash_payload,
+    serving,
 )
 from tests.test_discord_adapter import OTHER, REQUESTER, until
 from workers.delivery.discord import (
@@ -45,13 +45,8 @@ JOB_SECONDS = 180.0
 
 @pytest.fixture
 def fake() -> Iterator[FakeDiscord]:
-    saved = discord.http.Route.BASE
-    with FakeDiscord() as server:
-        use_api_url(server.api_url)
-        try:
-            yield server
-        finally:
-            discord.http.Route.BASE = saved
+    with serving() as server:
+        yield server
 
 
 def _job_of(edit_content: str) -> str:
