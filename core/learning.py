@@ -38,6 +38,8 @@ from core.store.models import LinkCode, Profile
 __all__ = ["ProfileKey", "TasteService"]
 
 CAP_WINDOW = timedelta(hours=1)
+#: PostgreSQL advisory lock that orders feedback writes against profile rebuilds.
+PROFILE_LOCK_KEY = 0x6D757365  # "muse"
 LINK_CODE_TTL = timedelta(minutes=30)
 
 ProfileKey = tuple[str, int, str]  # (subject, subject_id, kind)
@@ -92,6 +94,17 @@ def _targets(row: FeedbackEvent, job: Job, actor_person: int | None) -> list[Pro
     if job.community_id is not None:
         keys.append(("community", job.community_id, job.kind))
     return keys
+
+
+def _lock_profiles(session: Session) -> None:
+    """Serialise profile writers for the rest of this transaction.
+
+    A rebuild replaces every profile from the log; a reaction recorded meanwhile would update a
+    profile the rebuild then overwrites. SQLite already runs one writer at a time; PostgreSQL
+    needs the advisory lock (released at commit).
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(PROFILE_LOCK_KEY)))
 
 
 def _choice(job: Job) -> dict[str, str]:
@@ -183,6 +196,7 @@ class TasteService:
         """
         at = occurred_at or utcnow()
         with self.store.session() as s:
+            _lock_profiles(s)
             if s.scalar(select(FeedbackEvent.id).where(FeedbackEvent.event_key == event_key)):
                 return None
             if user_id is not None:
@@ -261,6 +275,7 @@ class TasteService:
     def rebuild(self) -> dict[ProfileKey, tuple[taste.Posterior, int]]:
         """Recompute every weight and profile from the feedback log, in insertion order."""
         with self.store.session() as s:
+            _lock_profiles(s)
             jobs: dict[str, Job] = {}
             persons = {u.id: u.person for u in s.scalars(select(User)).all()}
             overrides = {c.id: (c.settings or {}).get("emoji")
