@@ -60,8 +60,21 @@ DELIVERERS: dict[str, Callable[[Settings], TransactionalDeliverer | RemoteDelive
 }
 
 
+_made: dict[str, tuple[Settings, TransactionalDeliverer | RemoteDeliverer]] = {}
+
+
 def get_deliverer(platform: str, settings: Settings) -> TransactionalDeliverer | RemoteDeliverer:
+    """The process's deliverer for ``platform``, made once per settings object.
+
+    Remote deliverers hold HTTP connection pools; one per process keeps them reused (and
+    closed once) instead of opening a client for every progress edit, result and failure.
+    """
+    made = _made.get(platform)
+    if made is not None and made[0] is settings:
+        return made[1]
     factory = DELIVERERS.get(platform)
     if factory is None:
         raise ConfigurationError(f"no deliverer for platform {platform!r}")
-    return factory(settings)
+    deliverer = factory(settings)
+    _made[platform] = (settings, deliverer)
+    return deliverer
