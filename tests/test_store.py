@@ -83,11 +83,14 @@ def test_redrive_finds_unpublished_and_orphaned_jobs_only(store: Store) -> None:
 
 
 def test_feedback_is_recorded_once_per_event(store: Store) -> None:
+    from core.learning import TasteService
+
     job_id = _job(store)
     fields = dict(job_id=job_id, user_id=None, platform="local", chat_id="c", message_id="1",
                   kind="reaction", value="👍", delta=1)
-    assert store.record_feedback(event_key="e1", **fields)
-    assert not store.record_feedback(event_key="e1", **fields)
+    taste = TasteService(store)
+    assert taste.record(event_key="e1", **fields) is not None
+    assert taste.record(event_key="e1", **fields) is None
     assert len(store.feedback_for_job(job_id)) == 1
 
 

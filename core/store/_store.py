@@ -357,15 +357,6 @@ class Store:
                 DeliveredMessage.platform == platform, DeliveredMessage.chat_id == chat_id,
                 DeliveredMessage.message_id == message_id))
 
-    def record_feedback(self, *, event_key: str, **fields: Any) -> bool:
-        """Append one feedback event; False when ``event_key`` was seen already."""
-        try:
-            with self.session() as s:
-                s.add(FeedbackEvent(event_key=event_key, created_at=utcnow(), **fields))
-            return True
-        except IntegrityError:
-            return False
-
     def anonymous_total(self, platform: str, message_id: str, emoji: str) -> int:
         """The anonymous count of ``emoji`` on a message as far as the log knows."""
         with self.session() as s:
