@@ -16,7 +16,7 @@ from typing import Any
 from core.errors import UserInputError
 from core.events import Actor, Channel, ChannelKind, ComponentActivated, MessageReceived, ReactionChanged
 from core.orchestrator import Orchestrator
-from core.outbound import OutboundMessage
+from core.outbound import MessageKind, OutboundMessage
 from core.store import JobState, LocalMessage, Store
 
 __all__ = ["ConsoleChat", "ShownMessage", "PLATFORM"]
@@ -114,8 +114,6 @@ class ConsoleChat:
                                         message_id=target, **change)
             return self.orchestrator.handle(event)
         except UserInputError as exc:
-            from core.outbound import MessageKind
-
             return [OutboundMessage(MessageKind.ERROR, exc.user_message)]
 
     def _job_of(self, message: int) -> str:

@@ -9,6 +9,7 @@ import time
 from typing import Any, TextIO
 
 from bots.console._adapter import ConsoleChat, ShownMessage
+from core.events import Actor
 
 __all__ = ["render", "run_interactive", "run_jsonl"]
 
@@ -104,8 +105,6 @@ def run_jsonl(chat: ConsoleChat, *, stdin: TextIO = sys.stdin, stdout: TextIO = 
         try:
             data = json.loads(line)
             if isinstance(data, dict) and isinstance(data.get("user"), str):
-                from core.events import Actor
-
                 chat.user = Actor(data["user"], data["user"])
             emit(_event_from_json(chat, data))
         except (ValueError, KeyError) as exc:
