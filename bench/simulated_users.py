@@ -2,17 +2,21 @@
 
 Everything but generation is real: the orchestrator, the store (SQLite), the learner, feedback
 weights, caps and profiles. Simulated people live in communities; each has a hidden favourite
-style, aspect and guidance (each follows their community's norm with probability 0.75). Every round each
-person asks for a picture and reacts to it: 👍 when they like it, 👎 when not, wrong 10% of the
-time (noise). One troll per community 💩-reacts to other people's results. A round is an hour
-of simulated time (the per-actor hourly cap is in force).
+style, aspect and guidance (each follows their community's norm with probability 0.75). Every
+round each person asks for a picture and gets the bot's takes (``MUSESPARK_IMAGE_TAKES``, in
+different styles). They like each take with the probability their taste gives, misjudge 10% of
+the time (noise), and make one reaction: 👍 on the take they like best of those they like, or
+👎 on one take when they like none. One troll per community 💩-reacts to other people's
+results. A round is an hour of simulated time (the per-actor hourly cap is in force).
 
-Three bots see the same people: the adaptive bot, the same bot with learning off, and an oracle
-that knows each hidden taste. Acceptance is the probability that the person likes what they
-got, averaged over people. Then newcomers join: their first five requests are measured with
-their community's taste to start from and without (a community with no history).
+Three bots see the same people with the same number of takes: the adaptive bot, the same bot
+with learning off, and an oracle that knows each hidden taste. Acceptance is the probability
+that the person likes the best take they got (the one they keep), averaged over people. The
+whole run is done twice, side by side: with one take per request and with the default takes.
+Then newcomers join: their first five requests are measured with their community's taste to
+start from and without (a community with no history).
 
-    .venv/bin/python bench/simulated_users.py --rounds 30 --seed 1
+    .venv/bin/python bench/simulated_users.py --rounds 30 --repeats 3
 """
 
 from __future__ import annotations
@@ -79,16 +83,17 @@ def make_people(rng: random.Random, communities: int, per_community: int) -> lis
     return people
 
 
-def make_bot(folder: Path, *, learning: bool, seed: int) -> Orchestrator:
+def make_bot(folder: Path, *, learning: bool, seed: int, takes: int) -> Orchestrator:
     store = Store(f"sqlite:///{folder / 'bench.db'}")
     store.upgrade()
-    settings = Settings(_env_file=None, data_dir=folder, learning=learning)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None, data_dir=folder, learning=learning,  # type: ignore[call-arg]
+                        image_takes=takes)
     return Orchestrator(store, RecordingPublisher(), settings, rng=random.Random(seed))
 
 
 def run_bot(bot: Orchestrator, people: list[Person], rounds: int, rng: random.Random,
             trolls: bool) -> dict[str, list[float]]:
-    """Returns, per person, the expected acceptance of each of their results in order."""
+    """Returns, per person, the expected acceptance of each of their requests in order."""
     chats = {c: SimChat(bot, chat_id=c) for c in {p.community for p in people}}
     start = utcnow()
     history: dict[str, list[float]] = {p.name: [] for p in people}
@@ -97,16 +102,22 @@ def run_bot(bot: Orchestrator, people: list[Person], rounds: int, rng: random.Ra
         at = start + timedelta(hours=r)
         for person in people:
             chat = chats[person.community]
-            job_id, message = chat.ask(person.name, "/imagine a lighthouse at dusk", at=at)
-            job = bot.store.get_job(job_id)
-            assert job is not None
-            choice = job.params["taste"]["choice"]
-            p_like = person.likes(choice)
-            history[person.name].append(p_like)
-            liked = rng.random() < p_like
-            if rng.random() < NOISE:
-                liked = not liked
-            chat.react(person.name, message, "👍" if liked else "👎", at=at)
+            takes = []
+            for job_id, message in chat.ask_takes(person.name, "/imagine a lighthouse at dusk",
+                                                  at=at):
+                job = bot.store.get_job(job_id)
+                assert job is not None
+                p_like = person.likes(job.params["taste"]["choice"])
+                liked = (rng.random() < p_like) != (rng.random() < NOISE)
+                takes.append((p_like, liked, message))
+            history[person.name].append(max(p for p, _, _ in takes))
+            kept = [t for t in takes if t[1]]
+            if kept:
+                message = max(kept, key=lambda t: t[0])[2]
+                chat.react(person.name, message, "👍", at=at)
+            else:
+                message = rng.choice(takes)[2]
+                chat.react(person.name, message, "👎", at=at)
             recent[person.community].append(message)
         if trolls:
             for community, chat in chats.items():
@@ -123,14 +134,14 @@ def reactions_to_target(series: list[float], oracle: float) -> int | None:
     return None
 
 
-def run_once(seed: int, rounds: int, communities: int, per_community: int,
+def run_once(seed: int, rounds: int, communities: int, per_community: int, takes: int,
              tmp: Path) -> dict[str, Any]:
     people = make_people(random.Random(seed), communities, per_community)
-    folders = {name: tmp / f"{name}-{seed}" for name in ("adaptive", "off", "alone")}
+    folders = {name: tmp / f"{name}-{seed}-{takes}" for name in ("adaptive", "off", "alone")}
     for folder in folders.values():
         folder.mkdir()
-    adaptive = make_bot(folders["adaptive"], learning=True, seed=seed)
-    learning_off = make_bot(folders["off"], learning=False, seed=seed)
+    adaptive = make_bot(folders["adaptive"], learning=True, seed=seed, takes=takes)
+    learning_off = make_bot(folders["off"], learning=False, seed=seed, takes=takes)
     series = {
         "adaptive": run_bot(adaptive, people, rounds, random.Random(seed + 1), True),
         "off": run_bot(learning_off, people, rounds, random.Random(seed + 1), True),
@@ -140,7 +151,7 @@ def run_once(seed: int, rounds: int, communities: int, per_community: int,
     newcomers = [Person(f"{p.community}-new", p.community, p.style, p.aspect, p.guidance)
                  for p in people[::per_community]]
     with_community = run_bot(adaptive, newcomers, 5, random.Random(seed + 2), False)
-    alone = run_bot(make_bot(folders["alone"], learning=True, seed=seed),
+    alone = run_bot(make_bot(folders["alone"], learning=True, seed=seed, takes=takes),
                     [Person(p.name, p.community + "-empty", p.style, p.aspect, p.guidance)
                      for p in newcomers], 5, random.Random(seed + 2), False)
     tail = max(1, rounds // 3)
@@ -158,37 +169,29 @@ def run_once(seed: int, rounds: int, communities: int, per_community: int,
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--communities", type=int, default=3)
-    parser.add_argument("--people", type=int, default=6, help="per community")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="independent populations")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = [run_once(args.seed + 100 * i, args.rounds, args.communities, args.people,
-                         Path(tmp)) for i in range(args.repeats)]
+def report(runs: list[dict[str, Any]], takes: int, args: argparse.Namespace) -> dict[str, float]:
     oracle = statistics.fmean(r["oracle"] for r in runs)
     n_people = args.communities * args.people
-    print(f"{args.repeats} x {n_people} people in {args.communities} communities, "
-          f"{args.rounds} rounds (one reaction per person per round), noise {NOISE:.0%}, one "
-          f"troll per community; oracle acceptance {oracle:.3f}")
-    print(f"{'round':>5} {'adaptive':>9} {'learn off':>9} {'oracle':>7} {'adaptive/oracle':>16}")
-    for r in range(args.rounds):
-        adapt = statistics.fmean(run["rounds"][r][0] for run in runs)
-        off = statistics.fmean(run["rounds"][r][1] for run in runs)
-        print(f"{r + 1:>5} {adapt:>9.3f} {off:>9.3f} {oracle:>7.3f} {adapt / oracle:>16.2f}")
+    print(f"\n== {takes} take{'s' if takes > 1 else ''} per request: {args.repeats} x {n_people} "
+          f"people in {args.communities} communities, {args.rounds} rounds (one reaction per "
+          f"person per round), noise {NOISE:.0%}, one troll per community; oracle acceptance "
+          f"{oracle:.3f}")
+    if args.verbose:
+        print(f"{'round':>5} {'adaptive':>9} {'learn off':>9} {'oracle':>7} {'adaptive/oracle':>16}")
+        for r in range(args.rounds):
+            adapt = statistics.fmean(run["rounds"][r][0] for run in runs)
+            off = statistics.fmean(run["rounds"][r][1] for run in runs)
+            print(f"{r + 1:>5} {adapt:>9.3f} {off:>9.3f} {oracle:>7.3f} {adapt / oracle:>16.2f}")
     at20 = statistics.fmean(r["at20"] for r in runs)
     tail = statistics.fmean(r["tail"] for r in runs)
     off = statistics.fmean(r["off"] for r in runs)
     reached = [n for r in runs for n in r["reach"] if n is not None]
     within = sum(n <= 20 for n in reached)
-    print(f"\nreactions 16-20: adaptive {at20:.3f} = {at20 / oracle:.0%} of oracle "
+    print(f"reactions 16-20: adaptive {at20:.3f} = {at20 / oracle:.0%} of oracle "
           f"(target >= {TARGET_SHARE_OF_ORACLE:.0%})")
     print(f"last {max(1, args.rounds // 3)} rounds: adaptive {tail:.3f} = {tail / oracle:.0%} of "
           f"oracle, {tail / off:.2f}x learning off ({off:.3f}; target >= 2x)")
-    print(f"reactions until a person's rolling {ROLLING_WINDOW}-result acceptance reaches "
+    print(f"reactions until a person's rolling {ROLLING_WINDOW}-request acceptance reaches "
           f"{TARGET_SHARE_OF_ORACLE:.0%} of their oracle: median "
           f"{statistics.median(reached) if reached else 'never'}; within 20 for "
           f"{within}/{n_people * args.repeats} people")
@@ -196,6 +199,32 @@ def main() -> None:
     alone = statistics.fmean(r["newcomer"][1] for r in runs)
     print(f"newcomers' first 5 requests: {with_c:.3f} with their community's taste, "
           f"{alone:.3f} without ({with_c / alone:.2f}x)")
+    return {"at20": at20 / oracle, "vs_off": tail / off}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--communities", type=int, default=3)
+    parser.add_argument("--people", type=int, default=6, help="per community")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="independent populations")
+    parser.add_argument("--takes", type=int, nargs="+",
+                        default=sorted({1, Settings(_env_file=None).image_takes}),  # type: ignore[call-arg]
+                        help="takes per request to compare (default: 1 and the default setting)")
+    parser.add_argument("--verbose", action="store_true", help="print every round")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for takes in args.takes:
+            runs = [run_once(args.seed + 100 * i, args.rounds, args.communities, args.people,
+                             takes, Path(tmp)) for i in range(args.repeats)]
+            results[takes] = report(runs, takes, args)
+    if len(results) > 1:
+        print("\nside by side (same people, same seeds):")
+        for takes, r in results.items():
+            print(f"  {takes} take{'s' if takes > 1 else ' '}: {r['at20']:.0%} of oracle at reactions "
+                  f"16-20, {r['vs_off']:.2f}x learning off")
 
 
 if __name__ == "__main__":

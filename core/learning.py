@@ -111,6 +111,16 @@ def _choice(job: Job) -> dict[str, str]:
     return dict((job.params.get("taste") or {}).get("choice") or {})
 
 
+def _signal(row: FeedbackEvent, job: Job) -> taste.Signal | None:
+    """The evidence a weighed feedback row adds to profiles (None when it adds nothing)."""
+    choice = _choice(job)
+    if not row.weight or not choice:
+        return None
+    siblings = (job.params.get("takes") or {}).get("siblings") or []
+    return taste.Signal(job.kind, choice, row.weight, retract=row.delta < 0,
+                        contrast=tuple(dict(s) for s in siblings))
+
+
 class TasteService:
     """Records feedback, keeps profiles, and chooses styles and parameters for new jobs."""
 
@@ -226,9 +236,8 @@ class TasteService:
             overrides = self._overrides(s, job.community_id)
             row.weight = _weigh(row, job, requester, actor_person, overrides, used, net)
             s.add(row)
-            choice = _choice(job)
-            if row.weight and choice:
-                signal = taste.Signal(job.kind, choice, row.weight)
+            signal = _signal(row, job)
+            if signal is not None:
                 for key in _targets(row, job, actor_person):
                     self._apply(s, key, signal)
             return row.weight
@@ -295,9 +304,8 @@ class TasteService:
                 row.weight = _weigh(row, job, persons.get(job.user_id, job.user_id), actor_person,
                                     community_overrides, used, net)
                 history.add(row, row.weight)
-                choice = _choice(job)
-                if row.weight and choice:
-                    signal = taste.Signal(job.kind, choice, row.weight)
+                signal = _signal(row, job)
+                if signal is not None:
                     for key in _targets(row, job, actor_person):
                         stats, version = profiles.get(key, ({}, 0))
                         profiles[key] = (taste.apply_signal(stats, signal), version + 1)
@@ -324,9 +332,10 @@ class TasteService:
     # -- choosing -------------------------------------------------------------------------------
 
     def choose(self, *, user_id: int, community_id: int | None, kind: str, rng: Any,
-               learning: bool = True, fixed: dict[str, str] | None = None
-               ) -> tuple[taste.Choice, dict[str, Any]]:
-        """Choose the next job's style and parameters; returns the choice and its record.
+               learning: bool = True, fixed: dict[str, str] | None = None, takes: int = 1
+               ) -> list[tuple[taste.Choice, dict[str, Any]]]:
+        """Choose the next request's style and parameters, one per take (see
+        :func:`core.taste.choose_takes`); returns each choice with the record the job keeps.
 
         On the request path: one transaction, two queries.
         """
@@ -343,9 +352,11 @@ class TasteService:
                     for subject, subject_id in wanted))))} if wanted else {}
         own, own_version = found.get(("person", person), ({}, 0))
         community, community_version = found.get(("community", community_id or -1), ({}, 0))
-        choice = taste.choose(kind, own, community, rng=rng, learning=learning, fixed=fixed)
-        why = choice.why + ("; you opted out of learning, so only your community's taste counts"
-                            if opted_out and learning else "")
-        record = {"choice": choice.values, "why": why, "learned": choice.learned,
-                  "profile_version": {"person": own_version, "community": community_version}}
-        return choice, record
+        choices = taste.choose_takes(kind, own, community, rng=rng, takes=takes,
+                                     learning=learning, fixed=fixed)
+        note = ("; you opted out of learning, so only your community's taste counts"
+                if opted_out and learning else "")
+        versions = {"person": own_version, "community": community_version}
+        return [(choice, {"choice": choice.values, "why": choice.why + note,
+                          "learned": choice.learned, "profile_version": versions})
+                for choice in choices]

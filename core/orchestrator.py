@@ -191,47 +191,64 @@ class Orchestrator:
         if keep_style and parent is not None and parent.params.get("taste"):
             # Rerolls and variations keep what the person is reacting to, but the seed.
             fixed = {**parent.params["taste"]["choice"], **fixed}
-        choice, record = self.taste.choose(user_id=user_id, community_id=community_id, kind=kind,
-                                           rng=self.rng, learning=self.settings.learning,
-                                           fixed=fixed)
-        params: dict[str, Any] = taste.generation_params(kind, choice.values)
-        if kind == "image":
-            params.update(count=intent.options.get("count", 1), steps=self.settings.image_steps,
-                          size=self.settings.image_size)
-        else:
-            params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
-                                                    * params.pop("length_factor")))
-        params["taste"] = record
-        params.update(extra_params or {})
-        if thread:
-            # A reply to a result: the worker gives the model the earlier turns as context.
-            params["thread"] = True
-        expanded = taste.expand_prompt(kind, intent.prompt, choice.values)
+        # A fresh picture request renders takes in different styles, unless the person named a
+        # style or a number of pictures; follow-ups (reroll, more, variations) render one.
+        takes = (self.settings.image_takes if kind == "image" and parent is None
+                 and "style" not in fixed and "count" not in intent.options else 1)
+        chosen = self.taste.choose(user_id=user_id, community_id=community_id, kind=kind,
+                                   rng=self.rng, learning=self.settings.learning, fixed=fixed,
+                                   takes=takes)
         target = DeliveryTarget(
             platform=event.platform, chat_id=event.channel.chat_id,
             thread_id=event.channel.thread_id, reply_to=reply_to,
             interaction_token=getattr(event, "interaction_token", None))
-        job, created = self.store.create_job(
-            idempotency_key=f"{event.platform}:{event.event_id}{key_suffix}",
-            kind=kind, intent=intent.kind.value, user_id=user_id, community_id=community_id,
-            parent_job_id=parent.id if parent else None, prompt=intent.prompt,
-            expanded_prompt=expanded, params=params, seed=seed, platform=event.platform,
-            delivery=target.to_dict())
-        if not created:
-            log.info("duplicate event %s for job %s ignored", event.event_id, job.id)
-            return []
+        jobs: list[Job] = []
+        for index, (choice, record) in enumerate(chosen):
+            params: dict[str, Any] = taste.generation_params(kind, choice.values)
+            if kind == "image":
+                params.update(count=intent.options.get("count", 1),
+                              steps=self.settings.image_steps, size=self.settings.image_size)
+            else:
+                params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
+                                                        * params.pop("length_factor")))
+            params["taste"] = record
+            if len(chosen) > 1:
+                params["takes"] = {"index": index, "of": len(chosen), "siblings": [
+                    other.values for j, (other, _) in enumerate(chosen) if j != index]}
+            params.update(extra_params or {})
+            if thread:
+                # A reply to a result: the worker gives the model the earlier turns as context.
+                params["thread"] = True
+            job, created = self.store.create_job(
+                idempotency_key=f"{event.platform}:{event.event_id}{key_suffix}"
+                                + (f":take{index + 1}" if index else ""),
+                kind=kind, intent=intent.kind.value, user_id=user_id, community_id=community_id,
+                parent_job_id=parent.id if parent else None, prompt=intent.prompt,
+                expanded_prompt=taste.expand_prompt(kind, intent.prompt, choice.values),
+                params=params, seed=seed, platform=event.platform, delivery=target.to_dict())
+            if not created:
+                log.info("duplicate event %s for job %s ignored", event.event_id, job.id)
+                return []
+            jobs.append(job)
         what = "Drawing" if kind == "image" else "Writing"
-        try:
-            self.publisher.publish(job.id, kind, params)
-        except QueueUnavailableError as exc:
-            return [OutboundMessage(MessageKind.STATUS, f"{exc.user_message} (job {job.id})",
-                                    job_id=job.id, reply_to=reply_to)]
-        self.store.mark_published(job.id)
-        ahead = self.store.queue_position(job)
+        for job in jobs:
+            try:
+                self.publisher.publish(job.id, kind, job.params)
+            except QueueUnavailableError as exc:
+                ids = ", ".join(j.id for j in jobs)
+                return [OutboundMessage(MessageKind.STATUS, f"{exc.user_message} (job {ids})",
+                                        job_id=jobs[0].id, reply_to=reply_to)]
+            self.store.mark_published(job.id)
+        ahead = self.store.queue_position(jobs[0])
         queue_note = f", {ahead} ahead of you" if ahead else ""
-        return [OutboundMessage(MessageKind.STATUS,
-                                f"{what}: “{_shorten(intent.prompt)}” (job {job.id}{queue_note})",
-                                job_id=job.id, reply_to=reply_to)]
+        if len(jobs) > 1:
+            styles = " and ".join(j.params["taste"]["choice"]["style"] for j in jobs)
+            text = (f"{what} {len(jobs)} takes, {styles}: “{_shorten(intent.prompt)}” "
+                    f"(jobs {', '.join(j.id for j in jobs)}{queue_note}). React 👍 to the one "
+                    "you like; I learn from your pick.")
+        else:
+            text = f"{what}: “{_shorten(intent.prompt)}” (job {jobs[0].id}{queue_note})"
+        return [OutboundMessage(MessageKind.STATUS, text, job_id=jobs[0].id, reply_to=reply_to)]
 
     # -- feedback -----------------------------------------------------------------------------
 

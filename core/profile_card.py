@@ -31,8 +31,10 @@ def summarize(mine: dict[str, taste.Posterior], community: dict[str, taste.Poste
                      "(/settings learning on to change that).")
     for kind, noun in (("image", "pictures"), ("text", "writing")):
         best = _best(kind, mine.get(kind, {}))
-        lead = next(iter(taste.CATALOGUE[kind]))  # every reaction counts once per dimension
-        n = taste.evidence({lead: mine.get(kind, {}).get(lead, {})})
+        # Every reaction counts once in each dimension; the lead one (style, tone) also holds
+        # the "passed over" evidence of takes, so count in another.
+        counted = next(d for d in taste.CATALOGUE[kind] if d != taste.LEAD_DIMENSION[kind])
+        n = taste.evidence({counted: mine.get(kind, {}).get(counted, {})})
         if best:
             parts = ", ".join(f"{dim} {value} ({liked:.0%} liked)"
                               for dim, (value, liked, _) in best.items())

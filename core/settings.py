@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         description="Learn from reactions. Off: styles and parameters are picked at random "
         "(the baseline the adaptive benchmark compares against).",
     )
+    image_takes: int = Field(
+        default=2, ge=1, le=4,
+        description="Takes a picture request renders, each in another style, so people pick the "
+        "one they like (and the bot learns from the pick). 1: one picture per request.",
+    )
     max_prompt_chars: int = Field(default=2000, ge=10, description="Longest prompt accepted.")
     text_max_new_tokens: int = Field(default=160, ge=8, description="Token budget for /write.")
     image_steps: int | None = Field(

@@ -12,7 +12,9 @@ from datetime import datetime
 
 from core.events import Actor, Channel, ChannelKind, ComponentActivated, MessageReceived, ReactionChanged
 from core.orchestrator import Orchestrator
-from core.store import Artifact, JobState, Store, content_hash, utcnow
+from sqlalchemy import select
+
+from core.store import Artifact, Job, JobState, Store, content_hash, utcnow
 
 _message_ids = itertools.count(1)
 _event_ids = itertools.count(1)
@@ -49,14 +51,26 @@ class SimChat:
         return Channel(self.chat_id, ChannelKind.GROUP, guild_id=self.chat_id)
 
     def ask(self, person: str, text: str, at: datetime | None = None) -> tuple[str, str]:
-        """``person`` asks; returns (job_id, message_id of the delivered result)."""
+        """``person`` asks; returns (job_id, message_id) of the (first take's) result."""
+        return self.ask_takes(person, text, at)[0]
+
+    def ask_takes(self, person: str, text: str,
+                  at: datetime | None = None) -> list[tuple[str, str]]:
+        """``person`` asks; every take of the request is delivered: [(job_id, message_id)]."""
         event = MessageReceived(platform=self.platform, event_id=f"e{next(_event_ids)}",
                                 actor=Actor(person, person), channel=self.channel, text=text,
                                 **({"occurred_at": at} if at else {}))
         replies = self.orchestrator.handle(event)
         assert replies and replies[0].job_id, replies
-        job_id = replies[0].job_id
-        return job_id, deliver(self.orchestrator.store, job_id)
+        first = self.orchestrator.store.get_job(replies[0].job_id)
+        assert first is not None
+        with self.orchestrator.store.session() as s:
+            key = first.idempotency_key
+            jobs = sorted(s.scalars(select(Job).where(
+                (Job.idempotency_key == key) | Job.idempotency_key.like(f"{key}:take%"))),
+                key=lambda job: (job.params.get("takes") or {}).get("index", 0))
+            ids = [job.id for job in jobs]
+        return [(job_id, deliver(self.orchestrator.store, job_id)) for job_id in ids]
 
     def react(self, person: str, message_id: str, emoji: str, *, remove: bool = False,
               at: datetime | None = None, is_bot: bool = False) -> None:

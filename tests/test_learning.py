@@ -104,16 +104,86 @@ def test_a_community_admin_changes_what_an_emoji_means(chat: SimChat,
     assert _weights(orchestrator) == [pytest.approx(taste.REQUESTER_WEIGHT)]
 
 
-def test_removing_a_reaction_undoes_its_signal(chat: SimChat, orchestrator: Orchestrator) -> None:
-    _, message = chat.ask("ann", "/imagine a fox")
-    chat.react("ann", message, "👍")
-    chat.react("bob", message, "🔥")
-    chat.react("ann", message, "👍", remove=True)
-    chat.react("bob", message, "🔥", remove=True)
-    for profile in (_person_profile(orchestrator, "ann"), _person_profile(orchestrator, "bob"),
-                    _community_profile(orchestrator)):
-        net = sum(a - b for vals in profile.values() for a, b in vals.values())
-        assert net == pytest.approx(0.0)
+@pytest.mark.parametrize("emoji", ["👍", "👎"])
+def test_removing_a_reaction_undoes_its_signal(chat: SimChat, orchestrator: Orchestrator,
+                                               emoji: str) -> None:
+    (_, first), (_, second) = chat.ask_takes("ann", "/imagine a fox")
+    chat.react("ann", second, "👎")
+    before = [_person_profile(orchestrator, "ann"), _person_profile(orchestrator, "bob"),
+              _community_profile(orchestrator)]
+    chat.react("ann", first, emoji)
+    chat.react("bob", first, "🔥")
+    assert _person_profile(orchestrator, "ann") != before[0]
+    chat.react("ann", first, emoji, remove=True)
+    chat.react("bob", first, "🔥", remove=True)
+    after = [_person_profile(orchestrator, "ann"), _person_profile(orchestrator, "bob"),
+             _community_profile(orchestrator)]
+    for old, new in zip(before, after, strict=True):
+        # Every count is back where it was: not just the net, the evidence too.
+        for dim, vals in new.items():
+            for val, ab in vals.items():
+                assert ab == pytest.approx(old.get(dim, {}).get(val, [0.0, 0.0]))
+
+
+def test_a_picture_request_renders_takes_in_different_styles(chat: SimChat,
+                                                             orchestrator: Orchestrator) -> None:
+    takes = orchestrator.settings.image_takes
+    assert takes == 2, "the default"
+    jobs = [orchestrator.store.get_job(job_id)
+            for job_id, _ in chat.ask_takes("ann", "/imagine a fox")]
+    choices = [job.params["taste"]["choice"] for job in jobs]  # type: ignore[union-attr]
+    assert len({c["style"] for c in choices}) == takes, "each take has its own style"
+    assert len({(c["guidance"], c["aspect"]) for c in choices}) == 1, "the rest is shared"
+    for index, job in enumerate(jobs):
+        assert job is not None
+        assert job.params["takes"] == {"index": index, "of": takes,
+                                       "siblings": [c for c in choices if c != choices[index]]}
+        assert job.params["taste"]["choice"]["style"] in job.expanded_prompt.replace(" ", "-") or \
+            taste.CATALOGUE["image"]["style"][choices[index]["style"]]["prompt"] in job.expanded_prompt
+    # A named style, a number of pictures, a follow-up: one result, as asked.
+    for text in ("/imagine a fox --style anime", "/imagine a fox --count 2"):
+        assert len(chat.ask_takes("ann", text)) == 1, text
+    replies = chat.press("ann", chat.ask_takes("ann", "/imagine an owl")[0][1],
+                         f"reroll:{jobs[0].id}")  # type: ignore[union-attr]
+    assert len([r for r in replies if r.job_id]) == 1
+    assert "takes" not in orchestrator.store.get_job(replies[0].job_id).params  # type: ignore[union-attr,arg-type]
+
+
+def test_picking_a_take_counts_against_the_other_style(chat: SimChat,
+                                                       orchestrator: Orchestrator) -> None:
+    (first_job, first), (second_job, _) = chat.ask_takes("ann", "/imagine a fox")
+    picked = _style_of(orchestrator, first_job)
+    passed = _style_of(orchestrator, second_job)
+    chat.react("ann", first, "👍")
+    for profile, weight in ((_person_profile(orchestrator, "ann"), taste.REQUESTER_WEIGHT),
+                            (_community_profile(orchestrator), taste.REQUESTER_WEIGHT)):
+        assert profile["style"][picked] == pytest.approx([weight, 0.0])
+        assert profile["style"][passed] == pytest.approx([0.0, weight * taste.PASSED_OVER_WEIGHT])
+        # The shared values are compared with nothing: they get the 👍 alone.
+        guidance = orchestrator.store.get_job(first_job).params["taste"]["choice"]["guidance"]  # type: ignore[union-attr]
+        assert profile["guidance"][guidance] == pytest.approx([weight, 0.0])
+    # A 👎 on a take says nothing about the other one.
+    (third_job, third), (fourth_job, _) = chat.ask_takes("ann", "/imagine a cat")
+    before = _person_profile(orchestrator, "ann")
+    chat.react("ann", third, "👎")
+    after = _person_profile(orchestrator, "ann")
+    other = _style_of(orchestrator, fourth_job)
+    assert other != _style_of(orchestrator, third_job)
+    assert after["style"].get(other) == before["style"].get(other)
+
+
+def test_a_repeated_request_event_makes_no_extra_takes(orchestrator: Orchestrator) -> None:
+    from core.events import Actor, Channel, ChannelKind, MessageReceived
+
+    event = MessageReceived(platform="sim", event_id="same-event", actor=Actor("ann", "ann"),
+                            channel=Channel("g1", ChannelKind.GROUP, guild_id="g1"),
+                            text="/imagine a fox")
+    assert orchestrator.handle(event)
+    assert orchestrator.handle(event) == []
+    with orchestrator.store.session() as s:
+        from core.store import Job
+
+        assert s.query(Job).count() == orchestrator.settings.image_takes
 
 
 def test_the_requester_weighs_more_than_a_bystander_and_bots_not_at_all(

@@ -203,6 +203,10 @@ def _generate_image(job: Job, settings: Settings) -> _Outcome:
                                   content_hash=content_hash(Path(path).read_bytes()),
                                   recipe=recipe, created_at=utcnow()))
     caption = f"“{job.prompt}” · seed {result.seed} · {result.model_name}"
+    takes = job.params.get("takes")
+    if takes:
+        style = (job.params.get("taste") or {}).get("choice", {}).get("style", "")
+        caption = f"Take {takes['index'] + 1} of {takes['of']} · {style} · {caption}"
     if result.is_demo:
         caption += f"\n{DEMO_IMAGE_NOTICE}"
     message = OutboundMessage(MessageKind.RESULT, caption, images=tuple(paths), job_id=job.id,
@@ -214,7 +218,12 @@ GENERATORS = {"text": _generate_text, "image": _generate_image}
 
 
 def _show_progress(job: Job, settings: Settings, text: str) -> None:
-    """Best effort: edit the job's progress message, for platforms that have one."""
+    """Best effort: edit the job's progress message, for platforms that have one.
+
+    The takes of one request share one progress message: the first take reports on it.
+    """
+    if (job.params.get("takes") or {}).get("index"):
+        return
     deliverer = get_deliverer(job.platform, settings)
     progress = getattr(deliverer, "progress", None)
     if progress is None:
