@@ -65,12 +65,15 @@ def test_run_answers_write_and_imagine_through_its_own_worker(tmp_path: Path,
     assert result.returncode == 0, result.stdout + result.stderr
     out = [json.loads(line) for line in result.stdout.splitlines()]
     results = [m for m in out if m["kind"] == "result"]
-    assert len(results) == 2, out
+    assert len(results) == 3, out  # the text, and the picture in two takes
     text_result = next(m for m in results if not m["images"])
-    image_result = next(m for m in results if m["images"])
     assert "SmolLM2-135M-Instruct" in text_result["text"]
-    assert all(Path(p).is_file() and p.endswith(".png") for p in image_result["images"])
-    assert str(tmp_path / "data" / "artifacts") in image_result["images"][0]
+    takes = sorted((m for m in results if m["images"]), key=lambda m: m["text"])
+    assert [m["text"][:12] for m in takes] == ["Take 1 of 2 ", "Take 2 of 2 "], takes
+    assert takes[0]["text"].split(" · ")[1] != takes[1]["text"].split(" · ")[1], "same style"
+    for image_result in takes:
+        assert all(Path(p).is_file() and p.endswith(".png") for p in image_result["images"])
+        assert str(tmp_path / "data" / "artifacts") in image_result["images"][0]
     errors = [m["text"] for m in out if m["kind"] == "error"]
     assert any("/nope" in e for e in errors) and any("Bad input line" in e for e in errors)
     log = (tmp_path / "data" / "logs" / "worker-1.log").read_text()

@@ -10,6 +10,7 @@ worker here: results are the subject of tests/test_discord_delivery.py).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -199,7 +200,7 @@ async def _make_job(fake: FakeDiscord, client: MuseSparkDiscord, prompt: str = "
     payload = slash_payload(fake, "imagine", {"prompt": prompt}, user_id=REQUESTER)
     client._connection.parse_interaction_create(payload)
     edit = (await until(lambda: [c for c in _token_calls(fake, payload) if c.method == "PATCH"]))[0]
-    return str(edit.json["content"].split("(job ")[1].split(")")[0].split(",")[0])
+    return str(re.search(r"\(jobs? ([0-9a-f]+)", edit.json["content"]).group(1))  # type: ignore[union-attr]
 
 
 def test_delete_is_refused_to_others_and_done_for_the_requester(

@@ -9,6 +9,7 @@ limits that a worker cannot be made to hit on demand (file size, refusals).
 from __future__ import annotations
 
 import asyncio
+import re
 import io
 import json
 import time
@@ -50,7 +51,9 @@ def fake() -> Iterator[FakeDiscord]:
 
 
 def _job_of(edit_content: str) -> str:
-    return edit_content.split("(job ")[1].split(")")[0].split(",")[0]
+    found = re.search(r"\(jobs? ([0-9a-f]+)", edit_content)
+    assert found, edit_content
+    return found.group(1)
 
 
 async def _slash(fake: FakeDiscord, client: MuseSparkDiscord, options: dict[str, Any],
@@ -179,7 +182,9 @@ def test_images_go_as_attachments_and_long_captions_are_split(make_stack,
 
             # Over-long text is split at 2000 characters: a long prompt makes a long caption.
             long_prompt = " ".join(["lighthouse"] * 180)  # 1979 characters
-            payload, long_id = await _slash(fake, client, {"prompt": long_prompt})
+            # (A named style: one take, so the parts below are all this picture's.)
+            payload, long_id = await _slash(fake, client, {"prompt": long_prompt,
+                                                           "style": "anime"})
             await _wait_job(stack, long_id)
             parts = _followups(fake, payload["token"])
             assert len(parts) == 2 and all(len(p.json["content"]) <= MESSAGE_MAX_CHARS
