@@ -332,8 +332,8 @@ class TasteService:
     # -- choosing -------------------------------------------------------------------------------
 
     def choose(self, *, user_id: int, community_id: int | None, kind: str, rng: Any,
-               learning: bool = True, fixed: dict[str, str] | None = None, takes: int = 1
-               ) -> list[tuple[taste.Choice, dict[str, Any]]]:
+               learning: bool = True, fixed: dict[str, str] | None = None, takes: int = 1,
+               variation: bool = False) -> list[tuple[taste.Choice, dict[str, Any]]]:
         """Choose the next request's style and parameters, one per take (see
         :func:`core.taste.choose_takes`); returns each choice with the record the job keeps.
 
@@ -353,7 +353,7 @@ class TasteService:
         own, own_version = found.get(("person", person), ({}, 0))
         community, community_version = found.get(("community", community_id or -1), ({}, 0))
         choices = taste.choose_takes(kind, own, community, rng=rng, takes=takes,
-                                     learning=learning, fixed=fixed)
+                                     learning=learning, fixed=fixed, variation=variation)
         note = ("; you opted out of learning, so only your community's taste counts"
                 if opted_out and learning else "")
         versions = {"person": own_version, "community": community_version}

@@ -182,7 +182,8 @@ class Orchestrator:
     def _submit(self, event: Event, intent: Intent, *, reply_to: str | None,
                 parent: Job | None = None, key_suffix: str = "",
                 keep_style: bool = False, thread: bool = False,
-                extra_params: dict[str, Any] | None = None) -> list[OutboundMessage]:
+                extra_params: dict[str, Any] | None = None,
+                variation: bool = False) -> list[OutboundMessage]:
         user_id = self.store.ensure_user(event.platform, event.actor)
         community_id = self.store.ensure_community(event.platform, event.channel)
         kind = "image" if intent.kind is IntentKind.IMAGINE else "text"
@@ -191,13 +192,15 @@ class Orchestrator:
         if keep_style and parent is not None and parent.params.get("taste"):
             # Rerolls and variations keep what the person is reacting to, but the seed.
             fixed = {**parent.params["taste"]["choice"], **fixed}
+            if variation:  # how far to vary is chosen (and learned) afresh for each variation
+                fixed = {d: v for d, v in fixed.items() if d not in taste.VARIATION_ONLY}
         # A fresh picture request renders takes in different styles, unless the person named a
         # style or a number of pictures; follow-ups (reroll, more, variations) render one.
         takes = (self.settings.image_takes if kind == "image" and parent is None
                  and "style" not in fixed and "count" not in intent.options else 1)
         chosen = self.taste.choose(user_id=user_id, community_id=community_id, kind=kind,
                                    rng=self.rng, learning=self.settings.learning, fixed=fixed,
-                                   takes=takes)
+                                   takes=takes, variation=variation)
         target = DeliveryTarget(
             platform=event.platform, chat_id=event.channel.chat_id,
             thread_id=event.channel.thread_id, reply_to=reply_to,
@@ -321,10 +324,15 @@ class Orchestrator:
         kind = IntentKind.IMAGINE if job.kind == "image" else IntentKind.WRITE
         options: dict[str, Any] = {"count": job.params.get("count", 1)} if job.kind == "image" else {}
         extra: dict[str, Any] = {}
-        if _VARIATION.fullmatch(action):
-            # A variation keeps the prompt and moves the seed by a fixed, reproducible step.
+        variation = bool(_VARIATION.fullmatch(action))
+        if variation:
+            # Variation N redraws picture N of the result (image to image, at the strength the
+            # taste chooses) with a seed moved by a fixed, reproducible step; for text it is a
+            # new draw in the same style.
             options["seed"] = (job.seed + int(action[4:]) * VARIATION_SEED_STEP) % 2**SEED_BITS
             options["count"] = 1
+            if job.kind == "image":
+                extra["vary_from"] = {"job_id": job.id, "position": int(action[4:]) - 1}
         elif action == "upscale":
             if job.kind != "image":
                 return [_error("Only pictures can be upscaled.", ephemeral=True)]
@@ -333,7 +341,7 @@ class Orchestrator:
         # "more like this", variations and upscales keep the style; a reroll chooses again.
         return self._submit(event, Intent(kind, job.prompt, options), reply_to=event.message_id,
                             parent=job, key_suffix=f":{action}", keep_style=action != "reroll",
-                            extra_params=extra)
+                            extra_params=extra, variation=variation and job.kind == "image")
 
 
 def _fixed_choices(kind: str, options: dict[str, Any]) -> dict[str, str]:

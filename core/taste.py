@@ -79,6 +79,13 @@ CATALOGUE: dict[str, dict[str, dict[str, Any]]] = {
                      "strict": {"scale": 1.4}},
         "aspect": {"square": {"ratio": (1, 1)}, "portrait": {"ratio": (3, 4)},
                    "landscape": {"ratio": (4, 3)}},
+        # Times the model family's usual number of denoising steps.
+        "steps": {"quick": {"factor": 0.5}, "usual": {"factor": 1.0},
+                  "detailed": {"factor": 1.5}},
+        # How far a variation (V1, V2) moves from its picture: image-to-image strength.
+        # Chosen, and learned, only for variations (see VARIATION_ONLY).
+        "variation": {"subtle": {"strength": 0.35}, "medium": {"strength": 0.6},
+                      "bold": {"strength": 0.85}},
     },
     "text": {
         "tone": {
@@ -117,6 +124,8 @@ EXPLORATION = 2.0
 #: A positive signal on one take counts this much (times its weight) against each other take's
 #: differing values: "this one rather than that one".
 PASSED_OVER_WEIGHT = 0.5
+#: Dimensions that only mean something for variations: other jobs neither choose nor learn them.
+VARIATION_ONLY = frozenset({"variation"})
 #: The dimension whose value differs between the takes of one request.
 LEAD_DIMENSION = {"image": "style", "text": "tone"}
 
@@ -214,21 +223,29 @@ class Choice:
     expected: dict[str, float] = field(default_factory=dict)
 
 
+def _dimensions(kind: str, variation: bool) -> dict[str, dict[str, dict[str, Any]]]:
+    return {dim: vals for dim, vals in CATALOGUE[kind].items()
+            if variation or dim not in VARIATION_ONLY}
+
+
 def choose(kind: str, own: Posterior | None, community: Posterior | None, *, rng: random.Random,
-           learning: bool = True, fixed: Mapping[str, str] | None = None) -> Choice:
+           learning: bool = True, fixed: Mapping[str, str] | None = None,
+           variation: bool = False) -> Choice:
     """Pick one value per dimension by Thompson sampling (or uniformly when learning is off).
 
-    ``fixed`` values (e.g. a style the person asked for) are kept as they are.
+    ``fixed`` values (e.g. a style the person asked for) are kept as they are. The
+    :data:`VARIATION_ONLY` dimensions are chosen only when ``variation`` is true.
     """
-    fixed = dict(fixed or {})
+    fixed = {d: v for d, v in (fixed or {}).items() if variation or d not in VARIATION_ONLY}
+    dimensions = _dimensions(kind, variation)
     if not learning:
         values = {dim: fixed.get(dim) or rng.choice(sorted(vals))
-                  for dim, vals in CATALOGUE[kind].items()}
+                  for dim, vals in dimensions.items()}
         return Choice(values, "learning is off, so I picked at random", learned=False)
     prior = _shrunk(community or {}, COMMUNITY_PRIOR_WEIGHT)
     stats = _merged(own or {}, prior)
     values, expected = {}, {}
-    for dim, vals in CATALOGUE[kind].items():
+    for dim, vals in dimensions.items():
         if dim in fixed and fixed[dim] in vals:
             values[dim] = fixed[dim]
             continue
@@ -249,14 +266,15 @@ def choose(kind: str, own: Posterior | None, community: Posterior | None, *, rng
 
 def choose_takes(kind: str, own: Posterior | None, community: Posterior | None, *,
                  rng: random.Random, takes: int, learning: bool = True,
-                 fixed: Mapping[str, str] | None = None) -> list[Choice]:
+                 fixed: Mapping[str, str] | None = None, variation: bool = False) -> list[Choice]:
     """``takes`` choices for one request that differ in the lead dimension (style, tone).
 
     The first is an ordinary Thompson draw. Each further take keeps the first one's other values
     and takes the lead value of the best further draw that is not yet among the takes (top-two
     Thompson sampling); if draws keep repeating, the best untried value by posterior mean.
     """
-    first = choose(kind, own, community, rng=rng, learning=learning, fixed=fixed)
+    first = choose(kind, own, community, rng=rng, learning=learning, fixed=fixed,
+                   variation=variation)
     lead = LEAD_DIMENSION[kind]
     values = sorted(CATALOGUE[kind][lead])
     out = [first]
@@ -312,8 +330,14 @@ def generation_params(kind: str, values: Mapping[str, str]) -> dict[str, Any]:
     """The numeric generation parameters a choice stands for (recorded with the job)."""
     dims = CATALOGUE[kind]
     if kind == "image":
-        return {"style": values["style"], "guidance_factor": dims["guidance"][values["guidance"]]["scale"],
-                "aspect": values["aspect"], "aspect_ratio": list(dims["aspect"][values["aspect"]]["ratio"])}
+        params = {"style": values["style"],
+                  "guidance_factor": dims["guidance"][values["guidance"]]["scale"],
+                  "aspect": values["aspect"],
+                  "aspect_ratio": list(dims["aspect"][values["aspect"]]["ratio"]),
+                  "steps_factor": dims["steps"][values.get("steps", "usual")]["factor"]}
+        if "variation" in values:
+            params["variation_strength"] = dims["variation"][values["variation"]]["strength"]
+        return params
     return {"tone": values["tone"], "form": values["form"], "length": values["length"],
             "length_factor": dims["length"][values["length"]]["tokens"]}
 

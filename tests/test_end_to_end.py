@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from bots.console import ShownMessage
+from core import taste
 from tests._stack import Stack, free_port
 
 RESULT_TIMEOUT_SECONDS = 180
@@ -83,6 +84,27 @@ def test_the_bigger_button_renders_the_same_picture_at_twice_the_side(stack: Sta
     with Image.open(first.images[0]) as small, Image.open(bigger.images[0]) as large:
         assert large.width == 2 * small.width and large.height == 2 * small.height
         assert json.loads(large.text["musespark"])["seed"] == 11  # type: ignore[attr-defined]
+
+
+def test_a_variation_redraws_that_picture_at_the_strength_the_taste_chose(stack: Stack) -> None:
+    chat = stack.chat()
+    job_id = _status_job(chat.say("/imagine a red fox --seed 11 --count 2"))
+    shown = chat.wait(lambda ms: bool(_results(ms, job_id)), timeout=RESULT_TIMEOUT_SECONDS)
+    (first,) = _results(shown, job_id)
+    assert "variation" not in stack.job(job_id).params["taste"]["choice"]
+    varied_job = _status_job(chat.say(f"/press {first.id} vary2"))
+    shown = chat.wait(lambda ms: bool(_results(ms, varied_job)), timeout=RESULT_TIMEOUT_SECONDS)
+    (varied,) = _results(shown, varied_job)
+    job = stack.job(varied_job)
+    choice = job.params["taste"]["choice"]
+    parent_choice = stack.job(job_id).params["taste"]["choice"]
+    assert {d: choice[d] for d in parent_choice} == parent_choice, "the style is kept"
+    strength = taste.CATALOGUE["image"]["variation"][choice["variation"]]["strength"]
+    with Image.open(varied.images[0]) as picture:
+        recipe = json.loads(picture.text["musespark"])  # type: ignore[attr-defined]
+    assert recipe["variation_of"]["job_id"] == job_id and recipe["variation_of"]["position"] == 1
+    assert recipe["variation_of"]["path"] == first.images[1]
+    assert recipe["variation_of"]["strength"] == strength
 
 
 @pytest.mark.parametrize(

@@ -385,3 +385,26 @@ def test_profile_shows_the_learned_taste_in_words_and_as_a_chart(
     (chart,) = reply.images
     with Image.open(chart) as image:
         assert image.format == "PNG" and image.width > 200
+
+
+def test_variation_strength_is_chosen_and_learned_only_for_variations(
+        chat: SimChat, orchestrator: Orchestrator) -> None:
+    from tests._sim import deliver
+
+    job_id, message = chat.ask("ann", "/imagine a fox --style anime")
+    job = orchestrator.store.get_job(job_id)
+    assert job is not None and "variation" not in job.params["taste"]["choice"]
+    factor = taste.CATALOGUE["image"]["steps"][job.params["taste"]["choice"]["steps"]]["factor"]
+    assert job.params["steps_factor"] == factor
+    chat.react("ann", message, "👍")
+    assert "variation" not in _person_profile(orchestrator, "ann")
+
+    replies = chat.press("ann", message, f"vary1:{job_id}")
+    varied = orchestrator.store.get_job(replies[0].job_id)
+    assert varied is not None
+    chosen = varied.params["taste"]["choice"]["variation"]
+    assert varied.params["variation_strength"] == \
+        taste.CATALOGUE["image"]["variation"][chosen]["strength"]
+    assert varied.params["vary_from"] == {"job_id": job_id, "position": 0}
+    chat.react("ann", deliver(orchestrator.store, varied.id), "👎")
+    assert _person_profile(orchestrator, "ann")["variation"] == {chosen: [0.0, 1.0]}

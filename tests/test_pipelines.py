@@ -143,6 +143,24 @@ def test_sizes_are_rounded_to_what_the_model_accepts(
         tiny.generate("x", n=0, seed=1)
 
 
+def test_a_variation_redraws_the_picture_further_the_stronger_it_is(
+    tiny: image_diffusion.DiffusionGenerator,
+) -> None:
+    source = tiny.generate("a lighthouse at dusk", n=1, seed=5, width=88, height=48).images[0]
+    subtle = tiny.vary("a lighthouse at dusk", source, strength=0.35, seed=6, steps=4)
+    bold = tiny.vary("a lighthouse at dusk", source, strength=0.85, seed=6, steps=4)
+    for result in (subtle, bold):
+        assert result.images[0].size == source.size == (result.width, result.height)
+        assert result.is_demo and result.seed == 6
+    moved = [float(np.abs(pixels(r.images[0]) - pixels(source)).mean()) for r in (subtle, bold)]
+    assert 0 < moved[0] < moved[1], moved
+    # One step at strength 0.35 would denoise nothing; the steps are raised to make one.
+    assert tiny.vary("x", source, strength=0.35, seed=1, steps=1).steps == 3
+    for strength in (0.0, 1.5):
+        with pytest.raises(ValueError):
+            tiny.vary("x", source, strength=strength, seed=1)
+
+
 def test_default_spec_builds_the_demo_under_models_dir(tmp_path: Path) -> None:
     generator = get_image_generator(None, tmp_path, "cpu")
     assert generator.is_demo and (tmp_path / "tiny-demo" / DEMO_MARKER).is_file()

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import select
 
 from core.errors import DeliveryError, ModelUnavailableError, MuseSparkError
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
@@ -175,16 +177,24 @@ def _generate_text(job: Job, settings: Settings, *, thread: list[str] | None = N
     return _Outcome(result.model_name, [message], [artifact])
 
 
-def _generate_image(job: Job, settings: Settings) -> _Outcome:
+def _generate_image(job: Job, settings: Settings, *, source: Path | None = None) -> _Outcome:
     from workers.pipelines.image_diffusion import get_image_generator, save_png
 
     generator = get_image_generator(settings.image_model, settings.models_dir, settings.device)
     side = (job.params.get("size") or generator.default_size) * float(job.params.get("scale", 1))
     width, height = _dimensions(round(side), job.params.get("aspect_ratio") or (1, 1))
     guidance = generator.default_guidance * float(job.params.get("guidance_factor", 1.0))
-    result = generator.generate(job.expanded_prompt, n=int(job.params.get("count", 1)),
-                                seed=job.seed, steps=job.params.get("steps"),
-                                guidance=guidance, width=width, height=height)
+    steps = max(1, round((job.params.get("steps") or generator.default_steps)
+                         * float(job.params.get("steps_factor", 1.0))))
+    if source is not None:
+        with PIL.Image.open(source) as picture:
+            result = generator.vary(job.expanded_prompt, picture, seed=job.seed, steps=steps,
+                                    strength=float(job.params.get("variation_strength", 0.6)),
+                                    guidance=guidance)
+    else:
+        result = generator.generate(job.expanded_prompt, n=int(job.params.get("count", 1)),
+                                    seed=job.seed, steps=steps,
+                                    guidance=guidance, width=width, height=height)
     folder = settings.artifacts_dir / job.id
     folder.mkdir(parents=True, exist_ok=True)
     artifacts, paths = [], []
@@ -197,6 +207,9 @@ def _generate_image(job: Job, settings: Settings) -> _Outcome:
                        "width": result.width, "height": result.height,
                        "count": len(result.images)},
         }
+        if source is not None:
+            recipe["variation_of"] = {**job.params["vary_from"], "path": str(source),
+                                      "strength": job.params.get("variation_strength")}
         path = save_png(image, folder / f"{position + 1}.png", recipe)
         paths.append(str(path))
         artifacts.append(Artifact(job_id=job.id, kind="image", position=position, path=str(path),
@@ -214,7 +227,18 @@ def _generate_image(job: Job, settings: Settings) -> _Outcome:
     return _Outcome(result.model_name, [message], artifacts)
 
 
-GENERATORS = {"text": _generate_text, "image": _generate_image}
+def _variation_source(store: Store, job: Job) -> Path | None:
+    """The picture a variation redraws: the parent's image at that position (or its last)."""
+    wanted = job.params.get("vary_from")
+    if not wanted:
+        return None
+    with store.session() as s:
+        images = [a.path for a in s.scalars(select(Artifact).where(
+            Artifact.job_id == wanted["job_id"]).order_by(Artifact.position)) if a.path]
+    if not images:
+        return None  # the parent's files are gone: a fresh draw of the same prompt and style
+    path = Path(images[min(int(wanted.get("position", 0)), len(images) - 1)])
+    return path if path.is_file() else None
 
 
 def _show_progress(job: Job, settings: Settings, text: str) -> None:
@@ -344,7 +368,7 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
                 thread, history = _thread_history(store, job)
                 outcome = _generate_text(job, settings, thread=thread, history=history)
             else:
-                outcome = GENERATORS[job.kind](job, settings)
+                outcome = _generate_image(job, settings, source=_variation_source(store, job))
     except ModelUnavailableError as exc:
         log.error("job %s: model unavailable: %s", job_id, exc)
         return _fail(store, claim, job, exc.user_message, settings)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 import threading
@@ -35,7 +36,7 @@ from typing import Any
 import PIL.Image
 import PIL.PngImagePlugin
 import torch
-from diffusers import AutoPipelineForText2Image, DiffusionPipeline
+from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
 
 from core.errors import ModelUnavailableError
 from workers.pipelines.tiny_diffusion import build_tiny_pipeline, is_demo_pipeline
@@ -182,6 +183,7 @@ class DiffusionGenerator:
         self.default_guidance = self.defaults.guidance
         self.default_size = self.defaults.size or self.native_size
         self._lock = threading.Lock()
+        self._img2img: DiffusionPipeline | None = None
 
     def __repr__(self) -> str:
         return (
@@ -263,6 +265,56 @@ class DiffusionGenerator:
             is_demo=self.is_demo,
             seconds=seconds,
         )
+
+    def vary(
+        self,
+        prompt: str,
+        image: PIL.Image.Image,
+        *,
+        strength: float,
+        seed: int,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+    ) -> ImageResult:
+        """Redraw ``image`` for ``prompt`` (image to image), moving ``strength`` of the way.
+
+        The image-to-image pipeline shares this pipeline's weights (``from_pipe``), so it costs
+        no memory. It denoises ``int(steps * strength)`` steps, so ``steps`` is raised to make
+        that at least one (turbo models run a single step by default).
+
+        Raises:
+            ValueError: ``strength`` outside (0, 1], or ``steps`` below 1.
+        """
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        steps = self.default_steps if steps is None else steps
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        steps = max(steps, math.ceil(1.0 / strength))
+        guidance = self.default_guidance if guidance is None else guidance
+        width, height = self._round_size(image.width), self._round_size(image.height)
+        source = image.convert("RGB").resize((width, height))
+        gen_device = "cpu" if self.device.type == "mps" else self.device
+        with self._lock:
+            if self._img2img is None:
+                self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
+            start = time.perf_counter()
+            with torch.inference_mode():
+                output = self._img2img(
+                    prompt=prompt,
+                    image=source,
+                    strength=strength,
+                    negative_prompt=negative_prompt if guidance > 1.0 else None,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    generator=torch.Generator(gen_device).manual_seed(seed),
+                    output_type="pil",
+                )
+            seconds = time.perf_counter() - start
+        return ImageResult(images=[output.images[0].convert("RGB")], seed=seed, steps=steps,
+                           guidance=float(guidance), width=width, height=height,
+                           model_name=self.model_name, is_demo=self.is_demo, seconds=seconds)
 
     def _round_size(self, pixels: int) -> int:
         m = self.size_multiple
