@@ -227,44 +227,12 @@ class DiffusionGenerator:
         """
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
-        steps = self.default_steps if steps is None else steps
-        guidance = self.default_guidance if guidance is None else guidance
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
-        if guidance < 0:
-            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        steps, guidance = self._checked(steps, guidance)
         width = self._round_size(self.default_size if width is None else width)
         height = self._round_size(self.default_size if height is None else height)
-        # mps generators are unreliable; diffusers draws on cpu and moves the noise over.
-        gen_device = "cpu" if self.device.type == "mps" else self.device
-        generators = [torch.Generator(gen_device).manual_seed(seed + i) for i in range(n)]
-        with self._lock:
-            start = time.perf_counter()
-            with torch.inference_mode():
-                output = self.pipe(
-                    prompt=prompt,
-                    negative_prompt=negative_prompt if guidance > 1.0 else None,
-                    num_inference_steps=steps,
-                    guidance_scale=guidance,
-                    width=width,
-                    height=height,
-                    num_images_per_prompt=n,
-                    generator=generators,
-                    output_type="pil",
-                )
-            seconds = time.perf_counter() - start
-        images = [image.convert("RGB") for image in output.images]
-        return ImageResult(
-            images=images,
-            seed=seed,
-            steps=steps,
-            guidance=float(guidance),
-            width=width,
-            height=height,
-            model_name=self.model_name,
-            is_demo=self.is_demo,
-            seconds=seconds,
-        )
+        return self._run(self.pipe, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                         n=n, steps=steps, guidance=guidance, width=width, height=height,
+                         inputs={"width": width, "height": height, "num_images_per_prompt": n})
 
     def vary(
         self,
@@ -288,33 +256,58 @@ class DiffusionGenerator:
         """
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
-        steps = self.default_steps if steps is None else steps
-        if steps < 1:
-            raise ValueError(f"steps must be at least 1, got {steps}")
+        steps, guidance = self._checked(steps, guidance)
         steps = max(steps, math.ceil(1.0 / strength))
-        guidance = self.default_guidance if guidance is None else guidance
         width, height = self._round_size(image.width), self._round_size(image.height)
-        source = image.convert("RGB").resize((width, height))
-        gen_device = "cpu" if self.device.type == "mps" else self.device
         with self._lock:
             if self._img2img is None:
                 self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
+        return self._run(self._img2img, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
+                         n=1, steps=steps, guidance=guidance, width=width, height=height,
+                         inputs={"image": image.convert("RGB").resize((width, height)),
+                                 "strength": strength})
+
+    def _checked(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
+        """Steps and guidance with the family's defaults for ``None``, validated."""
+        steps = self.default_steps if steps is None else steps
+        guidance = self.default_guidance if guidance is None else guidance
+        if steps < 1:
+            raise ValueError(f"steps must be at least 1, got {steps}")
+        if guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        return steps, float(guidance)
+
+    def _run(self, pipe: DiffusionPipeline, *, prompt: str, negative_prompt: str | None,
+             seed: int, n: int, steps: int, guidance: float, width: int, height: int,
+             inputs: dict[str, Any]) -> ImageResult:
+        """One pipeline call (``inputs`` are the call's own arguments), timed, under the lock."""
+        # mps generators are unreliable; diffusers draws on cpu and moves the noise over.
+        gen_device = "cpu" if self.device.type == "mps" else self.device
+        generators = [torch.Generator(gen_device).manual_seed(seed + i) for i in range(n)]
+        with self._lock:
             start = time.perf_counter()
             with torch.inference_mode():
-                output = self._img2img(
+                output = pipe(
                     prompt=prompt,
-                    image=source,
-                    strength=strength,
                     negative_prompt=negative_prompt if guidance > 1.0 else None,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
-                    generator=torch.Generator(gen_device).manual_seed(seed),
+                    generator=generators,
                     output_type="pil",
+                    **inputs,
                 )
             seconds = time.perf_counter() - start
-        return ImageResult(images=[output.images[0].convert("RGB")], seed=seed, steps=steps,
-                           guidance=float(guidance), width=width, height=height,
-                           model_name=self.model_name, is_demo=self.is_demo, seconds=seconds)
+        return ImageResult(
+            images=[image.convert("RGB") for image in output.images],
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            width=width,
+            height=height,
+            model_name=self.model_name,
+            is_demo=self.is_demo,
+            seconds=seconds,
+        )
 
     def _round_size(self, pixels: int) -> int:
         m = self.size_multiple
