@@ -242,23 +242,14 @@ def choose(kind: str, own: Posterior | None, community: Posterior | None, *, rng
         values = {dim: fixed.get(dim) or rng.choice(sorted(vals))
                   for dim, vals in dimensions.items()}
         return Choice(values, "learning is off, so I picked at random", learned=False)
-    prior = _shrunk(community or {}, COMMUNITY_PRIOR_WEIGHT)
-    stats = _merged(own or {}, prior)
+    stats = _posterior(own, community)
     values, expected = {}, {}
     for dim, vals in dimensions.items():
         if dim in fixed and fixed[dim] in vals:
             values[dim] = fixed[dim]
             continue
-        best, best_draw = None, -1.0
-        for val in sorted(vals):
-            a, b = stats.get(dim, {}).get(val, [0.0, 0.0])
-            draw = rng.betavariate(1.0 + a * EXPLORATION, 1.0 + b * EXPLORATION)
-            if draw > best_draw:
-                best, best_draw = val, draw
-        assert best is not None
-        values[dim] = best
-        a, b = stats.get(dim, {}).get(best, [0.0, 0.0])
-        expected[dim] = (1.0 + a) / (2.0 + a + b)
+        values[dim] = _thompson(stats, dim, vals, rng)
+        expected[dim] = _liked(stats, dim, values[dim])
     own_n = sum(a + b for vals in (own or {}).values() for a, b in vals.values())
     community_n = sum(a + b for vals in (community or {}).values() for a, b in vals.values())
     return Choice(values, _why(kind, values, stats, own_n, community_n, fixed), True, expected)
@@ -280,19 +271,16 @@ def choose_takes(kind: str, own: Posterior | None, community: Posterior | None, 
     out = [first]
     if fixed and lead in fixed:
         return out  # the person named the style: one take of it
+    stats = _posterior(own, community)
     for _ in range(min(takes, len(values)) - 1):
         used = {c.values[lead] for c in out}
-        pick = None
-        for _attempt in range(20):
-            draw = choose(kind, own, community, rng=rng, learning=learning)
-            if draw.values[lead] not in used:
-                pick = draw.values[lead]
-                break
-        if pick is None:
-            stats = _merged(own or {}, _shrunk(community or {}, COMMUNITY_PRIOR_WEIGHT))
-            pick = max((v for v in values if v not in used),
-                       key=lambda v: (1.0 + stats.get(lead, {}).get(v, [0.0, 0.0])[0])
-                       / (2.0 + sum(stats.get(lead, {}).get(v, [0.0, 0.0]))))
+        unused = [v for v in values if v not in used]
+        if not learning:
+            pick = rng.choice(unused)
+        else:
+            draws = (_thompson(stats, lead, values, rng) for _attempt in range(20))
+            pick = next((v for v in draws if v not in used), None) or max(
+                unused, key=lambda v: _liked(stats, lead, v))
         take = {**first.values, lead: pick}
         why = (f"{lead} {pick}: take {len(out) + 1} of {takes}, another {lead} beside "
                f"{first.values[lead]} so you can pick the one you like; "
@@ -301,18 +289,39 @@ def choose_takes(kind: str, own: Posterior | None, community: Posterior | None, 
     return out
 
 
+def _posterior(own: Posterior | None, community: Posterior | None) -> Posterior:
+    """A person's own evidence on top of their community's, shrunk to a prior."""
+    return _merged(own or {}, _shrunk(community or {}, COMMUNITY_PRIOR_WEIGHT))
+
+
+def _liked(stats: Posterior, dim: str, val: str) -> float:
+    """The posterior mean share of likes (uniform prior)."""
+    a, b = stats.get(dim, {}).get(val, [0.0, 0.0])
+    return (1.0 + a) / (2.0 + a + b)
+
+
+def _thompson(stats: Posterior, dim: str, vals: Iterable[str], rng: random.Random) -> str:
+    """The value with the highest posterior draw (counts scaled by :data:`EXPLORATION`)."""
+    best, best_draw = "", -1.0
+    for val in sorted(vals):
+        a, b = stats.get(dim, {}).get(val, [0.0, 0.0])
+        draw = rng.betavariate(1.0 + a * EXPLORATION, 1.0 + b * EXPLORATION)
+        if draw > best_draw:
+            best, best_draw = val, draw
+    return best
+
+
 def _why(kind: str, values: Mapping[str, str], stats: Posterior, own_n: float,
          community_n: float, fixed: Mapping[str, str]) -> str:
     parts = []
-    lead = "style" if kind == "image" else "tone"
+    lead = LEAD_DIMENSION[kind]
     lead_value = values[lead]
-    a, b = stats.get(lead, {}).get(lead_value, [0.0, 0.0])
     if lead in fixed:
         parts.append(f"{lead} {lead_value}: you asked for it")
-    elif a + b < 1:
+    elif sum(stats.get(lead, {}).get(lead_value, [0.0, 0.0])) < 1:
         parts.append(f"{lead} {lead_value}: trying something new (no reactions on it yet)")
     else:
-        liked = (1.0 + a) / (2.0 + a + b)
+        liked = _liked(stats, lead, lead_value)
         parts.append(f"{lead} {lead_value}: liked {liked:.0%} of the time so far")
     source = ("your reactions" if own_n >= 1 else "") + (
         " and your community's" if community_n >= 1 and own_n >= 1 else
@@ -356,8 +365,8 @@ def describe(kind: str, stats: Posterior) -> list[tuple[str, str, float, float]]
     rows = []
     for dim, vals in CATALOGUE[kind].items():
         for val in vals:
-            a, b = stats.get(dim, {}).get(val, [0.0, 0.0])
-            rows.append((dim, val, (1.0 + a) / (2.0 + a + b), a + b))
+            rows.append((dim, val, _liked(stats, dim, val),
+                         sum(stats.get(dim, {}).get(val, [0.0, 0.0]))))
     rows.sort(key=lambda r: (list(CATALOGUE[kind]).index(r[0]), -r[2]))
     return rows
 
