@@ -13,9 +13,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from types import FrameType
 
 from core.settings import Settings, get_settings
 
@@ -23,33 +26,151 @@ __all__ = ["main"]
 
 log = logging.getLogger("musespark")
 
+#: Warm shutdown: how long workers may take to finish the job they are running.
 WORKER_STOP_TIMEOUT_SECONDS = 30.0
+#: Cold shutdown (running jobs cancelled and handed back): how long before they are killed.
+WORKER_COLD_STOP_TIMEOUT_SECONDS = 5.0
+#: Signals that stop ``musespark run`` cleanly (SIGHUP: its terminal went away).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-def _start_workers(settings: Settings, count: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
+class StopRequested(KeyboardInterrupt):
+    """Raised in the main thread by a stop signal, so that a blocking read of stdin or the
+    adapters' event loop returns and the ``finally`` that stops the workers runs. A
+    ``KeyboardInterrupt``, so every place that already ends cleanly on Ctrl-C does on SIGTERM."""
+
+
+class _StopSignals:
+    """The first stop signal raises :class:`StopRequested` (deferred while :meth:`held`). A
+    second one also asks the cleanup to hurry (workers cancel their jobs instead of finishing
+    them). Once the cleanup runs, signals never abort it; a second one still hurries it."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.hurry = threading.Event()
+        self.cleaning_up = False
+        self._held = 0
+        self._raised = False
+
+    def handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is not None:
+            self.hurry.set()
+        self.received = self.received or signum
+        if not self.cleaning_up and not self._held:
+            self._raise()
+
+    def _raise(self) -> None:
+        self._raised = True
+        raise StopRequested(signal.Signals(self.received or signal.SIGTERM).name)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """No raise inside (starting a child): a child half-started would have no owner."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
+        if not self._held and self.received is not None and not self._raised:
+            self._raise()
+
+    @contextmanager
+    def installed(self) -> Iterator[_StopSignals]:
+        previous = {sig: signal.signal(sig, self.handle) for sig in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _descendants(pid: int) -> list[tuple[int, str]]:
+    """``(pid, start time)`` of every process below ``pid``, from /proc (empty without it).
+
+    The start time tells a process from a later one that reuses its pid.
+    """
+    parents: dict[int, list[tuple[int, str]]] = {}
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    found: list[tuple[int, str]] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def _kill_if_same(pid: int, started: str) -> None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        if fields[19] == started and fields[0] not in ("Z", "X"):
+            os.kill(pid, signal.SIGKILL)
+    except (OSError, IndexError):
+        pass
+
+
+def _start_workers(settings: Settings, count: int, log_dir: Path,
+                   workers: list[subprocess.Popen[bytes]]) -> None:
+    """Start ``count`` worker processes into ``workers`` (given, so a failure midway still
+    leaves every started one in the caller's hands). Each watches this process (``--parent-pid``)
+    and goes away by itself if ``run`` dies without stopping it."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    workers = []
     for n in range(count):
-        log_file = open(log_dir / f"worker-{n + 1}.log", "ab")  # noqa: SIM115 (lives with the child)
-        workers.append(subprocess.Popen(
-            [sys.executable, "-m", "workers", "--concurrency", "1",
-             "--name", f"musespark-{n + 1}-{os.getpid()}@%h"],
-            stdout=log_file, stderr=subprocess.STDOUT))
-    return workers
+        with open(log_dir / f"worker-{n + 1}.log", "ab") as log_file:
+            workers.append(subprocess.Popen(
+                [sys.executable, "-m", "workers", "--concurrency", "1",
+                 "--name", f"musespark-{n + 1}-{os.getpid()}@%h",
+                 "--parent-pid", str(os.getpid())],
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT))
 
 
-def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
-    # Celery's warm shutdown: SIGTERM to the main process only; it stops its own pool.
+def _wait_all(workers: list[subprocess.Popen[bytes]], timeout: float,
+              hurry: threading.Event | None = None) -> bool:
+    """Whether every worker exited within ``timeout`` (cut short when ``hurry`` is set)."""
+    deadline = time.monotonic() + timeout
+    while any(worker.poll() is None for worker in workers):
+        if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]],
+                  hurry: threading.Event | None = None) -> None:
+    """Stop every worker and everything it started, bounded in time.
+
+    Warm shutdown first (SIGTERM to the main process only; Celery stops its own pool after the
+    running job); then cold (SIGQUIT: running jobs are cancelled and handed back to the broker);
+    then SIGKILL for what is left, pool processes included. A job cut off is re-driven later.
+    """
+    pool = [child for worker in workers for child in _descendants(worker.pid)]
+    for sig, timeout in ((signal.SIGTERM, WORKER_STOP_TIMEOUT_SECONDS),
+                         (signal.SIGQUIT, WORKER_COLD_STOP_TIMEOUT_SECONDS)):
+        for worker in workers:
+            if worker.poll() is None:
+                worker.send_signal(sig)
+        if _wait_all(workers, timeout, hurry if sig == signal.SIGTERM else None):
+            break
+        log.warning("worker(s) still running after %s; %s", sig.name,
+                    "cancelling their jobs" if sig == signal.SIGTERM else "killing them")
+        pool += [child for worker in workers for child in _descendants(worker.pid)]
     for worker in workers:
         if worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + WORKER_STOP_TIMEOUT_SECONDS
-    for worker in workers:
-        try:
-            worker.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
             worker.kill()
-            worker.wait()
+        worker.wait()
+    for pid, started in pool:  # a pool process whose main process is gone
+        _kill_if_same(pid, started)
 
 
 def _adapters_configured(settings: Settings) -> list[str]:
@@ -96,6 +217,7 @@ def _serve_platforms(settings: Settings, platforms: list[str]) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Bot and workers in one go; no process it starts outlives it, however it stops."""
     settings = get_settings()
     platforms = _adapters_configured(settings)
     log_dir = settings.resolved_data_dir / "logs"
@@ -104,16 +226,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = Store(settings.resolved_database_url)
     store.upgrade()
     store.dispose()
-    workers = _start_workers(settings, args.workers or settings.workers, log_dir)
-    if not args.jsonl:
-        print(f"Started {len(workers)} worker process(es); logs in {log_dir}.", flush=True)
-    try:
-        if platforms and not args.jsonl:
-            print(f"Serving {', '.join(platforms)}; Ctrl-C to stop.", flush=True)
-            return _serve_platforms(settings, platforms)
-        return _run_console(settings, jsonl=args.jsonl)
-    finally:
-        _stop_workers(workers)
+    stop = _StopSignals()
+    workers: list[subprocess.Popen[bytes]] = []
+    with stop.installed():
+        try:
+            with stop.held():
+                _start_workers(settings, args.workers or settings.workers, log_dir, workers)
+            if not args.jsonl:
+                print(f"Started {len(workers)} worker process(es); logs in {log_dir}.",
+                      flush=True)
+            if platforms and not args.jsonl:
+                print(f"Serving {', '.join(platforms)}; Ctrl-C to stop.", flush=True)
+                return _serve_platforms(settings, platforms)
+            return _run_console(settings, jsonl=args.jsonl)
+        except StopRequested:
+            return 0
+        finally:
+            stop.cleaning_up = True  # from here signals never abort the cleanup
+            if stop.received is not None and not args.jsonl:
+                with suppress(OSError):  # the terminal may be gone (SIGHUP)
+                    print("Stopping the workers…", flush=True)
+            _stop_workers(workers, stop.hurry)
 
 
 def cmd_bot(args: argparse.Namespace) -> int:
@@ -125,7 +258,11 @@ def cmd_bot(args: argparse.Namespace) -> int:
 
 
 def _delegate(module_name: str) -> Callable[[argparse.Namespace], int]:
-    """A subcommand whose arguments another module parses (``module.main(argv) -> int``)."""
+    """A subcommand whose arguments another module parses (``module.main(argv) -> int``).
+
+    Its arguments, ``--help`` included, are the ones this parser does not know (see
+    :func:`main`): ``argparse.REMAINDER`` would not take a leading option such as ``--help``.
+    """
     def run(args: argparse.Namespace) -> int:
         import importlib
 
@@ -150,8 +287,10 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_models_tiny(args: argparse.Namespace) -> int:
-    return subprocess.call([sys.executable, "-m", "workers.pipelines.tiny_diffusion",
-                            str(args.path)])
+    # exec, not a child process: a signal to `musespark` reaches the builder itself, and the
+    # bot side still never imports worker code.
+    os.execv(sys.executable, [sys.executable, "-m", "workers.pipelines.tiny_diffusion",
+                              str(args.path)])
 
 
 def cmd_feedback_export(args: argparse.Namespace) -> int:
@@ -229,20 +368,25 @@ def build_parser() -> argparse.ArgumentParser:
     for platform in ("telegram", "discord"):
         check = doctor_sub.add_parser(platform, help=f"check the {platform.title()} bot's setup",
                                       add_help=False)
-        check.add_argument("rest", nargs=argparse.REMAINDER)
-        check.set_defaults(func=_delegate(f"bots.{platform}.doctor"))
+        check.set_defaults(func=_delegate(f"bots.{platform}.doctor"), rest=[])
 
     discord = sub.add_parser("discord", help="Discord helpers")
     discord_sub = discord.add_subparsers(dest="discord_command", required=True)
     sync = discord_sub.add_parser("sync", help="register the slash commands with Discord",
                                   add_help=False)
-    sync.add_argument("rest", nargs=argparse.REMAINDER)
-    sync.set_defaults(func=_delegate("bots.discord.sync"))
+    sync.set_defaults(func=_delegate("bots.discord.sync"), rest=[])
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Delegated subcommands (those with ``rest``) get the arguments this parser does not know,
+    # in order; anywhere else an unknown argument is an error, as with parse_args.
+    args, unknown = parser.parse_known_args(argv)
+    if hasattr(args, "rest"):
+        args.rest = [*args.rest, *unknown]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     sys.exit(args.func(args))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -10,7 +11,23 @@ from pathlib import Path
 
 import pytest
 
+from bots.cli import build_parser, main
+
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _every_command(parser: argparse.ArgumentParser,
+                   prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """The command itself and every subcommand, nested ones too, as argument tuples."""
+    found = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _every_command(sub, (*prefix, name))
+    return found
+
+
+COMMANDS = _every_command(build_parser())
 
 
 def _env(tmp_path: Path, model_cache: Path, **extra: str) -> dict[str, str]:
@@ -28,12 +45,31 @@ def _musespark(*args: str, env: dict[str, str], cwd: Path, input: str | None = N
                           input=input, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("args", [[], ["run"], ["bot"], ["worker"], ["db", "upgrade"],
-                                  ["models", "tiny"]])
-def test_every_command_has_help(args: list[str], tmp_path: Path, model_cache: Path) -> None:
+def test_the_walk_finds_nested_and_delegated_commands() -> None:
+    assert {("doctor", "discord"), ("doctor", "telegram"), ("discord", "sync"),
+            ("db", "upgrade"), ("feedback", "export"), ("run",)} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda args: " ".join(args) or "musespark")
+def test_every_command_has_help(args: tuple[str, ...], tmp_path: Path, model_cache: Path) -> None:
+    """`musespark ... --help` prints that command's usage and exits 0 (issue 10: the delegated
+    doctor and sync commands said "unrecognized arguments")."""
     result = _musespark(*args, "--help", env=_env(tmp_path, model_cache), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "usage: musespark" in result.stdout
+    assert result.stdout.startswith(f"usage: {' '.join(('musespark', *args))} "), result.stdout
+
+
+def test_delegated_commands_get_their_arguments_and_others_refuse_unknown_ones(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["doctor", "telegram", "--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert "musespark doctor telegram: error: unrecognized arguments: --no-such-flag" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["db", "upgrade", "--no-such-flag"])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
 def test_db_upgrade_creates_the_schema(tmp_path: Path, model_cache: Path) -> None:

@@ -1,15 +1,141 @@
-"""``python -m workers``: start a Celery worker (what ``musespark worker`` runs)."""
+"""``python -m workers``: start a Celery worker (what ``musespark worker`` runs).
+
+Started by ``musespark run`` with ``--parent-pid``, the worker watches that process and shuts
+down when it is gone (killed with SIGKILL, crashed), so a dead ``run`` never leaves workers
+behind that keep taking jobs. A worker started by hand (no ``--parent-pid``) watches nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
 
 from core.queue import QUEUE_FOR_KIND
 from core.settings import get_settings
+
+log = logging.getLogger("workers.main")
+
+#: How often the watch thread checks that the parent still runs.
+PARENT_POLL_SECONDS = 0.5
+#: After the parent is gone: how long a warm shutdown may let a job that is nearly done finish
+#: (its result is posted by this worker, not by the parent).
+PARENT_GONE_WARM_SECONDS = 2.0
+#: Then how long a cold shutdown (running jobs cancelled and handed back to the broker) may take
+#: before the worker and its pool are killed. Either way a job left ``running`` is re-driven by
+#: the next bot once its heartbeat is stale, and its claim fences out a late result.
+PARENT_GONE_COLD_SECONDS = 5.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask Linux to send ``sig`` to this process when its parent (thread) ends.
+
+    An extra guard, not the mechanism: it only exists on Linux. Returns whether it was set.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, already dead but not reaped, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): kill(pid, 0) is all there is
+    return state not in ("Z", "X")
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (the prefork pool), from /proc; empty where there is none."""
+    found: list[int] = []
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def _parent_gone(parent_pid: int, direct: bool) -> bool:
+    # A direct child is re-parented the moment its parent dies, before anyone reaps the parent.
+    if direct and os.getppid() != parent_pid:
+        return True
+    return not process_alive(parent_pid)
+
+
+def _stop_self() -> None:
+    """Warm, then cold, then kill: bounded, so an orphaned worker always goes away."""
+    me = os.getpid()
+    for sig, bound in ((signal.SIGTERM, PARENT_GONE_WARM_SECONDS),
+                       (signal.SIGQUIT, PARENT_GONE_COLD_SECONDS)):
+        log.warning("sending %s to myself (%d)", sig.name, me)
+        os.kill(me, sig)
+        time.sleep(bound)  # a daemon thread: when the worker exits, this ends with it
+    log.error("still running %.0f s after my parent went away; killing my pool and myself",
+              PARENT_GONE_WARM_SECONDS + PARENT_GONE_COLD_SECONDS)
+    for child in _children(me):
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.kill(me, signal.SIGKILL)
+
+
+def watch_parent(parent_pid: int, *, poll_seconds: float = PARENT_POLL_SECONDS) -> threading.Thread:
+    """Start a daemon thread that shuts this worker down once ``parent_pid`` is gone.
+
+    Threads do not survive ``fork()``, so only the worker's main process watches; its pool
+    children die with it (see :func:`_pool_child_init`).
+    """
+    direct = os.getppid() == parent_pid
+
+    def run() -> None:
+        while not _parent_gone(parent_pid, direct):
+            time.sleep(poll_seconds)
+        log.warning("parent process %d is gone; shutting down and handing back running jobs",
+                    parent_pid)
+        _stop_self()
+
+    thread = threading.Thread(target=run, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
+def _pool_child_init(main_pid: int) -> Any:
+    """A Celery ``worker_process_init`` receiver: a pool child dies when its main process does."""
+    def init(**_: Any) -> None:
+        if set_parent_death_signal(signal.SIGKILL) and os.getppid() != main_pid:
+            os._exit(1)  # the main process died before the guard was set
+    return init
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,12 +149,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loglevel", default="info")
     parser.add_argument("--name", default=f"musespark-{os.getpid()}@{socket.gethostname()}",
                         help="worker node name")
+    parser.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                        help="shut down when this process is gone (set by `musespark run`)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     settings = get_settings()
     from workers.celery_app import app
 
+    if args.parent_pid is not None:
+        from celery.signals import worker_process_init
+
+        worker_process_init.connect(_pool_child_init(os.getpid()), weak=False)
+        watch_parent(args.parent_pid)
     worker_argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency),
                    "--pool", "prefork", "--loglevel", args.loglevel, "--hostname", args.name]
     if settings.embedded_broker:
