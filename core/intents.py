@@ -18,7 +18,12 @@ from core.errors import PromptError, UnknownCommandError
 __all__ = [
     "ASPECTS",
     "COMMANDS",
+    "HIDDEN_COMMANDS",
     "IMAGE_COUNT_MAX",
+    "JOB_KINDS",
+    "SCENES_DEFAULT",
+    "SCENES_MAX",
+    "SCENES_MIN",
     "Intent",
     "IntentKind",
     "parse_command",
@@ -31,11 +36,20 @@ SEED_MAX = 2**32 - 1
 ASPECTS = ("square", "portrait", "landscape")
 #: Longest free-form ``--style`` / ``--mode`` value, in characters.
 WORD_OPTION_MAX_CHARS = 40
+#: Scenes an illustrated story may have (``/story ... --scenes N``).
+SCENES_MIN, SCENES_MAX, SCENES_DEFAULT = 2, 6, 4
 
 
 class IntentKind(enum.StrEnum):
     IMAGINE = "imagine"
     WRITE = "write"
+    STORY = "story"
+    BRAINSTORM = "brainstorm"
+    REMIX = "remix"
+    #: A reply to a result that changes it (Telegram reply, Discord "Refine", /reply N).
+    REFINE = "refine"
+    #: Free text the rules could not place: the text model reads it (see core/understanding).
+    UNDERSTAND = "understand"
     HELP = "help"
     PROFILE = "profile"
     SETTINGS = "settings"
@@ -53,7 +67,13 @@ class Intent:
 
     @property
     def makes_job(self) -> bool:
-        return self.kind in (IntentKind.IMAGINE, IntentKind.WRITE)
+        return self.kind in JOB_KINDS
+
+
+#: Intents that become jobs for the workers.
+JOB_KINDS = frozenset({IntentKind.IMAGINE, IntentKind.WRITE, IntentKind.STORY,
+                       IntentKind.BRAINSTORM, IntentKind.REMIX, IntentKind.REFINE,
+                       IntentKind.UNDERSTAND})
 
 
 #: Command name -> (intent, one-line help). Aliases point at the same intent.
@@ -61,6 +81,12 @@ COMMANDS: dict[str, tuple[IntentKind, str]] = {
     "imagine": (IntentKind.IMAGINE, "draw a picture: /imagine a lighthouse at dusk"),
     "draw": (IntentKind.IMAGINE, "same as /imagine"),
     "write": (IntentKind.WRITE, "write text: /write a haiku about rain"),
+    "story": (IntentKind.STORY, "an illustrated story: /story a fox who learns to fly "
+                                "--scenes 4 --style watercolor"),
+    "brainstorm": (IntentKind.BRAINSTORM, "ideas to pick from: /brainstorm a poster for our "
+                                          "jazz night"),
+    "remix": (IntentKind.REMIX, "redraw your picture: send a photo with the caption "
+                                "/remix as a watercolor"),
     "help": (IntentKind.HELP, "what I can do"),
     "start": (IntentKind.HELP, "same as /help"),
     "profile": (IntentKind.PROFILE, "what I have learned about your taste"),
@@ -69,14 +95,15 @@ COMMANDS: dict[str, tuple[IntentKind, str]] = {
     "link": (IntentKind.LINK, "link your identities on two platforms: /link, then /link CODE on the other"),
 }
 
+#: Commands that exist for adapters but are not offered to people: a Discord "Refine" modal
+#: sends ``refine`` with the result it refines as ``reply_to``.
+HIDDEN_COMMANDS: dict[str, tuple[IntentKind, str]] = {
+    "refine": (IntentKind.REFINE, "change a result: reply to it with what to change"),
+}
+
 #: Intents whose argument is a free-form instruction rather than a creative prompt.
 _PLAIN_ARGUMENT_KINDS = frozenset({IntentKind.SETTINGS, IntentKind.FORGET, IntentKind.LINK})
 
-_IMAGE_WORDS = re.compile(
-    r"^\s*(please\s+)?(draw|paint|sketch|imagine|render|picture of|image of|illustrate|"
-    r"show me (a|an) (picture|image|drawing) of)\b",
-    re.IGNORECASE,
-)
 _COMMAND = re.compile(r"^/(?P<name>[A-Za-z0-9_]+)(?:@(?P<bot>[A-Za-z0-9_]+))?(?:\s+|$)(?P<rest>.*)$", re.S)
 
 
@@ -84,16 +111,23 @@ def help_text() -> str:
     lines = ["I make pictures and text with you. Commands:"]
     for name, (_, line) in COMMANDS.items():
         lines.append(f"/{name}: {line}")
-    lines.append("Or just talk to me. React to a result (👍 👎 ❤️ ...) and I learn your taste.")
+    lines.append("Or just talk to me (\"draw a fox in the snow\", \"a story about a brave "
+                 "mouse, with pictures\"). Reply to a result to change it (\"make it at "
+                 "night\"). React to a result (👍 👎 ❤️ ...) and I learn your taste.")
     return "\n".join(lines)
+
+
+_EXAMPLES = {IntentKind.IMAGINE: "/imagine a lighthouse at dusk",
+             IntentKind.STORY: "/story a fox who learns to fly",
+             IntentKind.BRAINSTORM: "/brainstorm a poster for our jazz night",
+             IntentKind.REMIX: "/remix as a watercolor (with your picture attached)",
+             IntentKind.REFINE: "make it at night"}
 
 
 def _check_prompt(prompt: str, kind: IntentKind, max_chars: int) -> str:
     prompt = " ".join(prompt.split())
     if not prompt:
-        example = "/imagine a lighthouse at dusk" if kind is IntentKind.IMAGINE else (
-            "/write a haiku about rain"
-        )
+        example = _EXAMPLES.get(kind, "/write a haiku about rain")
         raise PromptError(f"Your request is empty. Tell me what you'd like, for example: {example}")
     if len(prompt) > max_chars:
         raise PromptError(
@@ -129,9 +163,17 @@ def _pop_options(text: str, kind: IntentKind) -> tuple[str, dict[str, Any]]:
     return head, _typed_options(options, kind)
 
 
+_OPTIONS: dict[IntentKind, set[str]] = {
+    IntentKind.IMAGINE: {"count", "n", "seed", "style", "aspect"},
+    IntentKind.STORY: {"scenes", "style", "seed"},
+    IntentKind.BRAINSTORM: {"seed"},
+    IntentKind.REMIX: {"seed", "style", "image"},
+    IntentKind.REFINE: {"seed"},
+}
+
+
 def _typed_options(raw: dict[str, Any], kind: IntentKind) -> dict[str, Any]:
-    allowed = ({"count", "n", "seed", "style", "aspect"} if kind is IntentKind.IMAGINE
-               else {"seed", "mode"})
+    allowed = _OPTIONS.get(kind, {"seed", "mode"})
     options: dict[str, Any] = {}
     for name, value in raw.items():
         if value is None:
@@ -139,6 +181,9 @@ def _typed_options(raw: dict[str, Any], kind: IntentKind) -> dict[str, Any]:
         if name not in allowed:
             known = ", ".join(f"--{a}" for a in sorted(allowed))
             raise PromptError(f"/{kind.value} has no option --{name}. It takes: {known}.")
+        if name == "image":  # an uploaded picture's path, checked by core/uploads.py
+            options[name] = str(value)
+            continue
         if name in ("style", "aspect", "mode"):
             # Words, not numbers: carried in the job's intent options for the pipelines to use.
             word = " ".join(str(value).split()).lower()
@@ -161,6 +206,11 @@ def _typed_options(raw: dict[str, Any], kind: IntentKind) -> dict[str, Any]:
             if not 0 <= number <= SEED_MAX:
                 raise PromptError(f"--seed must be between 0 and {SEED_MAX}.")
             options["seed"] = number
+        elif name == "scenes":
+            if not SCENES_MIN <= number <= SCENES_MAX:
+                raise PromptError(f"--scenes must be between {SCENES_MIN} and {SCENES_MAX} "
+                                  f"(default {SCENES_DEFAULT}).")
+            options["scenes"] = number
     return options
 
 
@@ -172,11 +222,12 @@ def parse_command(name: str, args: dict[str, Any], *, max_prompt_chars: int) -> 
         PromptError: the prompt or an option is unusable.
     """
     name = name.lower()
-    if name not in COMMANDS:
+    known = {**COMMANDS, **HIDDEN_COMMANDS}
+    if name not in known:
         close = difflib.get_close_matches(name, list(COMMANDS), n=1)
         hint = f" Did you mean /{close[0]}?" if close else ""
         raise UnknownCommandError(f"I don't know the command /{name}.{hint} Send /help for the list.")
-    kind = COMMANDS[name][0]
+    kind = known[name][0]
     if kind in (IntentKind.HELP, IntentKind.PROFILE):
         return Intent(kind)
     if kind in _PLAIN_ARGUMENT_KINDS:
@@ -186,11 +237,14 @@ def parse_command(name: str, args: dict[str, Any], *, max_prompt_chars: int) -> 
     return Intent(kind, prompt, options)
 
 
-def parse_text(text: str, *, max_prompt_chars: int, bot_username: str | None = None) -> Intent:
+def parse_text(text: str, *, max_prompt_chars: int, bot_username: str | None = None,
+               replying: bool = False) -> Intent:
     """Parse a chat message: a ``/command`` (``/cmd@bot`` in groups) or free text.
 
-    Free text that reads like a request for a picture ("draw a fox") becomes ``imagine``;
-    anything else is answered by the text model, so a person is never met with silence.
+    Free text goes through :func:`core.understanding.classify_rules`: what the rules place
+    with confidence becomes that intent (its ``options["understanding"]`` says how sure), the
+    rest becomes ``understand``, for the text model to read in a worker. ``replying`` says the
+    message answers one of the bot's results (then "make it at night" is a refinement).
     """
     stripped = text.strip()
     match = _COMMAND.match(stripped)
@@ -198,15 +252,22 @@ def parse_text(text: str, *, max_prompt_chars: int, bot_username: str | None = N
         if bot_username and match["bot"] and match["bot"].lower() != bot_username.lower():
             raise UnknownCommandError(f"That command was for @{match['bot']}, not me.")
         name = match["name"].lower()
-        kind = COMMANDS.get(name, (None, ""))[0]
+        kind = {**COMMANDS, **HIDDEN_COMMANDS}.get(name, (None, ""))[0]
         rest = match["rest"]
         options: dict[str, Any] = {}
-        if kind is not None and kind.value in ("imagine", "write"):
+        if kind is not None and (kind in _OPTIONS or kind is IntentKind.WRITE):
             rest, options = _pop_options(rest, kind)
         return parse_command(name, {"prompt": rest, **options}, max_prompt_chars=max_prompt_chars)
     if not stripped:
         raise PromptError("Your message is empty. Send /help to see what I can do.")
-    if _IMAGE_WORDS.match(stripped):
-        prompt = _IMAGE_WORDS.sub("", stripped, count=1)
-        return Intent(IntentKind.IMAGINE, _check_prompt(prompt, IntentKind.IMAGINE, max_prompt_chars))
-    return Intent(IntentKind.WRITE, _check_prompt(stripped, IntentKind.WRITE, max_prompt_chars))
+    from core.understanding import classify_rules
+
+    found = classify_rules(stripped, replying=replying)
+    if found is None:
+        return Intent(IntentKind.UNDERSTAND,
+                      _check_prompt(stripped, IntentKind.WRITE, max_prompt_chars))
+    kind = IntentKind(found.intent)
+    if kind is IntentKind.HELP:
+        return Intent(kind, options={"understanding": found.to_dict()})
+    return Intent(kind, _check_prompt(found.prompt or stripped, kind, max_prompt_chars),
+                  {"understanding": found.to_dict()})

@@ -20,6 +20,7 @@ Rules (issue "The adaptive loop"):
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections import defaultdict
 from collections.abc import Iterable
@@ -28,6 +29,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core import taste
@@ -87,12 +89,13 @@ def _weigh(row: FeedbackEvent, job: Job, requester_person: int, actor_person: in
     return meaning * min(base, allowed)
 
 
-def _targets(row: FeedbackEvent, job: Job, actor_person: int | None) -> list[ProfileKey]:
+def _targets(row: FeedbackEvent, job: Job, actor_person: int | None,
+             kind: str) -> list[ProfileKey]:
     keys: list[ProfileKey] = []
     if row.user_id is not None and actor_person is not None:
-        keys.append(("person", actor_person, job.kind))
+        keys.append(("person", actor_person, kind))
     if job.community_id is not None:
-        keys.append(("community", job.community_id, job.kind))
+        keys.append(("community", job.community_id, kind))
     return keys
 
 
@@ -112,9 +115,23 @@ def _choice(job: Job) -> dict[str, str]:
 
 
 def _signal(row: FeedbackEvent, job: Job) -> taste.Signal | None:
-    """The evidence a weighed feedback row adds to profiles (None when it adds nothing)."""
+    """The evidence a weighed feedback row adds to profiles (None when it adds nothing).
+
+    A brainstorm pick (``pickN``) is picture evidence: idea N's style over the styles of the
+    ideas passed over (the same contrast a take's pick carries).
+    """
+    if not row.weight:
+        return None
+    if row.kind == "button" and row.value.startswith("pick") and job.intent == "brainstorm":
+        ideas = job.params.get("ideas") or []
+        number = int(row.value[4:]) if row.value[4:].isdigit() else 0
+        if not 1 <= number <= len(ideas):
+            return None
+        others = tuple(dict(i["choice"]) for n, i in enumerate(ideas, start=1) if n != number)
+        return taste.Signal("image", dict(ideas[number - 1]["choice"]), row.weight,
+                            retract=row.delta < 0, contrast=others)
     choice = _choice(job)
-    if not row.weight or not choice:
+    if not choice:
         return None
     siblings = (job.params.get("takes") or {}).get("siblings") or []
     return taste.Signal(job.kind, choice, row.weight, retract=row.delta < 0,
@@ -137,6 +154,12 @@ class TasteService:
     def person_of(self, user_id: int) -> int:
         with self.store.session() as s:
             return self._person(s, user_id)
+
+    def identities_of(self, user_id: int) -> list[int]:
+        """Every user id of the person behind ``user_id`` (linked with /link)."""
+        with self.store.session() as s:
+            person = self._person(s, user_id)
+            return [u.id for u in s.scalars(select(User)).all() if u.person == person]
 
     def opted_out(self, user_id: int) -> bool:
         with self.store.session() as s:
@@ -198,15 +221,44 @@ class TasteService:
 
     def record(self, *, event_key: str, job_id: str, user_id: int | None, platform: str,
                chat_id: str, message_id: str, kind: str, value: str, delta: int,
-               occurred_at: datetime | None = None) -> float | None:
+               occurred_at: datetime | None = None, toggle: bool = False) -> float | None:
         """Append one feedback row and apply it to the profiles it moves, atomically.
 
         Returns the weight applied, or None when the row was a duplicate or the actor opted
         out of learning (then nothing is stored).
+
+        ``toggle`` marks a person's reaction, which is either on or off. Discord gives reaction
+        events no id, so a replay and a genuine add-again look alike and only the log's state
+        tells them apart: an add while that reaction stands, or a remove while none does,
+        records nothing; otherwise ``event_key`` gets the ordinal of this add (or remove), so
+        add, remove, add again are three rows while two copies of one event share one key.
         """
-        at = occurred_at or utcnow()
+        attempt = functools.partial(
+            self._record_once, event_key=event_key, job_id=job_id, user_id=user_id,
+            platform=platform, chat_id=chat_id, message_id=message_id, kind=kind, value=value,
+            delta=delta, at=occurred_at or utcnow(), toggle=toggle)
+        try:
+            return attempt()
+        except IntegrityError:
+            # A concurrent copy of this event committed the same key first (SQLite takes no
+            # advisory lock): decide again, now that its row is visible.
+            return attempt()
+
+    def _record_once(self, *, event_key: str, job_id: str, user_id: int | None, platform: str,
+                     chat_id: str, message_id: str, kind: str, value: str, delta: int,
+                     at: datetime, toggle: bool) -> float | None:
         with self.store.session() as s:
             _lock_profiles(s)
+            if toggle and user_id is not None:
+                adds, removes = s.execute(select(
+                    func.count().filter(FeedbackEvent.delta > 0),
+                    func.count().filter(FeedbackEvent.delta < 0)).where(
+                    FeedbackEvent.user_id == user_id, FeedbackEvent.platform == platform,
+                    FeedbackEvent.chat_id == chat_id, FeedbackEvent.message_id == message_id,
+                    FeedbackEvent.kind == kind, FeedbackEvent.value == value)).one()
+                if (adds > removes) == (delta > 0):
+                    return None  # already standing (or already gone): a replay
+                event_key = f"{event_key}:{(adds if delta > 0 else removes) + 1}"
             if s.scalar(select(FeedbackEvent.id).where(FeedbackEvent.event_key == event_key)):
                 return None
             if user_id is not None:
@@ -238,7 +290,7 @@ class TasteService:
             s.add(row)
             signal = _signal(row, job)
             if signal is not None:
-                for key in _targets(row, job, actor_person):
+                for key in _targets(row, job, actor_person, signal.kind):
                     self._apply(s, key, signal)
             return row.weight
 
@@ -306,7 +358,7 @@ class TasteService:
                 history.add(row, row.weight)
                 signal = _signal(row, job)
                 if signal is not None:
-                    for key in _targets(row, job, actor_person):
+                    for key in _targets(row, job, actor_person, signal.kind):
                         stats, version = profiles.get(key, ({}, 0))
                         profiles[key] = (taste.apply_signal(stats, signal), version + 1)
             s.execute(delete(Profile))
@@ -333,7 +385,8 @@ class TasteService:
 
     def choose(self, *, user_id: int, community_id: int | None, kind: str, rng: Any,
                learning: bool = True, fixed: dict[str, str] | None = None, takes: int = 1,
-               variation: bool = False) -> list[tuple[taste.Choice, dict[str, Any]]]:
+               variation: bool = False, beside_fixed: bool = False,
+               ) -> list[tuple[taste.Choice, dict[str, Any]]]:
         """Choose the next request's style and parameters, one per take (see
         :func:`core.taste.choose_takes`); returns each choice with the record the job keeps.
 
@@ -353,7 +406,8 @@ class TasteService:
         own, own_version = found.get(("person", person), ({}, 0))
         community, community_version = found.get(("community", community_id or -1), ({}, 0))
         choices = taste.choose_takes(kind, own, community, rng=rng, takes=takes,
-                                     learning=learning, fixed=fixed, variation=variation)
+                                     learning=learning, fixed=fixed, variation=variation,
+                                     beside_fixed=beside_fixed)
         note = ("; you opted out of learning, so only your community's taste counts"
                 if opted_out and learning else "")
         versions = {"person": own_version, "community": community_version}

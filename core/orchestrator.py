@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import random
-import re
 import secrets
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from core.errors import QueueUnavailableError, UserInputError
+from core import actions, cocreation
+from core.errors import PromptError, QueueUnavailableError, UserInputError
 from core.events import (
     ChannelKind,
     ComponentActivated,
@@ -23,26 +25,61 @@ from core.events import (
     ReactionChanged,
     ReactionsCleared,
 )
-from core.intents import Intent, IntentKind, help_text, parse_command, parse_text
+from core.intents import (
+    SCENES_DEFAULT,
+    Intent,
+    IntentKind,
+    help_text,
+    parse_command,
+    parse_text,
+)
 from core.learning import TasteService
 from core import taste
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.queue import JobPublisher
 from core.settings import Settings
 from core.store import Job, Store
+from core.understanding import ASK_CHOICES, Understanding
+from core.uploads import keep_upload
 
-__all__ = ["Orchestrator"]
+__all__ = ["Orchestrator", "Origin"]
 
 log = logging.getLogger(__name__)
 
 SEED_BITS = 32
 VARIATION_SEED_STEP = 7919
-#: Button actions under results: again with a new seed, more like this, thumbs, delete
-#: (requester only). ``varyN`` (N = 1..9) is variation N of a result.
-BUTTON_ACTIONS = frozenset({"reroll", "more", "up", "down", "delete", "why", "upscale"})
+#: A refinement redraws with a seed moved by this step from its parent's (reproducible).
+REFINE_SEED_STEP = 104729
 #: "upscale" renders the same picture (prompt, seed, style) again at this many times the side.
 UPSCALE_FACTOR = 2
-_VARIATION = re.compile(r"vary[1-9]")
+#: Chars per token for budgeting structured output (JSON keys and quotes included).
+CHARS_PER_TOKEN = 3.0
+#: Tokens a structured answer needs beyond its text (keys, quotes, brackets) per item.
+JSON_TOKENS_PER_ITEM = 12
+#: The job kind each job-making intent runs as (refinements take their parent's kind).
+_JOB_KIND = {IntentKind.IMAGINE: "image", IntentKind.REMIX: "image", IntentKind.WRITE: "text",
+             IntentKind.STORY: "text", IntentKind.BRAINSTORM: "text",
+             IntentKind.UNDERSTAND: "text"}
+_STATUS_VERB = {IntentKind.IMAGINE: "Drawing", IntentKind.WRITE: "Writing",
+                IntentKind.REMIX: "Remixing your picture", IntentKind.REFINE: "Refining",
+                IntentKind.BRAINSTORM: "Thinking up ideas for",
+                IntentKind.UNDERSTAND: "Reading your message"}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who asked, where the answers go, and the key the request's jobs derive theirs from.
+
+    An event makes one (:meth:`Orchestrator.origin`); so does a job whose worker routes a
+    request onwards (:meth:`Orchestrator.origin_of`, an ``understand`` job), so both paths make
+    jobs the same way.
+    """
+
+    platform: str
+    key: str
+    user_id: int
+    community_id: int | None
+    target: DeliveryTarget
 
 
 def _info(text: str, **kw: Any) -> OutboundMessage:
@@ -74,14 +111,20 @@ class Orchestrator:
         try:
             match event:
                 case MessageReceived():
-                    intent = parse_text(event.text, max_prompt_chars=self.settings.max_prompt_chars)
+                    replied = self._replied_result(event)
+                    intent = parse_text(event.text, max_prompt_chars=self.settings.max_prompt_chars,
+                                        replying=replied is not None
+                                        and replied[0].intent != "understand")
+                    if intent.kind is IntentKind.REMIX and event.attachments:
+                        intent = Intent(intent.kind, intent.prompt,
+                                        {**intent.options, "image": event.attachments[0]})
                     return self._run_intent(event, intent, reply_to=event.message_id,
-                                            parent=self._thread_parent(event))
+                                            replied=replied)
                 case CommandInvoked():
                     intent = parse_command(event.name, dict(event.args),
                                            max_prompt_chars=self.settings.max_prompt_chars)
                     return self._run_intent(event, intent, reply_to=event.message_id,
-                                            parent=self._thread_parent(event))
+                                            replied=self._replied_result(event))
                 case ReactionChanged():
                     return self._reaction(event)
                 case ReactionsCleared():
@@ -95,7 +138,7 @@ class Orchestrator:
     # -- requests -----------------------------------------------------------------------------
 
     def _run_intent(self, event: Event, intent: Intent, *, reply_to: str | None,
-                    parent: Job | None = None) -> list[OutboundMessage]:
+                    replied: tuple[Job, int] | None = None) -> list[OutboundMessage]:
         if intent.kind is IntentKind.HELP:
             return [_info(help_text(), reply_to=reply_to)]
         if intent.kind is IntentKind.PROFILE:
@@ -106,16 +149,85 @@ class Orchestrator:
             return [self._forget(event, intent.prompt, reply_to)]
         if intent.kind is IntentKind.LINK:
             return [self._link(event, intent.prompt, reply_to)]
-        return self._submit(event, intent, reply_to=reply_to, parent=parent,
-                            thread=parent is not None)
+        origin = self.origin(event, reply_to)
+        if intent.kind is IntentKind.REFINE:
+            if replied is None or replied[0].intent == "understand":
+                raise PromptError(
+                    "That message isn't one of my results, so there is nothing to change. "
+                    "Reply to a picture or a text I made (\"make it at night\"), or send a "
+                    "new request.")
+            return self.refine(origin, intent, *replied)
+        if intent.kind is IntentKind.UNDERSTAND:
+            return self.submit(origin, intent, extra_params={"understand": {
+                "replying": replied is not None, "text": intent.prompt,
+                "parent": [replied[0].id, replied[1]] if replied else None}})
+        if intent.kind is IntentKind.REMIX:
+            intent = self._kept_upload(intent)
+        parent = replied[0] if replied else None
+        thread = parent is not None and intent.kind is IntentKind.WRITE
+        return self.submit(origin, intent, parent=parent if thread else None, thread=thread)
 
-    def _thread_parent(self, event: MessageReceived | CommandInvoked) -> Job | None:
-        """The job whose result ``event`` replies to: the new job continues that conversation."""
+    def route(self, job: Job, understanding: Understanding) -> list[OutboundMessage]:
+        """Act on what a worker understood an ``understand`` job's message to mean.
+
+        Returns what the person is told at once: the new job's status, or help.
+        """
+        params = job.params.get("understand") or {}
+        kind = IntentKind(understanding.intent)
+        options = {"understanding": understanding.to_dict()}
+        origin = self.origin_of(job, key=f"{job.idempotency_key}:as-{kind.value}")
+        if kind is IntentKind.HELP:
+            return [_info(help_text())]
+        prompt = understanding.prompt or str(params.get("text") or job.prompt)
+        intent = parse_command(kind.value, {"prompt": prompt},
+                               max_prompt_chars=self.settings.max_prompt_chars)
+        intent = Intent(intent.kind, intent.prompt, {**intent.options, **options})
+        replied = params.get("parent")
+        parent = self.store.get_job(replied[0]) if replied else None
+        if kind is IntentKind.REFINE:
+            if parent is None:
+                raise PromptError("That message isn't one of my results, so there is nothing "
+                                  "to change; send a new request instead.")
+            return self.refine(origin, intent, parent, int(replied[1]))
+        thread = parent is not None and kind is IntentKind.WRITE
+        return self.submit(origin, intent, parent=parent if thread else None, thread=thread)
+
+    def _replied_result(self, event: MessageReceived | CommandInvoked) -> tuple[Job, int] | None:
+        """The result ``event`` replies to (and which of its pictures), if it is one of ours."""
         if not event.reply_to:
             return None
-        delivered = self.store.find_delivered(event.platform, event.channel.chat_id,
-                                              event.reply_to)
-        return self.store.get_job(delivered.job_id) if delivered is not None else None
+        return self.store.result_of_message(event.platform, event.channel.chat_id,
+                                            event.reply_to)
+
+    def _kept_upload(self, intent: Intent) -> Intent:
+        """A remix's picture, checked and copied into the data dir (see core/uploads.py)."""
+        source = intent.options.get("image")
+        if not source:
+            raise PromptError("Attach the picture to remix: send it with the caption /remix "
+                              "and what to make of it (local chat: /remix PATH what to make).")
+        path = Path(str(source)).expanduser()
+        try:
+            data = path.read_bytes()
+        except OSError:
+            raise PromptError(f"I can't open the file “{path.name}”. Check the path and send "
+                              "it again.") from None
+        kept = keep_upload(data, self.settings.resolved_data_dir, name=path.name)
+        return Intent(intent.kind, intent.prompt, {**intent.options, "image": str(kept)})
+
+    def origin(self, event: Event, reply_to: str | None) -> Origin:
+        target = DeliveryTarget(
+            platform=event.platform, chat_id=event.channel.chat_id,
+            thread_id=event.channel.thread_id, reply_to=reply_to,
+            interaction_token=getattr(event, "interaction_token", None))
+        return Origin(event.platform, f"{event.platform}:{event.event_id}",
+                      self.store.ensure_user(event.platform, event.actor),
+                      self.store.ensure_community(event.platform, event.channel), target)
+
+    @staticmethod
+    def origin_of(job: Job, *, key: str) -> Origin:
+        """Answers go where ``job``'s did (its progress message, its interaction)."""
+        return Origin(job.platform, key, job.user_id, job.community_id,
+                      DeliveryTarget.from_dict(job.delivery))
 
     # -- the person's view of their taste -------------------------------------------------------
 
@@ -159,10 +271,15 @@ class Orchestrator:
         return _info(usage, reply_to=reply_to)
 
     def _forget(self, event: Event, text: str, reply_to: str | None) -> OutboundMessage:
-        if text.strip().lower() != "feedback":
+        what = text.strip().lower()
+        if what not in ("feedback", "uploads"):
             return _info("Send /forget feedback to erase your reactions and what I learned "
-                         "from them.", reply_to=reply_to)
+                         "from them, or /forget uploads to erase the pictures you sent me.",
+                         reply_to=reply_to)
         user_id = self.store.ensure_user(event.platform, event.actor)
+        if what == "uploads":
+            erased = self.store.forget_uploads(self.taste.identities_of(user_id))
+            return _info(f"Done: erased {erased} picture(s) you sent me.", reply_to=reply_to)
         erased = self.taste.forget_feedback(user_id)
         return _info(f"Done: erased {erased} reaction(s) and button press(es) of yours and "
                      "rebuilt every profile they had touched.", reply_to=reply_to)
@@ -179,14 +296,16 @@ class Orchestrator:
         return _error("That link code is unknown or expired. Send /link to get a new one.",
                       reply_to=reply_to)
 
-    def _submit(self, event: Event, intent: Intent, *, reply_to: str | None,
-                parent: Job | None = None, key_suffix: str = "",
-                keep_style: bool = False, thread: bool = False,
-                extra_params: dict[str, Any] | None = None,
-                variation: bool = False) -> list[OutboundMessage]:
-        user_id = self.store.ensure_user(event.platform, event.actor)
-        community_id = self.store.ensure_community(event.platform, event.channel)
-        kind = "image" if intent.kind is IntentKind.IMAGINE else "text"
+    def submit(self, origin: Origin, intent: Intent, *, parent: Job | None = None,
+               key_suffix: str = "", keep_style: bool = False, thread: bool = False,
+               extra_params: dict[str, Any] | None = None, variation: bool = False,
+               fresh: bool | None = None, kind: str | None = None) -> list[OutboundMessage]:
+        """Make, persist and publish the jobs for one request; returns its status reply.
+
+        ``fresh`` requests (no parent, or a picked brainstorm idea) render takes in different
+        styles; follow-ups render one. ``kind`` overrides the intent's job kind (refinements).
+        """
+        kind = kind or _JOB_KIND[intent.kind]
         seed = intent.options.get("seed", secrets.randbits(SEED_BITS))
         fixed = _fixed_choices(kind, intent.options)
         if keep_style and parent is not None and parent.params.get("taste"):
@@ -194,17 +313,16 @@ class Orchestrator:
             fixed = {**parent.params["taste"]["choice"], **fixed}
             if variation:  # how far to vary is chosen (and learned) afresh for each variation
                 fixed = {d: v for d, v in fixed.items() if d not in taste.VARIATION_ONLY}
-        # A fresh picture request renders takes in different styles, unless the person named a
-        # style or a number of pictures; follow-ups (reroll, more, variations) render one.
-        takes = (self.settings.image_takes if kind == "image" and parent is None
-                 and "style" not in fixed and "count" not in intent.options else 1)
-        chosen = self.taste.choose(user_id=user_id, community_id=community_id, kind=kind,
-                                   rng=self.rng, learning=self.settings.learning, fixed=fixed,
-                                   takes=takes, variation=variation)
-        target = DeliveryTarget(
-            platform=event.platform, chat_id=event.channel.chat_id,
-            thread_id=event.channel.thread_id, reply_to=reply_to,
-            interaction_token=getattr(event, "interaction_token", None))
+        fresh = parent is None if fresh is None else fresh
+        picked_style = bool(fresh and parent is not None and "style" in fixed)
+        takes = (self.settings.image_takes if kind == "image" and fresh
+                 and ("style" not in fixed or picked_style) and "count" not in intent.options
+                 and intent.kind in (IntentKind.IMAGINE, IntentKind.REMIX) else 1)
+        chosen = self.taste.choose(user_id=origin.user_id, community_id=origin.community_id,
+                                   kind=kind, rng=self.rng, learning=self.settings.learning,
+                                   fixed=fixed, takes=takes, variation=variation,
+                                   beside_fixed=picked_style)
+        piece = self._piece_params(origin, intent, fixed)
         jobs: list[Job] = []
         for index, (choice, record) in enumerate(chosen):
             params: dict[str, Any] = taste.generation_params(kind, choice.values)
@@ -218,50 +336,130 @@ class Orchestrator:
             if len(chosen) > 1:
                 params["takes"] = {"index": index, "of": len(chosen), "siblings": [
                     other.values for j, (other, _) in enumerate(chosen) if j != index]}
+            if "understanding" in intent.options:
+                params["understanding"] = intent.options["understanding"]
+            if intent.kind is IntentKind.REMIX:
+                params["remix"] = {"path": intent.options["image"]}
+            params.update(piece)
             params.update(extra_params or {})
             if thread:
                 # A reply to a result: the worker gives the model the earlier turns as context.
                 params["thread"] = True
             job, created = self.store.create_job(
-                idempotency_key=f"{event.platform}:{event.event_id}{key_suffix}"
-                                + (f":take{index + 1}" if index else ""),
-                kind=kind, intent=intent.kind.value, user_id=user_id, community_id=community_id,
-                parent_job_id=parent.id if parent else None, prompt=intent.prompt,
+                idempotency_key=f"{origin.key}{key_suffix}" + (f":take{index + 1}" if index else ""),
+                kind=kind, intent=intent.kind.value, user_id=origin.user_id,
+                community_id=origin.community_id, parent_job_id=parent.id if parent else None,
+                prompt=intent.prompt,
                 expanded_prompt=taste.expand_prompt(kind, intent.prompt, choice.values),
-                params=params, seed=seed, platform=event.platform, delivery=target.to_dict())
+                params=params, seed=seed, platform=origin.platform,
+                delivery=origin.target.to_dict())
             if not created:
-                log.info("duplicate event %s for job %s ignored", event.event_id, job.id)
+                log.info("duplicate request %s for job %s ignored", origin.key, job.id)
                 return []
+            if intent.kind is IntentKind.REMIX:
+                path = str(intent.options["image"])
+                self.store.add_input(job.id, path, Path(path).read_bytes())
             jobs.append(job)
-        what = "Drawing" if kind == "image" else "Writing"
+        return [self._publish(jobs, intent, origin)]
+
+    def _piece_params(self, origin: Origin, intent: Intent,
+                      fixed: dict[str, str]) -> dict[str, Any]:
+        """What a story or a brainstorm decides up front: its pictures' taste and its budget."""
+        if intent.kind is IntentKind.STORY:
+            scenes = int(intent.options.get("scenes", SCENES_DEFAULT))
+            style = {"style": intent.options["style"].replace(" ", "-")} if (
+                str(intent.options.get("style", "")).replace(" ", "-")
+                in taste.CATALOGUE["image"]["style"]) else {}
+            (_, picture_taste), = self.taste.choose(
+                user_id=origin.user_id, community_id=origin.community_id, kind="image",
+                rng=self.rng, learning=self.settings.learning, fixed=style)
+            chars = self.settings.story_scene_max_chars
+            per_scene = (chars + min(chars, cocreation.PICTURE_MAX_CHARS)) / CHARS_PER_TOKEN
+            budget = (cocreation.TITLE_MAX_CHARS / CHARS_PER_TOKEN
+                      + scenes * (per_scene + JSON_TOKENS_PER_ITEM) + JSON_TOKENS_PER_ITEM)
+            return {"story": {"scenes": scenes}, "picture_taste": picture_taste,
+                    "max_new_tokens": round(budget)}
+        if intent.kind is IntentKind.BRAINSTORM:
+            styles = self.taste.choose(
+                user_id=origin.user_id, community_id=origin.community_id, kind="image",
+                rng=self.rng, learning=self.settings.learning, takes=cocreation.IDEAS_MAX)
+            per_idea = (cocreation.IDEA_TITLE_MAX_CHARS + cocreation.IDEA_PROMPT_MAX_CHARS
+                        ) / CHARS_PER_TOKEN + JSON_TOKENS_PER_ITEM
+            return {"idea_styles": [record for _, record in styles],
+                    "max_new_tokens": round(cocreation.IDEAS_MAX * per_idea
+                                            + JSON_TOKENS_PER_ITEM)}
+        if intent.kind is IntentKind.UNDERSTAND:
+            return {"max_new_tokens": 8}
+        return {}
+
+    def _publish(self, jobs: list[Job], intent: Intent, origin: Origin) -> OutboundMessage:
+        """Publish ``jobs`` (the redriver retries what fails) and say what is happening."""
+        reply_to = origin.target.reply_to
         for job in jobs:
             try:
-                self.publisher.publish(job.id, kind, job.params)
+                self.publisher.publish(job.id, job.kind, job.params)
             except QueueUnavailableError as exc:
                 ids = ", ".join(j.id for j in jobs)
-                return [OutboundMessage(MessageKind.STATUS, f"{exc.user_message} (job {ids})",
-                                        job_id=jobs[0].id, reply_to=reply_to)]
+                return OutboundMessage(MessageKind.STATUS, f"{exc.user_message} (job {ids})",
+                                       job_id=jobs[0].id, reply_to=reply_to)
             self.store.mark_published(job.id)
         ahead = self.store.queue_position(jobs[0])
         queue_note = f", {ahead} ahead of you" if ahead else ""
-        if len(jobs) > 1:
+        prompt = _shorten(intent.prompt)
+        if intent.kind is IntentKind.STORY:
+            scenes = jobs[0].params["story"]["scenes"]
+            style = jobs[0].params["picture_taste"]["choice"]["style"]
+            text = (f"Writing a story in {scenes} scenes, then drawing them in {style}: "
+                    f"“{prompt}” (job {jobs[0].id}{queue_note})")
+        elif len(jobs) > 1:
             styles = " and ".join(j.params["taste"]["choice"]["style"] for j in jobs)
-            text = (f"{what} {len(jobs)} takes, {styles}: “{_shorten(intent.prompt)}” "
+            what = _STATUS_VERB.get(intent.kind, "Drawing")
+            text = (f"{what} {len(jobs)} takes, {styles}: “{prompt}” "
                     f"(jobs {', '.join(j.id for j in jobs)}{queue_note}). React 👍 to the one "
                     "you like; I learn from your pick.")
         else:
-            text = f"{what}: “{_shorten(intent.prompt)}” (job {jobs[0].id}{queue_note})"
-        return [OutboundMessage(MessageKind.STATUS, text, job_id=jobs[0].id, reply_to=reply_to)]
+            what = _STATUS_VERB.get(intent.kind) or (
+                "Drawing" if jobs[0].kind == "image" else "Writing")
+            text = f"{what}: “{prompt}” (job {jobs[0].id}{queue_note})"
+        return OutboundMessage(MessageKind.STATUS, text, job_id=jobs[0].id, reply_to=reply_to)
+
+    def refine(self, origin: Origin, intent: Intent, parent: Job,
+               position: int) -> list[OutboundMessage]:
+        """Change a result as ``intent.prompt`` says (a reply, a Refine press, ``/reply N``).
+
+        Pictures are redrawn image-to-image from the replied-to picture, with a prompt the text
+        model rewrites (in the worker); texts are revised with the earlier text in context.
+        """
+        instruction = intent.prompt
+        if parent.intent == "story":
+            raise PromptError("To change a story's picture, reply to that scene. For a new "
+                              "story press 🔁 under its title.")
+        if parent.intent == "brainstorm":
+            ask = Intent(IntentKind.BRAINSTORM, f"{parent.prompt} ({instruction})", {
+                k: v for k, v in intent.options.items() if k == "understanding"})
+            return self.submit(origin, ask, parent=parent, fresh=False)
+        refine = {"job_id": parent.id, "position": position, "instruction": instruction}
+        options = {k: v for k, v in intent.options.items() if k == "understanding"}
+        if parent.kind == "image":
+            options.update(seed=(parent.seed + REFINE_SEED_STEP) % 2**SEED_BITS, count=1)
+            base = str((parent.params.get("refine") or {}).get("prompt") or parent.prompt)
+            return self.submit(origin, Intent(IntentKind.REFINE, base, options), parent=parent,
+                               keep_style=True, fresh=False, kind="image",
+                               extra_params={"refine": refine})
+        return self.submit(origin, Intent(IntentKind.REFINE, instruction, options),
+                           parent=parent, keep_style=True, fresh=False, kind="text",
+                           thread=True, extra_params={"refine": refine})
 
     # -- feedback -----------------------------------------------------------------------------
 
     def _reaction(self, event: ReactionChanged) -> list[OutboundMessage]:
-        delivered = self.store.find_delivered(event.platform, event.channel.chat_id,
-                                              event.message_id)
-        if delivered is None:
+        shown = self.store.result_of_message(event.platform, event.channel.chat_id,
+                                             event.message_id)
+        if shown is None:
             return [_error("I only learn from reactions on results I made; that message isn't "
                            "one of mine.", ephemeral=True)]
-        common: dict[str, Any] = dict(job_id=delivered.job_id, platform=event.platform,
+        # A story's scene message teaches about that scene's picture, not the story's text.
+        common: dict[str, Any] = dict(job_id=shown[0].id, platform=event.platform,
                       chat_id=event.channel.chat_id, message_id=event.message_id,
                       kind="reaction", occurred_at=event.occurred_at)
         if event.anonymous:
@@ -273,34 +471,42 @@ class Orchestrator:
                                       user_id=None, value=emoji, delta=change, **common)
             return []
         user_id = self.store.ensure_user(event.platform, event.actor)
+        # A person's reaction is on or off: the log's state, not the event id, makes a replay a
+        # no-op (Discord's reaction events carry no id), and the key names the reaction itself.
+        reaction = f"{event.platform}:{event.channel.chat_id}:{event.message_id}:{user_id}"
         for emoji, delta in [(e, 1) for e in sorted(event.added)] + [
                 (e, -1) for e in sorted(event.removed)]:
-            self.taste.record(event_key=f"{event.platform}:{event.event_id}:{emoji}:{delta}",
-                              user_id=user_id, value=emoji, delta=delta, **common)
+            self.taste.record(event_key=f"{reaction}:{emoji}:{'add' if delta > 0 else 'remove'}",
+                              user_id=user_id, value=emoji, delta=delta, toggle=True, **common)
         return []
 
     def _reactions_cleared(self, event: ReactionsCleared) -> list[OutboundMessage]:
-        """Remove-all / remove-emoji: every actor's matching reactions are undone."""
-        delivered = self.store.find_delivered(event.platform, event.channel.chat_id,
-                                              event.message_id)
-        if delivered is None:
+        """Remove-all / remove-emoji: every actor's standing matching reactions are undone.
+
+        Each undo is that person's remove (``toggle``), so a replayed clear finds nothing
+        standing and changes nothing, while a clear after reactions came back counts again.
+        """
+        shown = self.store.result_of_message(event.platform, event.channel.chat_id,
+                                             event.message_id)
+        if shown is None:
             return []
         for user_id, emoji in self.store.live_reactions(event.platform, event.message_id,
                                                         event.emoji):
-            self.taste.record(event_key=f"{event.platform}:{event.event_id}:{user_id}:{emoji}",
-                              job_id=delivered.job_id, user_id=user_id, platform=event.platform,
+            self.taste.record(event_key=f"{event.platform}:{event.channel.chat_id}:"
+                                        f"{event.message_id}:{user_id}:{emoji}:clear",
+                              job_id=shown[0].id, user_id=user_id, platform=event.platform,
                               chat_id=event.channel.chat_id, message_id=event.message_id,
                               kind="reaction", value=emoji, delta=-1,
-                              occurred_at=event.occurred_at)
+                              occurred_at=event.occurred_at, toggle=True)
         return []
 
     def _button(self, event: ComponentActivated) -> list[OutboundMessage]:
-        """Buttons under results. ``custom_id`` is ``action:job_id`` (see :data:`BUTTON_ACTIONS`)."""
+        """Buttons under results: ``custom_id`` is ``action:job_id`` (see core/actions.py)."""
         action, _, job_id = event.custom_id.partition(":")
         job = self.store.get_job(job_id) if job_id else None
         if job is None:
             return [_error("That button belongs to a result I no longer know.", ephemeral=True)]
-        if action not in BUTTON_ACTIONS and not _VARIATION.fullmatch(action):
+        if not actions.is_action(action):
             return [_error(f"I don't know the button '{action}'.", ephemeral=True)]
         user_id = self.store.ensure_user(event.platform, event.actor)
         if action == "delete":
@@ -309,11 +515,12 @@ class Orchestrator:
                                ephemeral=True)]
             return [_info("Deleted.", ephemeral=True, delete_message_id=event.message_id)]
         if action == "why":
-            why = (job.params.get("taste") or {}).get("why") or "I had no taste to go on yet."
-            style = ", ".join(f"{d}: {v}" for d, v in
-                              ((job.params.get("taste") or {}).get("choice") or {}).items())
-            return [_info(f"Why this: {why}.\nChosen: {style}.\nPrompt I used: "
-                          f"“{job.expanded_prompt}”", ephemeral=True)]
+            return [_info(_why(job), ephemeral=True)]
+        if action == "refine":
+            return [_info("Reply to this result with what to change, for example “make it at "
+                          "night” or “same, as a watercolor”.", ephemeral=True)]
+        if action.startswith(actions.ASK_PREFIX):
+            return self._answer_question(event, job, action[len(actions.ASK_PREFIX):])
         self.taste.record(event_key=f"{event.platform}:{event.event_id}:button", job_id=job.id,
                           user_id=user_id, platform=event.platform,
                           chat_id=event.channel.chat_id, message_id=event.message_id,
@@ -321,10 +528,20 @@ class Orchestrator:
         if action in ("up", "down"):
             return [_info("Thanks, noted." if action == "up" else "Noted; I'll steer away from "
                           "this.", ephemeral=True)]
+        origin = self.origin(event, event.message_id)
+        if action.startswith("pick"):
+            return self._pick(origin, job, int(action[4:]), action)
+        if action == "ideas" or (action == "reroll" and job.intent in ("story", "brainstorm")):
+            # Another brainstorm (avoiding the ideas shown) or another story on the same prompt.
+            again = Intent(IntentKind(job.intent), job.prompt, dict(
+                {"scenes": job.params["story"]["scenes"]} if job.intent == "story" else {}))
+            avoid = [i["title"] for i in job.params.get("ideas", [])]
+            return self.submit(origin, again, parent=job, key_suffix=f":{action}", fresh=False,
+                               extra_params={"avoid": avoid} if avoid else None)
         kind = IntentKind.IMAGINE if job.kind == "image" else IntentKind.WRITE
         options: dict[str, Any] = {"count": job.params.get("count", 1)} if job.kind == "image" else {}
         extra: dict[str, Any] = {}
-        variation = bool(_VARIATION.fullmatch(action))
+        variation = action.startswith("vary")
         if variation:
             # Variation N redraws picture N of the result (image to image, at the strength the
             # taste chooses) with a seed moved by a fixed, reproducible step; for text it is a
@@ -338,10 +555,58 @@ class Orchestrator:
                 return [_error("Only pictures can be upscaled.", ephemeral=True)]
             options.update(seed=job.seed, count=1)
             extra["scale"] = UPSCALE_FACTOR * float(job.params.get("scale", 1))
+        prompt = _current_prompt(job)
         # "more like this", variations and upscales keep the style; a reroll chooses again.
-        return self._submit(event, Intent(kind, job.prompt, options), reply_to=event.message_id,
-                            parent=job, key_suffix=f":{action}", keep_style=action != "reroll",
-                            extra_params=extra, variation=variation and job.kind == "image")
+        return self.submit(origin, Intent(kind, prompt, options), parent=job,
+                           key_suffix=f":{action}", keep_style=action != "reroll",
+                           extra_params=extra, variation=variation and job.kind == "image")
+
+    def _pick(self, origin: Origin, job: Job, number: int,
+              action: str) -> list[OutboundMessage]:
+        """Render brainstorm idea ``number`` (with takes); anyone may pick, for themselves."""
+        ideas = job.params.get("ideas") or []
+        if job.intent != "brainstorm" or not 1 <= number <= len(ideas):
+            return [_error("That idea is not on the list any more; press 💡 for new ones.",
+                           ephemeral=True)]
+        idea = ideas[number - 1]
+        options: dict[str, Any] = {"style": idea["style"]}
+        intent = Intent(IntentKind.IMAGINE, idea["prompt"], options)
+        return self.submit(origin, intent, parent=job, key_suffix=f":{action}", fresh=True,
+                           extra_params={"picked": {"job_id": job.id, "idea": number,
+                                                    "title": idea["title"]}})
+
+    def _answer_question(self, event: ComponentActivated, job: Job,
+                         wanted: str) -> list[OutboundMessage]:
+        """The person told us what their message meant ("A picture / A text / A story?")."""
+        if job.intent != "understand" or wanted not in {i for i, _ in ASK_CHOICES}:
+            return [_error("That question is no longer open.", ephemeral=True)]
+        understanding = Understanding(wanted, 1.0, "person",
+                                      str((job.params.get("understand") or {}).get("text")
+                                          or job.prompt))
+        return self.route(job, understanding)
+
+
+def _current_prompt(job: Job) -> str:
+    """The prompt a follow-up starts from: a refinement's rewritten one, else the request's."""
+    return str((job.params.get("refine") or {}).get("prompt") or job.prompt)
+
+
+def _why(job: Job) -> str:
+    """"Why this?": the routing decision, the taste's choice and the prompt the model saw."""
+    record = job.params.get("taste") or {}
+    lines = []
+    understood = job.params.get("understanding")
+    if understood:
+        lines.append(Understanding(**understood).describe() + ".")
+    lines.append(f"Why this: {record.get('why') or 'I had no taste to go on yet'}.")
+    choice = ", ".join(f"{d}: {v}" for d, v in (record.get("choice") or {}).items())
+    if choice:
+        lines.append(f"Chosen: {choice}.")
+    picture = (job.params.get("picture_taste") or {}).get("choice")
+    if picture:
+        lines.append("Pictures: " + ", ".join(f"{d}: {v}" for d, v in picture.items()) + ".")
+    lines.append(f"Prompt I used: “{job.expanded_prompt}”")
+    return "\n".join(lines)
 
 
 def _fixed_choices(kind: str, options: dict[str, Any]) -> dict[str, str]:

@@ -73,6 +73,13 @@ class Settings(BaseSettings):
         "one they like (and the bot learns from the pick). 1: one picture per request.",
     )
     max_prompt_chars: int = Field(default=2000, ge=10, description="Longest prompt accepted.")
+    story_scene_max_chars: int = Field(
+        default=280, ge=20, le=1000,
+        description="Longest scene text of an illustrated story (/story), in characters; the "
+        "story's token budget follows from it.")
+    story_poll_seconds: float = Field(
+        default=2.0, gt=0,
+        description="How often a story whose pictures are still being drawn checks on them.")
     text_max_new_tokens: int = Field(default=160, ge=8, description="Token budget for /write.")
     image_steps: int | None = Field(
         default=None, description="Denoising steps; unset: the model family's usual number."

@@ -107,7 +107,8 @@ DEFAULT_EMOJI_MEANINGS: dict[str, int] = {
     **{e: 1 for e in ("👍", "❤️", "❤", "🔥", "😍", "⭐", "🌟", "👏", "🥰", "💯", "🎉")},
     **{e: -1 for e in ("👎", "😐", "💩", "🤮", "😴", "🙄")},
 }
-BUTTON_MEANINGS: dict[str, int] = {"up": 1, "more": 1, "down": -1, "reroll": -1}
+BUTTON_MEANINGS: dict[str, int] = {"up": 1, "more": 1, "down": -1, "reroll": -1,
+                                   **{f"pick{n}": 1 for n in range(1, 10)}}
 
 #: How much a reaction counts, by who made it.
 REQUESTER_WEIGHT = 1.0
@@ -257,19 +258,22 @@ def choose(kind: str, own: Posterior | None, community: Posterior | None, *, rng
 
 def choose_takes(kind: str, own: Posterior | None, community: Posterior | None, *,
                  rng: random.Random, takes: int, learning: bool = True,
-                 fixed: Mapping[str, str] | None = None, variation: bool = False) -> list[Choice]:
+                 fixed: Mapping[str, str] | None = None, variation: bool = False,
+                 beside_fixed: bool = False) -> list[Choice]:
     """``takes`` choices for one request that differ in the lead dimension (style, tone).
 
     The first is an ordinary Thompson draw. Each further take keeps the first one's other values
     and takes the lead value of the best further draw that is not yet among the takes (top-two
     Thompson sampling); if draws keep repeating, the best untried value by posterior mean.
+    A fixed lead value (the person named a style) gives one take, unless ``beside_fixed``: a
+    picked brainstorm idea comes in its own style and, beside it, another one.
     """
     first = choose(kind, own, community, rng=rng, learning=learning, fixed=fixed,
                    variation=variation)
     lead = LEAD_DIMENSION[kind]
     values = sorted(CATALOGUE[kind][lead])
     out = [first]
-    if fixed and lead in fixed:
+    if fixed and lead in fixed and not beside_fixed:
         return out  # the person named the style: one take of it
     stats = _posterior(own, community)
     for _ in range(min(takes, len(values)) - 1):

@@ -23,6 +23,7 @@ LIMIT = 200
         ("draw a red fox in the snow", IntentKind.IMAGINE, "a red fox in the snow", {}),
         ("Please paint a sunset", IntentKind.IMAGINE, "a sunset", {}),
         ("what rhymes with orange?", IntentKind.WRITE, "what rhymes with orange?", {}),
+        ("can you draw me a picture of a castle", IntentKind.IMAGINE, "a castle", {}),
         ("/help", IntentKind.HELP, "", {}),
         ("/start", IntentKind.HELP, "", {}),
         ("/profile", IntentKind.PROFILE, "", {}),
@@ -30,7 +31,56 @@ LIMIT = 200
 )
 def test_parse_text(text: str, kind: IntentKind, prompt: str, options: dict[str, int]) -> None:
     intent = parse_text(text, max_prompt_chars=LIMIT)
+    understood = intent.options.pop("understanding", None)
     assert (intent.kind, intent.prompt, intent.options) == (kind, prompt, options)
+    # Free text says how it was understood; commands need no understanding.
+    assert (understood is None) == text.startswith("/")
+    if understood:
+        assert understood["source"] == "rules" and understood["intent"] == kind.value
+        assert 0.5 < understood["confidence"] <= 1
+
+
+@pytest.mark.parametrize(
+    ("text", "replying", "kind", "prompt", "options"),
+    [
+        ("/story a fox who learns to fly --scenes 3 --style watercolor", False,
+         IntentKind.STORY, "a fox who learns to fly", {"scenes": 3, "style": "watercolor"}),
+        ("/brainstorm a poster for our jazz night", False, IntentKind.BRAINSTORM,
+         "a poster for our jazz night", {}),
+        ("/remix as a watercolor", False, IntentKind.REMIX, "as a watercolor", {}),
+        ("write me a short story about a lighthouse keeper, with pictures", False,
+         IntentKind.STORY, "write me a short story about a lighthouse keeper, with pictures", {}),
+        ("give me some ideas for a bakery logo", False, IntentKind.BRAINSTORM,
+         "give me some ideas for a bakery logo", {}),
+        ("make it at night", True, IntentKind.REFINE, "make it at night", {}),
+        ("same, as a watercolor", True, IntentKind.REFINE, "same, as a watercolor", {}),
+        ("now draw a dog on a skateboard", True, IntentKind.IMAGINE, "a dog on a skateboard", {}),
+    ],
+)
+def test_co_creation_requests(text: str, replying: bool, kind: IntentKind, prompt: str,
+                              options: dict[str, object]) -> None:
+    intent = parse_text(text, max_prompt_chars=LIMIT, replying=replying)
+    intent.options.pop("understanding", None)
+    assert (intent.kind, intent.prompt, intent.options) == (kind, prompt, options)
+
+
+def test_unclear_free_text_goes_to_the_model() -> None:
+    intent = parse_text("the blue hour over the old harbour", max_prompt_chars=LIMIT)
+    assert intent.kind is IntentKind.UNDERSTAND and intent.makes_job
+    assert intent.prompt == "the blue hour over the old harbour"
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("/story a fox --scenes 0", "between 2 and 6"),
+    ("/story a fox --scenes 99", "between 2 and 6"),
+    ("/story", "empty"),
+    ("/brainstorm   ", "/brainstorm a poster"),
+    ("/story a fox --count 2", "no option --count"),
+])
+def test_bad_co_creation_input(text: str, words: str) -> None:
+    with pytest.raises(PromptError) as info:
+        parse_text(text, max_prompt_chars=LIMIT)
+    assert words in str(info.value)
 
 
 @pytest.mark.parametrize(

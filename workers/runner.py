@@ -24,7 +24,14 @@ import PIL.Image
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select
 
-from core.errors import DeliveryError, ModelUnavailableError, MuseSparkError
+from core import actions, cocreation, taste, understanding
+from core.errors import (
+    DeliveryError,
+    ModelUnavailableError,
+    MuseSparkError,
+    QueueUnavailableError,
+    UserInputError,
+)
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Artifact, Claim, DeliveredMessage, Job, JobState, Store, content_hash, utcnow
@@ -54,6 +61,8 @@ class _Outcome:
     model: str
     messages: list[OutboundMessage]
     artifacts: list[Artifact] = field(default_factory=list)
+    #: What generation decided that later steps read (merged into the job's params).
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 class _Heartbeat:
@@ -110,12 +119,8 @@ def _taste_recipe(job: Job) -> dict[str, Any]:
             "why": record.get("why"), "profile_version": record.get("profile_version")}
 
 
-def _result_buttons(job: Job) -> tuple[Button, ...]:
-    buttons = [Button("reroll", "🔁 Reroll", job.id), Button("more", "✨ More like this", job.id)]
-    if job.kind == "image":
-        buttons += [Button("vary1", "V1", job.id), Button("vary2", "V2", job.id),
-                    Button("upscale", "⬆️ Bigger", job.id)]
-    return (*buttons, Button("why", "❓ Why this?", job.id))
+def _result_buttons(job: Job, *, ideas: int = 0) -> tuple[Button, ...]:
+    return actions.buttons_for(job.id, kind=job.kind, intent=job.intent, ideas=ideas)
 
 
 #: A reply to a result continues the conversation: this many earlier request/result pairs
@@ -154,20 +159,30 @@ def _thread_history(store: Store, job: Job) -> tuple[list[str], list[dict[str, s
     return ids, turns
 
 
-def _generate_text(job: Job, settings: Settings, *, thread: list[str] | None = None,
-                   history: list[dict[str, str]] | None = None) -> _Outcome:
+def _text_generator(settings: Settings) -> Any:
     from workers.pipelines.text_causal_lm import get_text_generator
 
-    generator = get_text_generator(settings.text_model, settings.models_dir, settings.device)
+    return get_text_generator(settings.text_model, settings.models_dir, settings.device)
+
+
+def _generate_text(job: Job, settings: Settings, *, thread: list[str] | None = None,
+                   history: list[dict[str, str]] | None = None) -> _Outcome:
+    generator = _text_generator(settings)
+    request = job.expanded_prompt
+    refine = job.params.get("refine")
+    if refine:  # a revision: the earlier text is in ``history``
+        request = f"Rewrite your last text with this change: {request}"
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, *(history or []),
-                {"role": "user", "content": job.expanded_prompt}]
+                {"role": "user", "content": request}]
     result = generator.generate(messages, max_new_tokens=int(job.params["max_new_tokens"]),
                                 seed=job.seed, temperature=TEXT_TEMPERATURE,
                                 repetition_penalty=TEXT_REPETITION_PENALTY)
     recipe = {"job_id": job.id, "prompt": job.prompt, "expanded_prompt": job.expanded_prompt,
               "seed": job.seed, "model": result.model_name, **_taste_recipe(job),
               "params": {k: v for k, v in job.params.items() if k != "taste"},
-              **({"thread": thread} if thread else {})}
+              **({"thread": thread} if thread else {}),
+              **({"refined_from": {"job_id": refine["job_id"], "position": refine["position"]},
+                  "instruction": refine["instruction"]} if refine else {})}
     artifact = Artifact(job_id=job.id, kind="text", position=0, text=result.text,
                         content_hash=content_hash(result.text.encode()), recipe=recipe,
                         created_at=utcnow())
@@ -177,10 +192,52 @@ def _generate_text(job: Job, settings: Settings, *, thread: list[str] | None = N
     return _Outcome(result.model_name, [message], [artifact])
 
 
-def _generate_image(job: Job, settings: Settings, *, source: Path | None = None) -> _Outcome:
+#: How far a remix moves from the person's picture (image-to-image strength).
+REMIX_STRENGTH = 0.7
+
+
+def _refined_prompt(store: Store, job: Job, settings: Settings) -> tuple[str, float]:
+    """A refinement's new picture prompt (the text model applies the instruction to the chain
+    of earlier prompts) and the image-to-image strength its size of change calls for."""
+    refine = job.params["refine"]
+    instructions: list[str] = []
+    current = store.get_job(refine["job_id"])
+    root = job.prompt
+    while current is not None and current.intent == "refine" and len(instructions) < 8:
+        instructions.insert(0, str(current.params["refine"]["instruction"]))
+        current = store.get_job(current.parent_job_id) if current.parent_job_id else None
+    if current is not None:
+        root = current.prompt
+    messages = cocreation.rewrite_messages([root], instructions, refine["instruction"])
+    result = _text_generator(settings).generate_json(
+        messages, cocreation.Rewrite.model_json_schema(),
+        max_new_tokens=round(cocreation.REWRITE_MAX_CHARS / 3) + 24, seed=job.seed,
+        temperature=TEXT_TEMPERATURE)
+    rewrite = cocreation.rewrite_or_fallback(result.text, job.prompt, refine["instruction"])
+    return rewrite.prompt, cocreation.REFINE_STRENGTH[rewrite.change]
+
+
+def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
+                    store: Store | None = None) -> _Outcome:
     from workers.pipelines.image_diffusion import get_image_generator, save_png
 
     generator = get_image_generator(settings.image_model, settings.models_dir, settings.device)
+    strength = float(job.params.get("variation_strength", 0.6))
+    prompt, expanded = job.prompt, job.expanded_prompt
+    extra_recipe: dict[str, Any] = {}
+    if job.params.get("refine") and store is not None:
+        prompt, strength = _refined_prompt(store, job, settings)
+        choice = (job.params.get("taste") or {}).get("choice") or {}
+        expanded = taste.expand_prompt("image", prompt, choice) if choice.get("style") else prompt
+        refine = job.params["refine"]
+        extra_recipe = {"refined_from": {"job_id": refine["job_id"],
+                                         "position": refine["position"]},
+                        "instruction": refine["instruction"], "strength": strength}
+    elif job.params.get("remix"):
+        strength = REMIX_STRENGTH
+        extra_recipe = {"remix_of": {"path": str(source), "strength": strength}}
+    if job.params.get("story"):
+        extra_recipe["story"] = job.params["story"]
     side = (job.params.get("size") or generator.default_size) * float(job.params.get("scale", 1))
     width, height = _dimensions(round(side), job.params.get("aspect_ratio") or (1, 1))
     guidance = generator.default_guidance * float(job.params.get("guidance_factor", 1.0))
@@ -188,11 +245,10 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None)
                          * float(job.params.get("steps_factor", 1.0))))
     if source is not None:
         with PIL.Image.open(source) as picture:
-            result = generator.vary(job.expanded_prompt, picture, seed=job.seed, steps=steps,
-                                    strength=float(job.params.get("variation_strength", 0.6)),
-                                    guidance=guidance)
+            result = generator.vary(expanded, picture, seed=job.seed, steps=steps,
+                                    strength=strength, guidance=guidance)
     else:
-        result = generator.generate(job.expanded_prompt, n=int(job.params.get("count", 1)),
+        result = generator.generate(expanded, n=int(job.params.get("count", 1)),
                                     seed=job.seed, steps=steps,
                                     guidance=guidance, width=width, height=height)
     folder = settings.artifacts_dir / job.id
@@ -200,22 +256,23 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None)
     artifacts, paths = [], []
     for position, image in enumerate(result.images):
         recipe: dict[str, Any] = {
-            "job_id": job.id, "prompt": job.prompt, "expanded_prompt": job.expanded_prompt,
+            "job_id": job.id, "prompt": prompt, "expanded_prompt": expanded,
             "seed": result.seed, "position": position, "model": result.model_name,
             "demo_model": result.is_demo, **_taste_recipe(job),
             "params": {"steps": result.steps, "guidance": result.guidance,
                        "width": result.width, "height": result.height,
                        "count": len(result.images)},
         }
-        if source is not None:
+        if job.params.get("vary_from") and source is not None:
             recipe["variation_of"] = {**job.params["vary_from"], "path": str(source),
                                       "strength": job.params.get("variation_strength")}
+        recipe.update(extra_recipe)
         path = save_png(image, folder / f"{position + 1}.png", recipe)
         paths.append(str(path))
         artifacts.append(Artifact(job_id=job.id, kind="image", position=position, path=str(path),
                                   content_hash=content_hash(Path(path).read_bytes()),
                                   recipe=recipe, created_at=utcnow()))
-    caption = f"“{job.prompt}” · seed {result.seed} · {result.model_name}"
+    caption = f"“{prompt}” · seed {result.seed} · {result.model_name}"
     takes = job.params.get("takes")
     if takes:
         style = (job.params.get("taste") or {}).get("choice", {}).get("style", "")
@@ -224,17 +281,27 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None)
         caption += f"\n{DEMO_IMAGE_NOTICE}"
     message = OutboundMessage(MessageKind.RESULT, caption, images=tuple(paths), job_id=job.id,
                               buttons=_result_buttons(job))
-    return _Outcome(result.model_name, [message], artifacts)
+    return _Outcome(result.model_name, [message], artifacts,
+                    {"refine": {**job.params["refine"], "prompt": prompt}}
+                    if job.params.get("refine") else {})
 
 
 def _variation_source(store: Store, job: Job) -> Path | None:
-    """The picture a variation redraws: the parent's image at that position (or its last)."""
-    wanted = job.params.get("vary_from")
+    """The picture a variation or refinement redraws (the parent's image at that position, or
+    its last), or the person's upload for a remix."""
+    if job.params.get("remix"):
+        path = Path(job.params["remix"]["path"])
+        if not path.is_file():
+            raise UserInputError("The picture you sent is gone (it was erased with /forget "
+                                 "uploads, or lost); send it again to remix it.")
+        return path
+    wanted = job.params.get("vary_from") or job.params.get("refine")
     if not wanted:
         return None
     with store.session() as s:
         images = [a.path for a in s.scalars(select(Artifact).where(
-            Artifact.job_id == wanted["job_id"]).order_by(Artifact.position)) if a.path]
+            Artifact.job_id == wanted["job_id"], Artifact.kind == "image")
+            .order_by(Artifact.position)) if a.path]
     if not images:
         return None  # the parent's files are gone: a fresh draw of the same prompt and style
     path = Path(images[min(int(wanted.get("position", 0)), len(images) - 1)])
@@ -246,7 +313,7 @@ def _show_progress(job: Job, settings: Settings, text: str) -> None:
 
     The takes of one request share one progress message: the first take reports on it.
     """
-    if (job.params.get("takes") or {}).get("index"):
+    if (job.params.get("takes") or {}).get("index") or job.params.get("part_of"):
         return
     deliverer = get_deliverer(job.platform, settings)
     progress = getattr(deliverer, "progress", None)
@@ -259,13 +326,7 @@ def _show_progress(job: Job, settings: Settings, text: str) -> None:
 
 
 def _publish_later(job: Job, settings: Settings, countdown: float) -> None:
-    from core.queue import CeleryPublisher
-
-    publisher = CeleryPublisher(settings)
-    try:
-        publisher.publish(job.id, job.kind, job.params, countdown=countdown)
-    finally:
-        publisher.close()
+    _publisher(settings).publish(job.id, job.kind, job.params, countdown=countdown)
 
 
 def _record_transactionally(store: Store, claim: Claim, job: Job, state: JobState,
@@ -286,7 +347,16 @@ def _record_transactionally(store: Store, claim: Claim, job: Job, state: JobStat
 
 def _fail(store: Store, claim: Claim, job: Job, reason: str, settings: Settings, *,
           tell_person: bool = True) -> str:
-    """Fail the job with ``reason`` (stored, and shown to the person when we still can)."""
+    """Fail the job with ``reason`` (stored, and shown to the person when we still can).
+
+    A part of a piece (a story's picture) tells nobody: the piece's post says so in place.
+    """
+    if job.params.get("part_of"):
+        with store.finishing(claim, JobState.FAILED, reason=reason) as session:
+            if session is None:
+                return "lost"
+        _wake(store, str(job.params["part_of"]), settings)
+        return "failed"
     message = OutboundMessage(MessageKind.ERROR, reason, job_id=job.id)
     deliverer = get_deliverer(job.platform, settings)
     if isinstance(deliverer, TransactionalDeliverer):
@@ -360,15 +430,17 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
         log.info("job %s attempt %d: resuming delivery", job_id, claim.attempt)
         return _deliver(store, claim, job, messages, settings)
     started = time.monotonic()
-    log.info("job %s attempt %d: %s %r", job_id, claim.attempt, job.kind, job.prompt[:60])
-    _show_progress(job, settings, "🎨 Drawing…" if job.kind == "image" else "✍️ Writing…")
+    log.info("job %s attempt %d: %s %s %r", job_id, claim.attempt, job.kind, job.intent,
+             job.prompt[:60])
+    _show_progress(job, settings, _PROGRESS.get(job.intent) or (
+        "🎨 Drawing…" if job.kind == "image" else "✍️ Writing…"))
     try:
         with _Heartbeat(store, claim, settings.job_heartbeat_seconds):
-            if job.kind == "text":
-                thread, history = _thread_history(store, job)
-                outcome = _generate_text(job, settings, thread=thread, history=history)
-            else:
-                outcome = _generate_image(job, settings, source=_variation_source(store, job))
+            if job.intent == "story":
+                return _run_story(store, claim, job, settings)
+            outcome = _generate(store, job, settings)
+    except UserInputError as exc:
+        return _fail(store, claim, job, exc.user_message, settings)
     except ModelUnavailableError as exc:
         log.error("job %s: model unavailable: %s", job_id, exc)
         return _fail(store, claim, job, exc.user_message, settings)
@@ -389,8 +461,256 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
              outcome.model)
     if not store.save_outcome(claim, model=outcome.model,
                               outbox=[m.to_dict() for m in outcome.messages],
-                              artifacts=outcome.artifacts):
+                              artifacts=outcome.artifacts, params=outcome.params):
         log.info("job %s no longer ours (attempt %d); dropping its result", job_id,
                  claim.attempt)
         return "lost"
+    if job.params.get("part_of"):
+        # A story's picture: kept, not posted; the story posts it in its place.
+        with store.finishing(claim, JobState.DELIVERED) as session:
+            if session is None:
+                return "lost"
+        _wake(store, str(job.params["part_of"]), settings)
+        return "delivered"
     return _deliver(store, claim, job, outcome.messages, settings)
+
+
+_PROGRESS = {"story": "✍️ Writing the story…", "brainstorm": "💡 Thinking up ideas…",
+             "understand": "🤔 Reading your message…", "refine": "✏️ Refining…",
+             "remix": "🎨 Remixing your picture…"}
+
+
+def _generate(store: Store, job: Job, settings: Settings) -> _Outcome:
+    """One job's generation step, by what was asked."""
+    if job.intent == "understand":
+        return _understand(store, job, settings)
+    if job.intent == "brainstorm":
+        return _brainstorm(job, settings)
+    if job.kind == "text":
+        thread, history = _thread_history(store, job)
+        return _generate_text(job, settings, thread=thread, history=history)
+    return _generate_image(job, settings, source=_variation_source(store, job), store=store)
+
+
+# -- free text the rules could not place ----------------------------------------------------
+
+
+def _understand(store: Store, job: Job, settings: Settings) -> _Outcome:
+    """Read a message with the text model; route it, or ask what the person meant."""
+    asked = job.params.get("understand") or {}
+    text, replying = str(asked.get("text") or job.prompt), bool(asked.get("replying"))
+    generator = _text_generator(settings)
+    logprobs = generator.score_choices(
+        understanding.model_messages(text, replying=replying),
+        {intent: understanding.LABEL_WORDS[intent] for intent in understanding.INTENTS})
+    decided = understanding.combine(text, logprobs, replying=replying)
+    params = {"understanding": decided.to_dict()}
+    log.info("job %s understood as %s (%.2f)", job.id, decided.intent, decided.confidence)
+    if decided.confidence < understanding.ASK_BELOW:
+        buttons = tuple(Button(f"{actions.ASK_PREFIX}{intent}", label, job.id)
+                        for intent, label in understanding.ASK_CHOICES)
+        question = OutboundMessage(
+            MessageKind.INFO, f"I'm not sure what you'd like for “{_shorten(text)}”. "
+            "Shall I make…", job_id=job.id, buttons=buttons)
+        return _Outcome(generator.model_name, [question], [], params)
+    from core.orchestrator import Orchestrator
+
+    orchestrator = Orchestrator(store, _publisher(settings), settings)
+    try:
+        replies = orchestrator.route(job, decided)
+    except UserInputError as exc:
+        replies = [OutboundMessage(MessageKind.ERROR, exc.user_message)]
+    messages = [OutboundMessage(r.kind if r.kind is not MessageKind.STATUS else MessageKind.INFO,
+                                r.text, images=r.images, buttons=r.buttons, job_id=job.id)
+                for r in replies]
+    return _Outcome(generator.model_name, messages, [], params)
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_process: dict[str, Any] = {}
+
+
+def _publisher(settings: Settings) -> Any:
+    """One Celery publisher per worker process (routed jobs, story pictures, wake-ups)."""
+    from core.queue import CeleryPublisher
+
+    if _process.get("publisher_pid") != os.getpid():
+        _process.update(publisher_pid=os.getpid(), publisher=CeleryPublisher(settings))
+    return _process["publisher"]
+
+
+# -- brainstorms ----------------------------------------------------------------------------
+
+
+def _brainstorm(job: Job, settings: Settings) -> _Outcome:
+    """3-5 directions, each with a picture prompt and its own style; press a number to draw."""
+    generator = _text_generator(settings)
+    tone = _tone_words(job)
+    result = generator.generate_json(
+        cocreation.brainstorm_messages(job.prompt, avoid=list(job.params.get("avoid") or []),
+                                       tone=tone),
+        cocreation.Brainstorm.model_json_schema(),
+        max_new_tokens=int(job.params["max_new_tokens"]), seed=job.seed,
+        temperature=TEXT_TEMPERATURE)
+    ideas, note = cocreation.ideas_or_fallback(result.text, job.prompt)
+    styles = [record["choice"] for record in job.params.get("idea_styles") or []]
+    listed = []
+    for number, idea in enumerate(ideas, start=1):
+        choice = styles[(number - 1) % len(styles)] if styles else {"style": "photographic"}
+        listed.append({"title": idea.title, "prompt": idea.prompt, "style": choice["style"],
+                       "choice": choice})
+    lines = [f"💡 Ideas for “{_shorten(job.prompt)}”:"]
+    lines += [f"{n}. {i['title']} ({i['style']}): {i['prompt']}"
+              for n, i in enumerate(listed, start=1)]
+    lines.append("Press a number and I'll draw it.")
+    if note:
+        lines.append(note)
+    lines.append(f"— {result.model_name}")
+    artifact = Artifact(job_id=job.id, kind="text", position=0, text="\n".join(lines),
+                        content_hash=content_hash("\n".join(lines).encode()),
+                        recipe={"job_id": job.id, "prompt": job.prompt, "ideas": listed,
+                                "model": result.model_name, "raw": result.text,
+                                **_taste_recipe(job)}, created_at=utcnow())
+    message = OutboundMessage(MessageKind.RESULT, "\n".join(lines), job_id=job.id,
+                              buttons=_result_buttons(job, ideas=len(listed)))
+    return _Outcome(result.model_name, [message], [artifact], {"ideas": listed})
+
+
+def _tone_words(job: Job) -> str:
+    choice = (job.params.get("taste") or {}).get("choice") or {}
+    dims = taste.CATALOGUE["text"]
+    return " ".join(dims[d][choice[d]]["prompt"] for d in ("tone", "length")
+                    if choice.get(d) in dims[d]).strip()
+
+
+# -- illustrated stories --------------------------------------------------------------------
+
+#: Scene N's picture is seeded ``story seed + N * SCENE_SEED_STEP``: one schedule per story.
+SCENE_SEED_STEP = 1_000_003
+
+
+def _run_story(store: Store, claim: Claim, job: Job, settings: Settings) -> str:
+    """A story is a plan of steps, each persisted: the text (a plan of scenes), one picture job
+    per scene, and the composed post. Each run of this job does the next step that is due, so
+    a worker killed anywhere loses nothing and a re-run repeats nothing: the plan is kept in
+    the job, scene jobs have idempotency keys, and the post is an outbox like any other.
+    """
+    plan = job.params.get("plan")
+    if plan is None:
+        plan = _write_story(job, settings)
+        if not store.save_outcome(claim, model=plan["model"], outbox=None,
+                                  artifacts=[_story_artifact(job, plan)], params={"plan": plan}):
+            return "lost"
+        job = store.get_job(job.id) or job
+    scenes = _ensure_scenes(store, job, plan, settings)
+    pending = [s for s in scenes if not JobState(s.state).is_final]
+    if pending:
+        done = len(scenes) - len(pending)
+        if _process.get(f"shown:{job.id}") != done:  # edit the status only when it moved
+            _process[f"shown:{job.id}"] = done
+            _show_progress(job, settings, f"🎨 Drawing the pictures ({done} of {len(scenes)} "
+                                          "done)…")
+        if store.defer(claim, settings.story_poll_seconds) is None:
+            return "lost"
+        _publish_later(job, settings, settings.story_poll_seconds)
+        return "waiting"
+    messages = _compose_story(store, job, plan, scenes)
+    if not store.save_outcome(claim, model=str(plan["model"]),
+                              outbox=[m.to_dict() for m in messages], artifacts=[]):
+        return "lost"
+    return _deliver(store, claim, job, messages, settings)
+
+
+def _write_story(job: Job, settings: Settings) -> dict[str, Any]:
+    generator = _text_generator(settings)
+    count = int(job.params["story"]["scenes"])
+    picture = (job.params.get("picture_taste") or {}).get("choice") or {}
+    style_words = taste.CATALOGUE["image"]["style"].get(
+        picture.get("style", ""), {}).get("prompt", "pictures")
+    result = generator.generate_json(
+        cocreation.story_messages(job.prompt, count, style_words=style_words,
+                                  tone=_tone_words(job)),
+        cocreation.story_schema(count, settings.story_scene_max_chars),
+        max_new_tokens=int(job.params["max_new_tokens"]), seed=job.seed,
+        temperature=TEXT_TEMPERATURE)
+    story, note = cocreation.story_or_fallback(result.text, job.prompt, count)
+    if note:
+        log.warning("job %s: story fell back (%s); model said %r", job.id, note,
+                    result.text[:300])
+    return {"title": story.title, "scenes": [s.model_dump() for s in story.scenes],
+            "note": note, "model": result.model_name, "raw": result.text}
+
+
+def _story_artifact(job: Job, plan: dict[str, Any]) -> Artifact:
+    text = "\n\n".join([plan["title"], *(s["text"] for s in plan["scenes"])])
+    return Artifact(job_id=job.id, kind="text", position=0, text=text,
+                    content_hash=content_hash(text.encode()),
+                    recipe={"job_id": job.id, "prompt": job.prompt, "model": plan["model"],
+                            "story": {"id": job.id, "title": plan["title"],
+                                      "scenes": plan["scenes"]}, **_taste_recipe(job)},
+                    created_at=utcnow())
+
+
+def _ensure_scenes(store: Store, job: Job, plan: dict[str, Any],
+                   settings: Settings) -> list[Job]:
+    """One picture job per scene, made once (idempotency keys) and published when new."""
+    record = job.params["picture_taste"]
+    choice = record["choice"]
+    scenes = plan["scenes"]
+    made = []
+    for number, scene in enumerate(scenes, start=1):
+        params: dict[str, Any] = taste.generation_params("image", choice)
+        params.update(count=1, steps=settings.image_steps, size=settings.image_size,
+                      taste=record, part_of=job.id,
+                      story={"id": job.id, "title": plan["title"], "scene": number,
+                             "of": len(scenes), "text": scene["text"]})
+        prompt = f"{scene['picture']}, from the story “{plan['title']}”"
+        child, created = store.create_job(
+            idempotency_key=f"{job.idempotency_key}:scene{number}", kind="image",
+            intent="scene", user_id=job.user_id, community_id=job.community_id,
+            parent_job_id=job.id, prompt=prompt,
+            expanded_prompt=taste.expand_prompt("image", prompt, choice), params=params,
+            seed=(job.seed + number * SCENE_SEED_STEP) % 2**32, platform=job.platform,
+            delivery=job.delivery)
+        if created or child.published_at is None:
+            try:
+                _publisher(settings).publish(child.id, "image", child.params)
+                store.mark_published(child.id)
+            except QueueUnavailableError:
+                log.warning("scene %s of story %s waits for the broker", number, job.id)
+        made.append(store.get_job(child.id) or child)
+    return made
+
+
+def _compose_story(store: Store, job: Job, plan: dict[str, Any],
+                   scenes: list[Job]) -> list[OutboundMessage]:
+    """The post: the title, then each scene's text with its picture (or a note why not)."""
+    title = f"📖 {plan['title']}"
+    if plan.get("note"):
+        title += f"\n{plan['note']}"
+    title += f"\n— {plan['model']}"
+    messages = [OutboundMessage(MessageKind.RESULT, title, job_id=job.id,
+                                buttons=_result_buttons(job))]
+    for number, (scene, child) in enumerate(zip(plan["scenes"], scenes), start=1):
+        text = f"{number}/{len(scenes)}. {scene['text']}"
+        images = tuple(a.path for a in store.artifacts(child.id, "image") if a.path)
+        if child.state != JobState.DELIVERED or not images:
+            text += ("\n(I couldn't draw this scene's picture: "
+                     f"{child.failure_reason or 'no picture came back'})")
+        messages.append(OutboundMessage(MessageKind.RESULT, text, images=images,
+                                        job_id=child.id, buttons=_result_buttons(child)))
+    return messages
+
+
+def _wake(store: Store, job_id: str, settings: Settings) -> None:
+    """A piece's part is done: let the piece (a story waiting for pictures) look again now."""
+    job = store.wake(job_id)
+    if job is None:
+        return
+    try:
+        _publisher(settings).publish(job.id, job.kind, job.params)
+    except QueueUnavailableError:
+        log.info("could not wake job %s now; its own timer will", job_id)

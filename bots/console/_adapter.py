@@ -17,7 +17,7 @@ from core.errors import UserInputError
 from core.events import Actor, Channel, ChannelKind, ComponentActivated, MessageReceived, ReactionChanged
 from core.orchestrator import Orchestrator
 from core.outbound import MessageKind, OutboundMessage
-from core.store import JobState, LocalMessage, Store
+from core.store import LocalMessage, Store
 
 __all__ = ["ConsoleChat", "ShownMessage", "PLATFORM"]
 
@@ -85,6 +85,8 @@ class ConsoleChat:
         words = text.split()
         if words and words[0] in ("/react", "/unreact", "/press"):
             replies = self._console_command(words, number)
+        elif words and words[0] in ("/reply", "/remix"):
+            replies = self._with_reference(text, number)
         else:
             event = MessageReceived(platform=PLATFORM, event_id=f"msg:{number}", actor=self.user,
                                     channel=self.channel, text=text, message_id=str(number))
@@ -116,6 +118,35 @@ class ConsoleChat:
         except UserInputError as exc:
             return [OutboundMessage(MessageKind.ERROR, exc.user_message)]
 
+    def _with_reference(self, text: str, number: int) -> list[OutboundMessage]:
+        """``/reply N instruction`` (a reply to message N, as on Telegram) and ``/remix PATH
+        prompt`` (a picture from disk, as an attachment would bring it)."""
+        head, _, rest = text.strip().partition(" ")
+        target, _, words = rest.strip().partition(" ")
+        try:
+            if head == "/reply":
+                if not target.isdigit() or not words.strip():
+                    raise UserInputError("Use it like this: /reply 5 make it at night (the "
+                                         "number of one of my results, then what to change).")
+                if not self._job_of(int(target)):
+                    raise UserInputError(f"Message {target} isn't one of my results, so there "
+                                         "is nothing to change. Pick a number shown with a "
+                                         "picture or a text I made.")
+                event = MessageReceived(platform=PLATFORM, event_id=f"msg:{number}",
+                                        actor=self.user, channel=self.channel, text=words,
+                                        message_id=str(number), reply_to=target)
+            else:
+                if not target:
+                    raise UserInputError("Use it like this: /remix ~/pictures/cat.png as a "
+                                         "watercolor (a picture file, then what to make).")
+                event = MessageReceived(platform=PLATFORM, event_id=f"msg:{number}",
+                                        actor=self.user, channel=self.channel,
+                                        text=f"/remix {words}".strip(), message_id=str(number),
+                                        attachments=(target,))
+            return self.orchestrator.handle(event)
+        except UserInputError as exc:
+            return [OutboundMessage(MessageKind.ERROR, exc.user_message)]
+
     def _job_of(self, message: int) -> str:
         row = self.store.local_message(message)
         return row.job_id if row is not None and row.job_id and row.author == "bot" else ""
@@ -128,12 +159,17 @@ class ConsoleChat:
         return [ShownMessage.from_row(r) for r in rows if r.author == "bot"]
 
     def pending_jobs(self) -> set[str]:
-        """Jobs asked for in this chat that have not reached a final state."""
+        """Jobs asked for in this chat that have not reached a final state.
+
+        A request's other jobs (its second take, a story's pictures, the job a message was
+        understood as) derive their idempotency keys from the first job's, so they count too.
+        """
         pending = set()
         for job_id in self._jobs:
             job = self.store.get_job(job_id)
-            if job is not None and not JobState(job.state).is_final:
-                pending.add(job_id)
+            if job is not None:
+                pending.update(j.id for j in self.store.unfinished_with_key_prefix(
+                    job.idempotency_key))
         return pending
 
     def wait(self, until: Callable[[list[ShownMessage]], bool], *, timeout: float,

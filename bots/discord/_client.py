@@ -28,14 +28,17 @@ from bots.discord._commands import register_commands
 from bots.discord._convert import (
     PLATFORM,
     actor_of,
+    channel_of_interaction,
     command_event,
     component_event,
+    interaction_actor,
     reaction_event,
     reactions_cleared_event,
 )
 from bots.discord._setup import build_intents
+from core.actions import ACTION_PATTERN, QUIET_ACTIONS
 from core.errors import UserInputError
-from core.events import Channel, ChannelKind, Event, MessageReceived
+from core.events import Channel, ChannelKind, CommandInvoked, CommandSource, Event, MessageReceived
 from core.intents import Intent, parse_command
 from core.orchestrator import Orchestrator
 from core.outbound import MessageKind, OutboundMessage
@@ -47,8 +50,8 @@ log = logging.getLogger(__name__)
 
 MESSAGE_MAX_CHARS = 2000
 INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
-#: Buttons that answer privately and leave the result as it is (no new job).
-_QUIET_ACTIONS = frozenset({"delete", "up", "down", "why"})
+#: Discord's limit on a modal text input's value.
+MODAL_INPUT_MAX_CHARS = 4000
 
 
 def _clip(text: str) -> str:
@@ -60,7 +63,7 @@ def _private(reply: OutboundMessage) -> bool:
 
 
 class ResultButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
-                   template=r"(?P<action>reroll|more|up|down|delete|why|vary[1-9]):(?P<job_id>[0-9a-f]{6,32})"):
+                   template=rf"(?P<action>{ACTION_PATTERN.pattern}):(?P<job_id>[0-9a-f]{{6,32}})"):
     """A button under a result, rebuilt from its ``action:job_id`` custom id on every press."""
 
     def __init__(self, action: str, job_id: str, label: str | None = None) -> None:
@@ -76,7 +79,36 @@ class ResultButton(discord.ui.DynamicItem[discord.ui.Button[Any]],
     async def callback(self, interaction: discord.Interaction[Any]) -> None:
         client = interaction.client
         assert isinstance(client, MuseSparkDiscord)
+        if self.action == "refine":
+            # A modal must be the interaction's first answer: no deferral before it.
+            await interaction.response.send_modal(RefineModal(client, interaction))
+            return
         await client.press(interaction, self.action, self.custom_id)
+
+
+class RefineModal(discord.ui.Modal, title="Refine this result"):
+    """The "✏️ Refine" button's form: what to change. Submitting it is a reply to the result."""
+
+    instruction: discord.ui.TextInput[Any] = discord.ui.TextInput(
+        label="What should change?", placeholder="make it at night / a happier ending",
+        style=discord.TextStyle.paragraph, max_length=MODAL_INPUT_MAX_CHARS)
+
+    def __init__(self, client: MuseSparkDiscord, pressed: discord.Interaction[Any]) -> None:
+        super().__init__()
+        self.client = client
+        self.result_message_id = str(pressed.message.id) if pressed.message else None
+
+    async def on_submit(self, interaction: discord.Interaction[Any]) -> None:
+        await interaction.response.defer(thinking=True)
+        event = CommandInvoked(
+            platform=PLATFORM, event_id=str(interaction.id), actor=interaction_actor(interaction),
+            channel=channel_of_interaction(interaction), occurred_at=interaction.created_at,
+            name="refine", args={"prompt": str(self.instruction.value)},
+            source=CommandSource.SLASH, reply_to=self.result_message_id,
+            message_id=self.result_message_id, interaction_token=interaction.token)
+        replies = await self.client.handle(event)
+        await self.client._answer(interaction, replies, original_pending=True,
+                                  original_private=False)
 
 
 class MuseSparkDiscord(discord.Client):
@@ -137,7 +169,7 @@ class MuseSparkDiscord(discord.Client):
 
     async def press(self, interaction: discord.Interaction[Any], action: str,
                     custom_id: str) -> None:
-        if action in _QUIET_ACTIONS:
+        if action in QUIET_ACTIONS:
             await interaction.response.defer()  # a deferred update: @original is the result
             pending = False
         else:

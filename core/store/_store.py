@@ -235,19 +235,112 @@ class Store:
             return None
         return Claim(job_id, attempt, exhausted=attempt > max_attempts)
 
-    def save_outcome(self, claim: Claim, *, model: str, outbox: list[dict[str, Any]],
-                     artifacts: Sequence[Artifact]) -> bool:
-        """Keep a generated result (artifacts and the messages to post) under a current claim."""
+    def save_outcome(self, claim: Claim, *, model: str, outbox: list[dict[str, Any]] | None,
+                     artifacts: Sequence[Artifact], params: dict[str, Any] | None = None,
+                     expanded_prompt: str | None = None) -> bool:
+        """Keep a generated result (artifacts and the messages to post) under a current claim.
+
+        ``params`` are merged into the job's (what generation decided: a story's plan, a
+        brainstorm's ideas); ``outbox`` None keeps a step's output without posting anything yet
+        (a story's plan, whose post waits for its pictures).
+        """
         with self.session() as s:
-            result = s.execute(
-                update(Job)
-                .where(Job.id == claim.job_id, Job.state == JobState.RUNNING,
-                       Job.attempts == claim.attempt)
-                .values(model=model, outbox=outbox, updated_at=utcnow()))
-            if not rows_changed(result):
+            job = s.get(Job, claim.job_id, with_for_update=True)
+            if (job is None or job.state != JobState.RUNNING
+                    or job.attempts != claim.attempt):
                 return False
+            job.model, job.outbox, job.updated_at = model, outbox, utcnow()
+            if params:
+                job.params = {**job.params, **params}
+            if expanded_prompt is not None:
+                job.expanded_prompt = expanded_prompt
             s.add_all(artifacts)
             return True
+
+    def wake(self, job_id: str) -> Job | None:
+        """Make a job that waits (deferred, ``not_before`` in the future) claimable now.
+
+        Returns the job when it was waiting, else None (running, done, or not deferred).
+        """
+        with self.session() as s:
+            result = s.execute(update(Job).where(
+                Job.id == job_id, Job.state == JobState.QUEUED, Job.not_before.is_not(None))
+                .values(not_before=None, updated_at=utcnow()))
+            if not rows_changed(result):
+                return None
+            return s.get(Job, job_id)
+
+    def unfinished_with_key_prefix(self, key: str) -> Sequence[Job]:
+        """The job with ``key`` and the jobs derived from it (``key:...``) not yet final."""
+        escaped = key.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        with self.session() as s:
+            return s.scalars(select(Job).where(
+                (Job.idempotency_key == key)
+                | Job.idempotency_key.like(escaped + ":%", escape="\\"),
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING]))).all()
+
+    def job_by_key(self, idempotency_key: str) -> Job | None:
+        with self.session() as s:
+            return s.scalar(select(Job).where(Job.idempotency_key == idempotency_key))
+
+    def children(self, parent_id: str, intent: str) -> Sequence[Job]:
+        """A job's child jobs of one intent (a story's scenes), oldest first."""
+        with self.session() as s:
+            return s.scalars(select(Job).where(Job.parent_job_id == parent_id,
+                                               Job.intent == intent)
+                             .order_by(Job.created_at, Job.id)).all()
+
+    def artifacts(self, job_id: str, kind: str | None = None) -> Sequence[Artifact]:
+        with self.session() as s:
+            query = select(Artifact).where(Artifact.job_id == job_id)
+            if kind is not None:
+                query = query.where(Artifact.kind == kind)
+            return s.scalars(query.order_by(Artifact.position, Artifact.id)).all()
+
+    def add_input(self, job_id: str, path: str, data: bytes) -> None:
+        """Keep an uploaded picture as the job's input artifact (``/forget uploads`` erases it)."""
+        with self.session() as s:
+            s.add(Artifact(job_id=job_id, kind="input", position=0, path=path,
+                           content_hash=content_hash(data), recipe={"upload": True},
+                           created_at=utcnow()))
+
+    def forget_uploads(self, user_ids: Sequence[int]) -> int:
+        """Erase the pictures these users uploaded: files and input artifacts. Returns how many."""
+        with self.session() as s:
+            rows = s.scalars(select(Artifact).join(Job, Job.id == Artifact.job_id).where(
+                Artifact.kind == "input", Job.user_id.in_(list(user_ids)))).all()
+            paths = {row.path for row in rows if row.path}
+            for row in rows:
+                s.delete(row)
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+        return len(paths)
+
+    def result_of_message(self, platform: str, chat_id: str,
+                          message_id: str) -> tuple[Job, int] | None:
+        """The result a platform message shows, and which of its pictures.
+
+        A composed post (a story) delivers other jobs' results under its own job: the outbox
+        entry at the message's position names the job whose result it is. Pictures sent as
+        several messages at one position (a Telegram album) count from 0 in message order.
+        """
+        with self.session() as s:
+            found = s.scalar(select(DeliveredMessage).where(
+                DeliveredMessage.platform == platform, DeliveredMessage.chat_id == chat_id,
+                DeliveredMessage.message_id == message_id))
+            if found is None:
+                return None
+            job = s.get(Job, found.job_id)
+            if job is None:
+                return None
+            entry = (job.outbox or [])[found.position:found.position + 1]
+            shown_job = entry[0].get("job_id") if entry else None
+            if shown_job and shown_job != job.id:
+                job = s.get(Job, shown_job) or job
+            siblings = s.scalars(select(DeliveredMessage.id).where(
+                DeliveredMessage.job_id == found.job_id,
+                DeliveredMessage.position == found.position).order_by(DeliveredMessage.id)).all()
+            return job, max(0, list(siblings).index(found.id))
 
     def defer(self, claim: Claim, seconds: float) -> datetime | None:
         """Put a claimed job back in the queue, not to run for ``seconds`` (a rate limit).
@@ -334,6 +427,10 @@ class Store:
                 .where(
                     ((Job.state == JobState.QUEUED)
                      & (Job.published_at.is_(None) | (Job.published_at < old_publish)))
+                    # A deferred job whose due time passed long ago lost its countdown
+                    # message (the worker holding it died): send it again.
+                    | ((Job.state == JobState.QUEUED) & Job.not_before.is_not(None)
+                       & (Job.published_at < stale))
                     | ((Job.state == JobState.RUNNING) & (Job.heartbeat_at < stale)
                        & (Job.published_at.is_(None) | (Job.published_at < stale)))
                 )

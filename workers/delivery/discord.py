@@ -138,24 +138,9 @@ def shrink_image(data: bytes, filename: str, limit: int = UPLOAD_LIMIT_BYTES) ->
 
 
 def result_buttons(message: OutboundMessage) -> list[Button]:
-    """The buttons under a message: the ones core chose, plus Discord's full set on results.
-
-    Results get reroll, one variation per image (``vary1``..``varyN``; one for text), more
-    like this, and delete (core lets only the requester delete).
-    """
-    buttons = list(message.buttons)
-    if message.kind is MessageKind.RESULT and message.job_id:
-        job_id, have = message.job_id, {b.action for b in buttons}
-        wanted = [Button("reroll", "🔁 Reroll", job_id)]
-        count = max(1, len(message.images))
-        wanted += [Button(f"vary{n}", f"V{n}" if message.images else "🎲 Vary", job_id)
-                   for n in range(1, min(count, 9) + 1)]
-        wanted += [Button("more", "✨ More like this", job_id), Button("delete", "🗑️", job_id)]
-        buttons += [b for b in wanted if b.action not in have]
-        # Variations next to each other; delete last, away from the others.
-        buttons.sort(key=lambda b: (b.action == "delete", b.action != "reroll",
-                                    not b.action.startswith("vary")))
-    return buttons[: BUTTONS_PER_ROW * ROWS_MAX]
+    """The buttons under a message, as core chose them (core/actions.py), within Discord's
+    5 rows of 5."""
+    return list(message.buttons)[: BUTTONS_PER_ROW * ROWS_MAX]
 
 
 def _components(buttons: list[Button]) -> list[dict[str, Any]]:

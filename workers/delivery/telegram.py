@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from core.errors import DeliveryError
-from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
+from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 
 __all__ = [
@@ -65,8 +65,7 @@ TRANSIENT_RETRY_SECONDS = 5.0
 #: Once part of a message is posted, a 429 up to this long is waited out in place: deferring
 #: the job would post the parts already sent a second time.
 INLINE_RETRY_MAX_SECONDS = 15.0
-#: Variation buttons offered under a picture.
-IMAGE_VARIATIONS = 2
+BUTTONS_PER_ROW = 3
 PROGRESS_DONE_TEXT = "✅ Done."
 PROGRESS_FAILED_TEXT = "❌ That didn't work; see below."
 
@@ -118,36 +117,28 @@ def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list[str]:
 
 
 def _keyboard(message: OutboundMessage) -> dict[str, Any] | None:
-    """Inline keyboard for a result: its buttons, variations for pictures, 👍/👎.
+    """Inline keyboard for the buttons core put on a message (core/actions.py decides which).
 
-    The thumbs are there for groups where the bot is not an admin: Telegram sends it no
-    reactions there. Telegram's own payload shape (``inline_keyboard``) lives here, not in core.
+    Rows of three; the 👍/👎 pair gets its own last row: groups where the bot is not an admin
+    send it no reactions, so these buttons are how people rate there. Telegram's own payload
+    shape (``inline_keyboard``) lives here, not in core.
     """
-    if message.kind is not MessageKind.RESULT or not message.job_id:
-        return None
-    job_id = message.job_id
-    buttons = list(message.buttons)
-    actions = {b.action for b in buttons}
-    if message.images:
-        buttons += [Button(f"vary{n}", f"🎲 Variation {n}", job_id)
-                    for n in range(1, IMAGE_VARIATIONS + 1) if f"vary{n}" not in actions]
-    rating = [Button(a, label, job_id) for a, label in (("up", "👍"), ("down", "👎"))
-              if a not in actions]
+    rating = [b for b in message.buttons if b.action in ("up", "down")]
+    others = [b for b in message.buttons if b.action not in ("up", "down")]
     rows: list[list[dict[str, str]]] = []
-    row: list[dict[str, str]] = []
-    for button in buttons:
-        data = button.custom_id
-        if len(data.encode()) > CALLBACK_DATA_MAX_BYTES:
-            log.warning("button %r dropped: callback_data over 64 bytes", data)
-            continue
-        row.append({"text": button.label, "callback_data": data})
-        if len(row) == 3:
+    for group in (others, rating):
+        row: list[dict[str, str]] = []
+        for button in group:
+            data = button.custom_id
+            if len(data.encode()) > CALLBACK_DATA_MAX_BYTES:
+                log.warning("button %r dropped: callback_data over 64 bytes", data)
+                continue
+            row.append({"text": button.label, "callback_data": data})
+            if len(row) == BUTTONS_PER_ROW:
+                rows.append(row)
+                row = []
+        if row:
             rows.append(row)
-            row = []
-    if row:
-        rows.append(row)
-    if rating:
-        rows.append([{"text": b.label, "callback_data": b.custom_id} for b in rating])
     return {"inline_keyboard": rows} if rows else None
 
 

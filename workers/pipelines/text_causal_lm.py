@@ -204,6 +204,78 @@ class CausalLMGenerator:
             seconds = time.perf_counter() - start
         return [TextResult(t, c, seconds, self.model_name) for t, c in zip(texts, counts)]
 
+    def generate_json(
+        self,
+        messages: list[dict[str, str]],
+        schema: dict[str, Any],
+        *,
+        max_new_tokens: int,
+        seed: int,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.05,
+    ) -> TextResult:
+        """Write a reply that is JSON matching ``schema``, token by token (constrained decoding).
+
+        llguidance turns the JSON schema into a grammar and, before every token, masks the
+        tokens that could not continue a valid document; so the reply parses even from a tiny
+        model, as long as ``max_new_tokens`` leaves room to finish it (bound string lengths and
+        array sizes in the schema). ``text`` is the raw JSON; callers validate it (a cut-off
+        reply does not parse, and they fall back).
+
+        Raises:
+            ValueError: the schema cannot be compiled, or an out-of-range setting.
+        """
+        import llguidance
+
+        _check_sampling(max_new_tokens, temperature, top_p, repetition_penalty)
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            schema, defaults={"whitespace_flexible": False})
+        with self._lock:
+            matcher = llguidance.LLMatcher(self._guidance_tokenizer(), grammar, log_level=0)
+            if matcher.is_error():
+                raise ValueError(f"schema does not compile: {matcher.get_error()}")
+            start = time.perf_counter()
+            inputs = self._encode([messages], max_new_tokens)
+            processor = _GrammarMask(matcher, inputs["input_ids"].shape[1])
+            texts, counts = self._sample(inputs, max_new_tokens, seed, temperature, top_p,
+                                         repetition_penalty, logits_processor=[processor])
+            return TextResult(texts[0], counts[0], time.perf_counter() - start, self.model_name)
+
+    @torch.inference_mode()
+    def score_choices(self, messages: list[dict[str, str]],
+                      choices: dict[str, str]) -> dict[str, float]:
+        """Log-probability of each choice's words as the assistant's whole reply.
+
+        One batched forward pass scores every answer the model could give (a classifier
+        without sampling): ``{"picture": -0.3, "text": -2.1, ...}`` keyed like ``choices``.
+        """
+        with self._lock:
+            prompt = _render_chat(self.tokenizer, messages)
+            prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            rows = [prompt_ids + self.tokenizer(words, add_special_tokens=False)["input_ids"]
+                    for words in choices.values()]
+            width = max(len(r) for r in rows)
+            pad = self.tokenizer.pad_token_id or 0
+            ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows],
+                                device=self.device)
+            logprobs = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits
+                                         .float(), dim=-1)
+            scores = {}
+            for (key, _), row, lp in zip(choices.items(), rows, logprobs):
+                scores[key] = float(sum(lp[i - 1, row[i]] for i in range(len(prompt_ids),
+                                                                           len(row))))
+            return scores
+
+    def _guidance_tokenizer(self) -> Any:
+        """llguidance's view of the tokenizer (about a second to build, so once)."""
+        if getattr(self, "_lltok", None) is None:
+            import llguidance.hf
+
+            self._lltok = llguidance.hf.from_tokenizer(self.tokenizer)
+        return self._lltok
+
     def _encode(
         self, conversations: list[list[dict[str, str]]], max_new_tokens: int
     ) -> dict[str, torch.Tensor]:
@@ -234,6 +306,7 @@ class CausalLMGenerator:
         temperature: float,
         top_p: float,
         repetition_penalty: float,
+        logits_processor: list[Any] | None = None,
     ) -> tuple[list[str], list[int]]:
         torch.manual_seed(seed)
         output = self.model.generate(
@@ -244,6 +317,7 @@ class CausalLMGenerator:
             top_p=top_p,
             repetition_penalty=repetition_penalty,
             pad_token_id=self.tokenizer.pad_token_id,
+            **({"logits_processor": logits_processor} if logits_processor else {}),
         )
         new = output[:, inputs["input_ids"].shape[1] :].cpu()
         texts, counts = [], []
@@ -253,6 +327,34 @@ class CausalLMGenerator:
             counts.append(count)
             texts.append(self.tokenizer.decode(row[:count], skip_special_tokens=True).strip())
         return texts, counts
+
+
+class _GrammarMask:
+    """A transformers logits processor that lets only grammar-valid tokens through.
+
+    Feeds each sampled token to the llguidance matcher, then sets every token the matcher's
+    bitmask forbids to -inf. When the document is complete only end-of-sequence is allowed,
+    so generation stops there. Batch size 1.
+    """
+
+    def __init__(self, matcher: Any, prompt_tokens: int) -> None:
+        self.matcher = matcher
+        self.prompt_tokens = prompt_tokens
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        if input_ids.shape[1] > self.prompt_tokens:
+            self.matcher.consume_token(int(input_ids[0, -1]))
+        if self.matcher.is_error():
+            return scores  # nothing valid can follow; the caller's validation falls back
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
+        allowed = np.unpackbits(bits, bitorder="little").astype(bool)
+        vocab = scores.shape[-1]
+        if allowed.shape[0] < vocab:
+            allowed = np.concatenate([allowed, np.zeros(vocab - allowed.shape[0], dtype=bool)])
+        forbidden = torch.from_numpy(~allowed[:vocab]).to(scores.device)
+        return scores.masked_fill(forbidden.unsqueeze(0), float("-inf"))
 
 
 def _check_sampling(
