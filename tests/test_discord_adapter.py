@@ -27,6 +27,7 @@ from tests.fake_discord import (
     APPLICATION_ID,
     BOT_TOKEN,
     CHANNEL_ID,
+    GUILD_ID,
     FakeDiscord,
     button_payload,
     interaction_payload,
@@ -295,5 +296,70 @@ def test_reactions_through_the_gateway_parser_become_feedback(
                 "message_id": message["id"]})
             await asyncio.sleep(0.3)
         assert runtime.store.find_delivered("discord", CHANNEL_ID, message["id"]) is not None
+
+    asyncio.run(scenario())
+
+
+async def _reaction_handlers_done() -> None:
+    """Wait for the reaction handlers discord.py has dispatched (it names their tasks)."""
+    await asyncio.gather(*(task for task in asyncio.all_tasks()
+                           if task.get_name().startswith("discord.py: on_raw_reaction")))
+
+
+def test_a_replayed_reaction_or_clear_changes_nothing_while_a_new_one_counts(
+        fake: FakeDiscord, runtime: BotRuntime) -> None:
+    """A resume or reconnect can replay a gateway event with the very same payload. Reaction
+    events carry no id, yet add, remove, add again by one person must be three rows."""
+    async def scenario() -> None:
+        async with logged_in(runtime) as client:
+            failures: list[str] = []
+
+            async def on_error(event: str, *args: Any, **kwargs: Any) -> None:
+                failures.append(event)
+
+            client.on_error = on_error  # type: ignore[method-assign]
+            job_id = await _make_job(fake, client)
+            message = _delivered_result(fake, runtime, job_id)
+            state = client._connection
+            thumbs = {"id": None, "name": "👍"}
+
+            def add(times: int = 1) -> None:
+                for _ in range(times):
+                    state.parse_message_reaction_add(reaction_payload(message["id"], OTHER, thumbs))
+
+            def clear(times: int = 1) -> None:
+                for _ in range(times):
+                    state.parse_message_reaction_remove_all({
+                        "channel_id": CHANNEL_ID, "guild_id": GUILD_ID,
+                        "message_id": message["id"]})
+
+            def feedback() -> list[tuple[int, float]]:
+                return [(f.delta, f.weight) for f in runtime.store.feedback_for_job(job_id)]
+
+            add(times=2)  # delivered twice, back to back: the handlers even run concurrently
+            await _reaction_handlers_done()
+            ((delta, weight),) = feedback()
+            assert delta == 1 and weight > 0
+
+            for _ in range(2):
+                state.parse_message_reaction_remove(
+                    reaction_payload(message["id"], OTHER, thumbs, add=False))
+            await _reaction_handlers_done()
+            add()  # the same payload as the first add, now a genuine add again
+            await _reaction_handlers_done()
+            assert feedback() == [(1, weight), (-1, -weight), (1, weight)]
+            assert runtime.store.live_reactions("discord", message["id"]) != []
+
+            clear(times=2)  # a moderator's remove-all, replayed
+            await _reaction_handlers_done()
+            assert [d for d, _ in feedback()] == [1, -1, 1, -1]
+            assert runtime.store.live_reactions("discord", message["id"]) == []
+            add()
+            await _reaction_handlers_done()
+            clear()  # the same clear payload again, with a reaction standing: it counts
+            await _reaction_handlers_done()
+            assert [d for d, _ in feedback()] == [1, -1, 1, -1, 1, -1]
+            assert sum(w for _, w in feedback()) == pytest.approx(0.0)
+            assert failures == []
 
     asyncio.run(scenario())

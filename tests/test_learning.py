@@ -408,3 +408,38 @@ def test_variation_strength_is_chosen_and_learned_only_for_variations(
     assert varied.params["vary_from"] == {"job_id": job_id, "position": 0}
     chat.react("ann", deliver(orchestrator.store, varied.id), "👎")
     assert _person_profile(orchestrator, "ann")["variation"] == {chosen: [0.0, 1.0]}
+
+
+def test_a_replayed_reaction_is_a_no_op_while_add_remove_add_counts_three_times(
+        chat: SimChat, orchestrator: Orchestrator) -> None:
+    """Reaction ids are pure functions of the payload; Discord's name only the transition
+    (``message:user:emoji:add``), so the log's state tells a replay from a genuine add-again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from core.events import Actor, ReactionChanged, ReactionsCleared
+
+    _, message = chat.ask("ann", "/imagine a fox")
+    add, remove = (ReactionChanged(
+        platform="sim", event_id=f"{message}:bob:👍:{kind}", actor=Actor("bob", "bob"),
+        channel=chat.channel, message_id=message, **{field: frozenset({"👍"})})
+        for kind, field in (("add", "added"), ("remove", "removed")))
+    clear = ReactionsCleared(platform="sim", event_id=f"{message}:clear:*", actor=Actor("0"),
+                             channel=chat.channel, message_id=message)
+    w = taste.BYSTANDER_WEIGHT
+
+    with ThreadPoolExecutor(8) as pool:  # copies racing each other still count once
+        assert list(pool.map(orchestrator.handle, [add] * 8)) == [[]] * 8
+    assert _weights(orchestrator) == pytest.approx([w])
+    for event in (remove, remove, add, add):
+        orchestrator.handle(event)
+    assert _weights(orchestrator) == pytest.approx([w, -w, w])
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(orchestrator.handle, [clear] * 4))
+    assert _weights(orchestrator) == pytest.approx([w, -w, w, -w])
+    orchestrator.handle(remove)  # nothing stands any more
+    orchestrator.handle(add)
+    orchestrator.handle(clear)  # the same clear again, with a reaction standing: it counts
+    assert _weights(orchestrator) == pytest.approx([w, -w, w, -w, w, -w])
+    live = orchestrator.taste.all_profiles()
+    rebuilt = orchestrator.taste.rebuild()
+    assert {k: v[1] for k, v in live.items()} == {k: v[1] for k, v in rebuilt.items()}

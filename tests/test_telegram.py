@@ -426,6 +426,20 @@ def test_in_groups_only_commands_mentions_and_replies_are_answered(
     assert replied.kind == "text" and replied.parent_job_id is None
 
 
+def test_a_command_for_another_bot_is_answered_in_a_private_chat(
+        tg: Stack, fake: FakeTelegram) -> None:
+    """Groups leave ``/cmd@otherbot`` to that bot; a private chat is ours alone, so silence
+    there would be a dead end."""
+    chat = private_chat()
+    for count, text in enumerate(("/imagine@some_other_bot a cat", "/paint@some_other_bot"), 1):
+        update = fake.push(fake.text_update(chat, text))
+        reply = fake.wait_calls("sendMessage", chat_id=chat, count=count)[-1]
+        assert reply.params["text"] == "That command was for @some_other_bot, not me."
+        assert int(reply.params["reply_parameters"]["message_id"]) == (
+            update["message"]["message_id"])
+    assert jobs_with_key_prefix(tg, f"telegram:{chat}:") == []
+
+
 # -- webhook mode ----------------------------------------------------------------------------------
 
 

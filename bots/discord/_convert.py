@@ -8,11 +8,15 @@ Gateway facts these depend on (discord.py 2.7):
 * Raw reaction events arrive whether or not the message is in discord.py's cache; the ``raw_``
   handlers are the only ones that see reactions on old messages after a restart.
 * A custom emoji's name can change; its id cannot. Custom emoji are keyed as ``custom:<id>``.
+* Every ``event_id`` is a pure function of the payload, so a replayed dispatch (resumes,
+  reconnects) carries the same one: interactions use their id, messages theirs. Reaction events
+  have no id and a genuine add-again has the very same payload as a replay, so their id names
+  the transition (``message:user:emoji:add``) and core's feedback log tells the two apart by
+  state (see ``TasteService.record``'s ``toggle``).
 """
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -107,15 +111,14 @@ def component_event(interaction: discord.Interaction[Any], custom_id: str) -> Co
 
 def reaction_event(payload: discord.RawReactionActionEvent, *,
                    channel: Any | None = None) -> ReactionChanged:
-    """One reaction added or removed. The gateway gives no event id: the key carries the time
-    of arrival so that add, remove, add again by one person are three events."""
+    """One reaction added or removed. The gateway gives no event id; this one is the payload's
+    own (message, user, emoji, add or remove): core dedupes replays by the reaction's state."""
     added = payload.event_type == "REACTION_ADD"
     key = emoji_key(payload.emoji)
     user = payload.member if added else None
     return ReactionChanged(
         platform=PLATFORM,
-        event_id=f"{payload.message_id}:{payload.user_id}:{key}:"
-                 f"{'add' if added else 'remove'}:{time.time_ns()}",
+        event_id=f"{payload.message_id}:{payload.user_id}:{key}:{'add' if added else 'remove'}",
         actor=actor_of(user, payload.user_id),
         channel=_channel(payload.channel_id, payload.guild_id, channel),
         occurred_at=datetime.now(UTC), message_id=str(payload.message_id),
@@ -126,10 +129,12 @@ def reaction_event(payload: discord.RawReactionActionEvent, *,
 def reactions_cleared_event(
         payload: discord.RawReactionClearEvent | discord.RawReactionClearEmojiEvent, *,
         channel: Any | None = None) -> ReactionsCleared:
+    """All reactions, or one emoji's, removed by a moderator; a replay undoes nothing more,
+    because core undoes only reactions still standing."""
     emoji = emoji_key(payload.emoji) if isinstance(
         payload, discord.RawReactionClearEmojiEvent) else None
     return ReactionsCleared(
         platform=PLATFORM,
-        event_id=f"{payload.message_id}:clear:{emoji or '*'}:{time.time_ns()}",
+        event_id=f"{payload.message_id}:clear:{emoji or '*'}",
         actor=UNKNOWN_ACTOR, channel=_channel(payload.channel_id, payload.guild_id, channel),
         message_id=str(payload.message_id), emoji=emoji)

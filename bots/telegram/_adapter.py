@@ -42,7 +42,8 @@ from bots.telegram._payloads import (
     reaction_event,
 )
 from core.events import Event, ReactionChanged
-from core.intents import COMMANDS
+from core.errors import UserInputError
+from core.intents import COMMANDS, parse_text
 from core.outbound import MessageKind, OutboundMessage
 
 __all__ = ["TelegramAdapter", "bot_commands"]
@@ -110,16 +111,26 @@ class TelegramAdapter:
 
     async def on_other_command(self, update: Update,
                                context: ContextTypes.DEFAULT_TYPE) -> None:
-        """A ``/command`` core does not know: answered in private chats and when addressed to
-        this bot by name; in groups it may belong to another bot, so it is left alone."""
+        """A ``/command`` core does not know, or ``/cmd@otherbot``: in groups it may belong to
+        another bot, so it is left alone unless addressed to this bot by name; a private chat
+        is ours alone and every message there gets an answer, even "that was for @otherbot"."""
         message = update.effective_message
         if message is None or message.from_user is None or not message.text:
             return
         head = message.text.split()[0]
         _, _, addressee = head.partition("@")
+        private = message.chat.type == ChatType.PRIVATE
         if addressee and addressee.lower() != context.bot.username.lower():
-            return
-        if message.chat.type != ChatType.PRIVATE and not addressee:
+            if not private:
+                return
+            try:  # core's parser answers it, naming the bot the command was for
+                parse_text(message.text, bot_username=context.bot.username,
+                           max_prompt_chars=self.orchestrator.settings.max_prompt_chars)
+            except UserInputError as exc:
+                await self._send(context, message, [OutboundMessage(
+                    MessageKind.ERROR, exc.user_message)], reply_to_message_id=message.message_id)
+                return
+        elif not private and not addressee:
             return
         await self._handle_message(
             message_event(update, _strip_bot_name(message.text, context.bot.username)),
