@@ -74,6 +74,7 @@ def rows(store: Store, fmt: str) -> Iterator[dict[str, Any]]:
             yield {"prompt": job.prompt, "completion": completion, "label": score > 0,
                    "kind": job.kind, "job_id": job.id, **extra}
         return
+    yield from _brainstorm_pairs(store)
     groups: dict[tuple[str, str], list[_Scored]] = defaultdict(list)
     for item in scored:
         groups[(item[3], item[0].prompt)].append(item)
@@ -92,6 +93,30 @@ def rows(store: Store, fmt: str) -> Iterator[dict[str, Any]]:
                 row["chosen_recipe"] = chosen_extra["recipe"]
                 row["rejected_recipe"] = rejected_extra["recipe"]
             yield row
+
+
+def _brainstorm_pairs(store: Store) -> Iterator[dict[str, Any]]:
+    """A brainstorm pick is the cleanest preference there is: the picked direction over each
+    direction shown beside it, for the same request."""
+    with store.session() as s:
+        picks = s.execute(select(FeedbackEvent, Job).join(Job, Job.id == FeedbackEvent.job_id)
+                          .where(FeedbackEvent.kind == "button",
+                                 FeedbackEvent.value.like("pick%"), FeedbackEvent.weight > 0,
+                                 Job.intent == "brainstorm")
+                          .order_by(FeedbackEvent.id)).all()
+    for row, job in picks:
+        ideas = job.params.get("ideas") or []
+        number = int(row.value[4:]) if row.value[4:].isdigit() else 0
+        if not 1 <= number <= len(ideas):
+            continue
+        chosen = ideas[number - 1]
+        for other_number, other in enumerate(ideas, start=1):
+            if other_number != number:
+                yield {"prompt": job.prompt, "chosen": chosen["prompt"],
+                       "rejected": other["prompt"], "kind": "brainstorm",
+                       "chosen_job_id": job.id, "rejected_job_id": job.id,
+                       "chosen_style": chosen["style"], "rejected_style": other["style"],
+                       "feedback_id": row.id}
 
 
 def export_feedback(store: Store, fmt: str, out: TextIO) -> int:

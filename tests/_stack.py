@@ -154,6 +154,9 @@ class Stack:
             "MUSESPARK_JOB_HEARTBEAT_SECONDS": "0.5",
             "MUSESPARK_JOB_STALE_AFTER_SECONDS": "4",
             "MUSESPARK_REDRIVE_INTERVAL_SECONDS": "0.5",
+            # Short scenes keep the offline text model's story within seconds.
+            "MUSESPARK_STORY_SCENE_MAX_CHARS": "60",
+            "MUSESPARK_STORY_POLL_SECONDS": "0.5",
         }
         stack = cls(backend, root, env)
         if backend == "distributed":

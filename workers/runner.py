@@ -258,7 +258,8 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
         recipe: dict[str, Any] = {
             "job_id": job.id, "prompt": prompt, "expanded_prompt": expanded,
             "seed": result.seed, "position": position, "model": result.model_name,
-            "demo_model": result.is_demo, **_taste_recipe(job),
+            "demo_model": result.is_demo, "seconds": round(result.seconds, 3),
+            **_taste_recipe(job),
             "params": {"steps": result.steps, "guidance": result.guidance,
                        "width": result.width, "height": result.height,
                        "count": len(result.images)},
@@ -641,7 +642,8 @@ def _write_story(job: Job, settings: Settings) -> dict[str, Any]:
         log.warning("job %s: story fell back (%s); model said %r", job.id, note,
                     result.text[:300])
     return {"title": story.title, "scenes": [s.model_dump() for s in story.scenes],
-            "note": note, "model": result.model_name, "raw": result.text}
+            "note": note, "model": result.model_name, "raw": result.text,
+            "seconds": round(result.seconds, 3)}
 
 
 def _story_artifact(job: Job, plan: dict[str, Any]) -> Artifact:
