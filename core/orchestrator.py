@@ -182,8 +182,8 @@ class Orchestrator:
         intent = parse_command(kind.value, {"prompt": prompt},
                                max_prompt_chars=self.settings.max_prompt_chars)
         intent = Intent(intent.kind, intent.prompt, {**intent.options, **options})
-        replied = params.get("parent")
-        parent = self.store.get_job(replied[0]) if replied else None
+        replied: list[Any] = list(params.get("parent") or [])
+        parent = self.store.get_job(str(replied[0])) if replied else None
         if kind is IntentKind.REFINE:
             if parent is None:
                 raise PromptError("That message isn't one of my results, so there is nothing "
