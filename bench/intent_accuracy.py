@@ -11,7 +11,7 @@ In one run, over the same messages, it reports side by side:
   the message counts as ``write``, the old default behaviour (free text became a text request);
   how many were left undecided is reported too.
 * rules + model: the production path. The rules first; only when they return None is the text
-  model asked (``generator.score_choices(model_messages(...), LABEL_WORDS)`` then
+  model asked (``workers.understand.read``: the labels scored by the model, then
   :func:`core.understanding.combine`, as ``workers/runner.py`` ``_understand`` does it). When the
   combined confidence is under ``ASK_BELOW`` the bot asks the person with buttons instead of
   guessing; the report counts those, gives the accuracy on the messages that were not asked,
@@ -49,7 +49,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from core import understanding  # noqa: E402
-from core.understanding import ASK_BELOW, ASK_CHOICES, INTENTS, LABEL_WORDS  # noqa: E402
+from core.understanding import ASK_BELOW, ASK_CHOICES, INTENTS  # noqa: E402
+from workers.understand import read  # noqa: E402
 
 DEFAULT_SET = REPO / "bench" / "intent_messages.jsonl"
 #: What "rules alone" did with a message the rules could not place.
@@ -135,7 +136,6 @@ def confusion_table(rows: list[Row], guess: Any, extra: str, count_extra: Any) -
 
 
 def run(rows: list[Row], generator: Any) -> None:
-    labels = {intent: LABEL_WORDS[intent] for intent in INTENTS}
     undecided = 0
     for row in rows:
         decided = understanding.classify_rules(row.text, replying=row.replying)
@@ -146,10 +146,8 @@ def run(rows: list[Row], generator: Any) -> None:
             continue
         undecided += 1
         start = time.perf_counter()
-        logprobs = generator.score_choices(
-            understanding.model_messages(row.text, replying=row.replying), labels)
+        combined = read(generator, row.text, replying=row.replying)  # what the worker runs
         row.model_seconds = time.perf_counter() - start
-        combined = understanding.combine(row.text, logprobs, replying=row.replying)
         row.final, row.final_confidence, row.source = (combined.intent, combined.confidence,
                                                        "model")
         print(f"  model {undecided}: {row.model_seconds:.2f} s  {combined.intent:<10} "

@@ -90,9 +90,13 @@ _CUES: dict[str, tuple[str, ...]] = {
         "dessin", "dessine", "dessiner", "peins", "peindre", "bild", "zeichne", "zeichnung",
         "male", "gemalde", "foto", "dibuja", "dibujo", "imagen", "pinta", "dipingi", "disegna",
         "disegno", "immagine", "desenhe", "desenho", "imagem", "pinte", "teken", "tekening",
-        "afbeelding", "schilder", "нарисуй", "картинку", "картинка", "рисунок", "изображение",
+        "afbeelding", "plaatje", "schilder", "нарисуй", "картинку", "картинка", "рисунок", "изображение",
         "narysuj", "obrazek", "rysunek", "obraz", "zdjecie",
         "描いて", "絵", "画像", "イラスト",
+        # Words only picture prompts carry: styles, resolutions, framing.
+        "4k", "8k", "hd", "photorealistic", "realistic", "shot of", "close-up", "closeup",
+        "watercolor", "watercolour", "oil painting", "pixel art", "anime", "line art",
+        "3d render", "cinematic", "in the style of", "show me", "look like", "looks like",
     ),
     "write": (
         "write", "poem", "haiku", "limerick", "slogan", "letter", "caption", "joke", "essay",
@@ -106,20 +110,22 @@ _CUES: dict[str, tuple[str, ...]] = {
     "story": (
         "story", "stories", "tale", "fable", "storybook", "picture book", "comic", "histoire",
         "conte",
-        "geschichte", "marchen", "cuento", "historia", "racconto", "storia", "fiaba", "favola",
-        "verhaal", "sprookje", "historinha", "сказку", "сказка", "историю", "opowiesc",
-        "bajke", "bajka", "物語", "おはなし", "お話",
+        "geschichte", "bildergeschichte", "marchen", "cuento", "historia", "racconto", "storia", "fiaba", "favola",
+        "verhaal", "sprookje", "prentenboek", "historinha", "сказку", "сказка", "историю",
+        "opowiesc", "bajke", "bajka", "物語", "おはなし", "お話", "の話", "이야기", "동화",
     ),
     "brainstorm": (
         "ideas", "idea", "brainstorm", "options", "concepts", "suggestions", "directions",
         "come up with", "what could i", "what should i", "inspiration", "idees", "ideen",
         "vorschlage", "ideas", "sugerencias", "idee", "proposte", "ideias", "sugestoes",
         "ideeen", "идеи", "идей", "варианты", "pomysly", "pomysl", "アイデア", "案",
+        "to pick from", "to choose from", "several", "a few options", "pitch me", "아이디어",
+        "themes", "list some", "pomysł", "opcji",
     ),
     "help": (
         "help", "what can you do", "how does this work", "how do i use", "commands",
-        "how do you work", "what do you do", "who are you", "what are you", "can you make",
-        "hilfe", "aide", "ayuda", "aiuto", "ajuda", "помощь", "pomoc", "使い方", "ヘルプ",
+        "how do you work", "what do you do", "who are you", "what are you", "what else",
+        "what do you support", "hilfe", "aide", "ayuda", "aiuto", "ajuda", "помощь", "pomoc", "使い方", "ヘルプ",
         "what else can you", "que sais-tu faire", "was kannst du", "que puedes hacer",
         "cosa sai fare", "o que voce faz", "wat kun je", "что ты умеешь", "co umiesz",
     ),
@@ -131,8 +137,18 @@ _ILLUSTRATED = (
     "illustre", "illustree", "images", "bebildert", "bildern", "bilder", "ilustrado",
     "ilustrada", "imagenes", "dibujos", "illustrata", "illustrato", "immagini", "ilustrada",
     "imagens", "geillustreerd", "plaatjes", "с картинками", "иллюстрац", "ilustrowan",
-    "obrazkami", "絵本", "挿絵", "イラスト付き",
+    "obrazkami", "絵本", "挿絵", "イラスト付き", "絵付き", "bildergeschichte", "prentenboek",
+    "그림", "ilustrowana",
 )
+#: Words that take the pictures out of a story ("just text, no pictures").
+_NO_PICTURES = ("no pictures", "no images", "without pictures", "without images", "just text",
+                "text only", "only text", "no illustrations", "sans images", "ohne bilder",
+                "sin imagenes", "senza immagini", "sem imagens", "zonder plaatjes")
+#: Words that start something new even in a reply to a result.
+_NEW_THING = ("different thing", "something else", "something different", "new one",
+              "unrelated", "another thing", "new request", "autre chose", "etwas anderes",
+              "otra cosa", "altra cosa", "outra coisa", "iets anders", "different topic",
+              "new topic", "change of topic", "next one")
 #: Words that mark a message as an instruction about the result it answers.
 _CHANGE = (
     "make it", "make them", "make the", "make him", "make her", "more", "less", "change",
@@ -149,6 +165,10 @@ _QUESTION_START = re.compile(
     r"^(who|what|why|how|when|where|which|is|are|do|does|can|could|would|should|qui|que|"
     r"quoi|pourquoi|comment|wer|was|warum|wie|quien|que|por que|como|chi|perche|cosa|"
     r"quem|porque|wie|wat|waarom|кто|что|почему|как|kto|co|dlaczego|jak)\b")
+_ABOUT_THE_BOT = re.compile(
+    r"^(how (do|can|should) (i|we)|is there a way|how does (the|this|it)|what (do|can) i)\b"
+    r".*\b(you (already|made|make|can|do)|from you|get you|your|bot|mode|feature|"
+    r"commands?|ask you)\b")
 _ASKS_ABOUT = re.compile(r"^(who|what|whats|what's|why|how|when|where|which)\b")
 _FILLER = re.compile(
     r"^\s*(hey|hi|hello|yo|ok|okay|please|pls|plz|can you|could you|would you|will you|"
@@ -162,16 +182,28 @@ def _cjk(cue: str) -> bool:
     return any(ord(c) > 0x2E80 for c in cue)
 
 
+#: Cue words that typos are forgiven for. Only these: a fuzzy match between two real words of
+#: other languages ("machen" and "Märchen", "art" and Polish "żart") would misroute.
+_FUZZY = frozenset({
+    "draw", "drawing", "paint", "painting", "picture", "image", "photo", "illustration",
+    "illustrate", "sketch", "render", "portrait", "wallpaper", "imagine", "story", "stories",
+    "storybook", "brainstorm", "ideas", "suggestions", "concepts", "options", "write", "poem",
+    "haiku", "limerick", "slogan", "caption", "lyrics", "help", "pictures", "illustrated",
+})
+
+
 def _has(folded: str, words: list[str], cue: str) -> bool:
     if " " in cue or _cjk(cue):
         return cue in folded
     if cue in words:
         return True
-    if len(cue) < FUZZY_MIN_CHARS or not cue.isascii():
-        # Cyrillic and other inflected forms: a word starting with the cue counts.
-        return not cue.isascii() and any(w.startswith(cue[:max(4, len(cue) - 2)])
-                                          for w in words)
+    if not cue.isascii():
+        # Cyrillic and other inflected forms: a word starting with the cue's stem counts.
+        return any(w.startswith(cue[:max(4, len(cue) - 2)]) for w in words)
+    if cue not in _FUZZY:
+        return False
     return any(abs(len(w) - len(cue)) <= 2 and len(w) >= FUZZY_MIN_CHARS - 1
+               and w[0] == cue[0]
                and difflib.SequenceMatcher(None, w, cue).ratio() >= FUZZY_RATIO
                for w in words)
 
@@ -187,9 +219,10 @@ def rule_scores(text: str, *, replying: bool = False) -> dict[str, float]:
     hits = {intent: _count(folded, words, cues) for intent, cues in _CUES.items()}
     illustrated = _count(folded, words, _ILLUSTRATED)
     scores = dict.fromkeys(INTENTS, 0.0)
+    no_pictures = bool(_count(folded, words, _NO_PICTURES))
     if hits["story"]:
         # A story with pictures is an illustrated story; a story alone is a text.
-        if illustrated or hits["imagine"]:
+        if not no_pictures and (illustrated or hits["imagine"]):
             scores["story"] = 1.0 + 0.5 * min(illustrated + hits["imagine"], 2)
         else:
             scores["write"] += 1.0
@@ -199,15 +232,18 @@ def rule_scores(text: str, *, replying: bool = False) -> dict[str, float]:
         scores["imagine"] = 1.0 + 0.25 * min(hits["imagine"] - 1, 2)
     if hits["write"]:
         scores["write"] += 1.0 + 0.25 * min(hits["write"] - 1, 2)
-    if hits["help"]:
-        scores["help"] = 1.0 if len(words) <= 8 else 0.6
+    if hits["help"] or _ABOUT_THE_BOT.search(folded):
+        # "how does the story mode work", "is there a way to get bigger images from you?"
+        scores["help"] = 1.0 if len(words) <= 8 or not hits["help"] else 0.6
+        if _ABOUT_THE_BOT.search(folded):
+            scores["help"] = 1.5
     if not any(scores.values()) and _QUESTION_START.match(folded.strip()):
         scores["write"] = 0.6  # a question with no other cue: the text model answers it
-    elif _ASKS_ABOUT.match(folded.strip()) and not hits["help"]:
+    elif _ASKS_ABOUT.match(folded.strip()) and not hits["help"] and not hits["brainstorm"]:
         # "how do I get better at drawing hands?" asks about pictures; it wants an answer.
         scores["write"] = max(scores["write"], 1.0 + scores["imagine"])
         scores["imagine"] = 0.0
-    if replying:
+    if replying and not _count(folded, words, _NEW_THING):
         change = _count(folded, words, _CHANGE)
         pointing = bool(_PRONOUN_TARGET.search(folded))
         asks_new = max(scores["imagine"], scores["write"], scores["story"],
@@ -289,6 +325,9 @@ def model_messages(text: str, *, replying: bool) -> list[dict[str, str]]:
 
 #: How much the rules' weak evidence counts against the model's log-probabilities.
 RULES_WEIGHT = 2.0
+#: A lean towards an answer in text: chat nobody can place ("lol ur funny") is for the text
+#: model to answer, as it always was; the model must be clearly surer of something else.
+PRIOR: dict[str, float] = {"write": 1.0}
 
 
 def combine(text: str, model_logprobs: Mapping[str, float], *,
@@ -300,7 +339,7 @@ def combine(text: str, model_logprobs: Mapping[str, float], *,
     """
     scores = rule_scores(text, replying=replying)
     logits = {intent: model_logprobs.get(intent, -30.0) + RULES_WEIGHT * scores[intent]
-              for intent in INTENTS}
+              + PRIOR.get(intent, 0.0) for intent in INTENTS}
     if not replying:
         logits["refine"] = -math.inf
     top = max(logits.values())

@@ -12,6 +12,7 @@ from PIL import Image
 from sqlalchemy import select
 
 from bots.console import ConsoleChat, ShownMessage
+from core.events import Actor
 from core.export import rows
 from core.store import Artifact, FeedbackEvent, Job
 from tests._stack import Stack
@@ -89,7 +90,11 @@ def test_a_brainstorm_press_draws_the_pick_and_counts_it_over_the_others(stack: 
     styles = {i["style"] for i in ideas}
     assert len(styles) == len(ideas), "each direction in its own style"
 
+    # Anyone may pick; the pick counts for the person who pressed.
+    asker = chat.user
+    chat.user = Actor("bystander", "Bea")
     picked = _status_job(chat.say(f"/press {listing.id} pick2"))
+    chat.user = asker
     shown = chat.wait(lambda ms: len(_results(ms)) >= 2, timeout=RESULT_TIMEOUT_SECONDS)
     first = stack.job(picked)
     assert first.parent_job_id == job_id and first.prompt == ideas[1]["prompt"]
@@ -97,6 +102,8 @@ def test_a_brainstorm_press_draws_the_pick_and_counts_it_over_the_others(stack: 
     assert first.params["takes"]["of"] == 2, "rendered with takes, as for /imagine"
     (press,) = [f for f in stack.runtime.store.feedback_for_job(job_id) if f.value == "pick2"]
     assert press.kind == "button" and press.weight > 0
+    presser = stack.runtime.store.ensure_user("local", Actor("bystander", "Bea"))
+    assert press.user_id == presser and first.user_id == presser
     # The community's picture taste moved: the picked style up, the others down.
     community = stack.runtime.orchestrator.taste.profile("community", first.community_id,
                                                           "image")[0]

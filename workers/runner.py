@@ -35,7 +35,7 @@ from core.errors import (
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Artifact, Claim, DeliveredMessage, Job, JobState, Store, content_hash, utcnow
-from workers.delivery import TransactionalDeliverer, get_deliverer
+from workers.delivery import RemoteDeliverer, TransactionalDeliverer, get_deliverer
 
 __all__ = ["execute_job", "worker_name"]
 
@@ -384,27 +384,55 @@ def _deliver(store: Store, claim: Claim, job: Job, messages: list[OutboundMessag
     # Read afresh: the adapter may have added the progress message's id after the claim.
     fresh = store.get_job(job.id)
     target = DeliveryTarget.from_dict((fresh or job).delivery)
-    done = store.delivered_positions(job.id)
-    for position, message in enumerate(messages):
-        if position in done:
-            continue
-        try:
-            ids = deliverer.send(target, message)
-        except DeliveryError as exc:
-            if exc.final or exc.retry_after is None:
-                log.error("job %s: delivery refused for good: %s", job.id, exc)
-                return _fail(store, claim, job, f"I could not post the result: {exc}", settings,
-                             tell_person=False)
-            due = store.defer(claim, exc.retry_after)
-            if due is None:
-                return "lost"
-            log.warning("job %s: platform asked to wait %.1f s; resuming then", job.id,
-                        exc.retry_after)
-            _publish_later(job, settings, exc.retry_after)
-            return "deferred"
-        store.record_delivered(job.id, target.platform, target.chat_id, position, ids)
+    try:
+        # Sending can outlast the stale-heartbeat limit (pacing, uploads, a 429 waited out in
+        # place): keep the claim alive, or the redriver would hand the job to another worker.
+        with _Heartbeat(store, claim, settings.job_heartbeat_seconds):
+            _post_outbox(store, claim, job, target, deliverer, messages)
+    except _ClaimLost:
+        log.info("job %s no longer ours (attempt %d); stopped delivering", job.id, claim.attempt)
+        return "lost"
+    except DeliveryError as exc:
+        if exc.final or exc.retry_after is None:
+            log.error("job %s: delivery refused for good: %s", job.id, exc)
+            return _fail(store, claim, job, f"I could not post the result: {exc}", settings,
+                         tell_person=False)
+        due = store.defer(claim, exc.retry_after)
+        if due is None:
+            return "lost"
+        log.warning("job %s: platform asked to wait %.1f s; resuming then", job.id,
+                    exc.retry_after)
+        _publish_later(job, settings, exc.retry_after)
+        return "deferred"
     with store.finishing(claim, JobState.DELIVERED) as session:
         return "delivered" if session is not None else "lost"
+
+
+class _ClaimLost(Exception):
+    """The job was taken over while this worker was posting it: stop posting."""
+
+
+def _post_outbox(store: Store, claim: Claim, job: Job, target: DeliveryTarget,
+                 deliverer: RemoteDeliverer, messages: list[OutboundMessage]) -> None:
+    """Post the outbox part by part, recording each platform message as soon as it is out
+    (one small transaction each), so an attempt cut short by a 429 or a crash resumes at the
+    first part not recorded instead of posting the message again from its start.
+
+    Messages go out in order, so every position before the last one with a recorded part is
+    complete; that last one resumes after its recorded parts. What can still post twice is one
+    part a worker died posting (sent, not yet recorded): see the README, "How it holds together".
+    """
+    sent = store.delivered_parts(job.id)
+    resume_at = max(sent, default=0)
+    for position, message in enumerate(messages[resume_at:], start=resume_at):
+        def record(part: int, message_id: str, position: int = position) -> None:
+            store.record_delivered(job.id, target.platform, target.chat_id, position,
+                                   [message_id], part=part)
+            if not store.heartbeat(claim):  # taken over: the new owner posts the rest
+                raise _ClaimLost(job.id)
+
+        deliverer.send(target, message, skip_parts=frozenset(sent.get(position, ())),
+                       on_part=record, key=f"{job.id}:{position}")
 
 
 def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
@@ -500,11 +528,10 @@ def _understand(store: Store, job: Job, settings: Settings) -> _Outcome:
     """Read a message with the text model; route it, or ask what the person meant."""
     asked = job.params.get("understand") or {}
     text, replying = str(asked.get("text") or job.prompt), bool(asked.get("replying"))
+    from workers.understand import read
+
     generator = _text_generator(settings)
-    logprobs = generator.score_choices(
-        understanding.model_messages(text, replying=replying),
-        {intent: understanding.LABEL_WORDS[intent] for intent in understanding.INTENTS})
-    decided = understanding.combine(text, logprobs, replying=replying)
+    decided = read(generator, text, replying=replying)
     params = {"understanding": decided.to_dict()}
     log.info("job %s understood as %s (%.2f)", job.id, decided.intent, decided.confidence)
     if decided.confidence < understanding.ASK_BELOW:
@@ -598,6 +625,13 @@ def _run_story(store: Store, claim: Claim, job: Job, settings: Settings) -> str:
     per scene, and the composed post. Each run of this job does the next step that is due, so
     a worker killed anywhere loses nothing and a re-run repeats nothing: the plan is kept in
     the job, scene jobs have idempotency keys, and the post is an outbox like any other.
+
+    Why not a Celery chord (``group(scenes) | compose``): a chord's join lives in the result
+    backend (we run none; the embedded transport has none), its counter is not fenced by our
+    claims, and a late-acked scene redelivered after a worker death would count twice or leave
+    the chord waiting. The store already knows every scene's state, so the join is a query:
+    each finished scene wakes the story (:func:`_wake`), and a deferred story also looks again
+    every ``story_poll_seconds`` in case a wake-up was lost with a worker.
     """
     plan = job.params.get("plan")
     if plan is None:
