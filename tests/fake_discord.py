@@ -4,6 +4,7 @@ It answers what MuseSpark uses, with JSON shaped like Discord's (discord.py pars
 (``/users/@me``, ``/oauth2/applications/@me``), interaction callbacks, follow-up webhooks and
 ``@original`` edits, channel messages, deletions, command sync, and the channel, guild and
 member lookups of ``musespark doctor discord``. Every request is recorded in :attr:`calls`.
+It also stands in for the CDN: :meth:`attachment` serves bytes at an attachment's URL.
 
 It can be told to misbehave the way Discord does:
 
@@ -29,6 +30,8 @@ from typing import Any
 from aiohttp import web
 
 API_PREFIX = "/api/v10"
+#: Where :meth:`FakeDiscord.attachment` serves uploaded files (Discord: cdn.discordapp.com).
+CDN_PREFIX = "/attachments"
 DISCORD_EPOCH_MS = 1420070400000
 BOT_TOKEN = "fake-bot-token.MuseSpark.test"
 APPLICATION_ID = "1100000000000000001"  # modern apps: the bot user has the application's id
@@ -92,6 +95,8 @@ class FakeDiscord:
         self.guilds: dict[str, dict[str, Any]] = {}
         self.members: dict[tuple[str, str], dict[str, Any]] = {}
         self.commands: dict[str, list[dict[str, Any]]] = {}
+        #: attachment path under /attachments/ -> bytes served there (the CDN's part)
+        self.cdn: dict[str, bytes] = {}
         self._failures: list[_Failure] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -120,6 +125,7 @@ class FakeDiscord:
     async def _start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._handle)
+        app.router.add_get(CDN_PREFIX + "/{tail:.*}", self._serve_attachment)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -149,6 +155,19 @@ class FakeDiscord:
     def expire_token(self, token: str) -> None:
         self.expired_tokens.add(token)
 
+    def attachment(self, filename: str, data: bytes, content_type: str | None = "image/png", *,
+                   size: int | None = None) -> dict[str, Any]:
+        """An attachment object (as in an interaction's ``resolved.attachments``) whose URL
+        this fake serves. ``size`` may claim more than ``data`` holds (an oversized upload)."""
+        attachment_id = snowflake()
+        path = f"{attachment_id}/{filename}"
+        self.cdn[path] = data
+        url = f"http://127.0.0.1:{self.port}{CDN_PREFIX}/{path}"
+        return {"id": attachment_id, "filename": filename,
+                "size": len(data) if size is None else size, "url": url, "proxy_url": url,
+                **({"content_type": content_type} if content_type else {}),
+                "ephemeral": True}
+
     def calls_to(self, method: str, pattern: str) -> list[Call]:
         regex = re.compile(pattern)
         with self._lock:
@@ -173,6 +192,15 @@ class FakeDiscord:
         return message
 
     # -- serving ------------------------------------------------------------------------------
+
+    async def _serve_attachment(self, request: web.Request) -> web.StreamResponse:
+        path = request.match_info["tail"]
+        with self._lock:
+            self.calls.append(Call("GET", CDN_PREFIX + "/" + path, dict(request.query),
+                                   dict(request.headers), status=200 if path in self.cdn else 404))
+        if path not in self.cdn:
+            return web.Response(status=404, text="Not Found")
+        return web.Response(body=self.cdn[path], content_type="application/octet-stream")
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = "/" + request.match_info["tail"]
@@ -362,7 +390,7 @@ def interaction_payload(fake: FakeDiscord, kind: int, data: dict[str, Any], *, u
                         guild_id: str | None = GUILD_ID, message: dict[str, Any] | None = None,
                         interaction_id: str | None = None,
                         permissions: str = EVERYDAY_BITS) -> dict[str, Any]:
-    """An INTERACTION_CREATE payload (type 2 command, 3 component, 4 autocomplete)."""
+    """An INTERACTION_CREATE payload (type 2 command, 3 component, 4 autocomplete, 5 modal)."""
     token = f"itoken-{snowflake()}"
     fake.token_channels[token] = channel_id
     payload: dict[str, Any] = {
@@ -390,11 +418,18 @@ def interaction_payload(fake: FakeDiscord, kind: int, data: dict[str, Any], *, u
 
 
 def slash_payload(fake: FakeDiscord, command: str, options: dict[str, Any], *, user_id: str,
+                  attachments: dict[str, dict[str, Any]] | None = None,
                   **kw: Any) -> dict[str, Any]:
+    """A slash command; ``attachments`` maps an option name to an attachment object (from
+    :meth:`FakeDiscord.attachment`): Discord sends its id as the value, the object resolved."""
     types = {str: 3, int: 4, bool: 5}
-    data = {"id": snowflake(), "name": command, "type": 1,
-            "options": [{"name": k, "type": types[type(v)], "value": v}
-                        for k, v in options.items()]}
+    data: dict[str, Any] = {
+        "id": snowflake(), "name": command, "type": 1,
+        "options": [{"name": k, "type": types[type(v)], "value": v} for k, v in options.items()]}
+    if attachments:
+        data["options"] += [{"name": k, "type": 11, "value": a["id"]}
+                            for k, a in attachments.items()]
+        data["resolved"] = {"attachments": {a["id"]: a for a in attachments.values()}}
     return interaction_payload(fake, 2, data, user_id=user_id, **kw)
 
 
@@ -402,6 +437,21 @@ def button_payload(fake: FakeDiscord, message: dict[str, Any], custom_id: str, *
                    user_id: str, **kw: Any) -> dict[str, Any]:
     return interaction_payload(fake, 3, {"custom_id": custom_id, "component_type": 2},
                                user_id=user_id, message=message, **kw)
+
+
+def modal_submit_payload(fake: FakeDiscord, modal: dict[str, Any], values: list[str], *,
+                         user_id: str, message: dict[str, Any] | None = None,
+                         **kw: Any) -> dict[str, Any]:
+    """A MODAL_SUBMIT (type 5) for ``modal``, the ``data`` of a type 9 callback: its text
+    inputs, in order, hold ``values``; ``message`` is the one whose button opened it."""
+    inputs = iter(values)
+    rows = [{"type": 1, "components": [{"type": 4, "custom_id": c["custom_id"],
+                                        "value": next(inputs)} for c in row["components"]]}
+            for row in modal["components"]]
+    payload = interaction_payload(fake, 5, {"custom_id": modal["custom_id"], "components": rows},
+                                  user_id=user_id, message=message, **kw)
+    fake.originals.pop(payload["token"], None)  # its @original is made by its own callback
+    return payload
 
 
 def reaction_payload(message_id: str, user_id: str, emoji: dict[str, Any], *, add: bool = True,

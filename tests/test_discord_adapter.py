@@ -23,6 +23,7 @@ from bots.discord import MuseSparkDiscord, build_intents, invite_url
 from bots.discord._setup import REQUIRED_PERMISSIONS
 from bots.runtime import BotRuntime
 from core.settings import Settings
+from core.taste import CATALOGUE
 from tests.fake_discord import (
     APPLICATION_ID,
     BOT_TOKEN,
@@ -30,11 +31,9 @@ from tests.fake_discord import (
     GUILD_ID,
     FakeDiscord,
     button_payload,
-    interaction_payload,
     reaction_payload,
     slash_payload,
     serving,
-    snowflake,
 )
 
 REQUESTER, OTHER = "500000000000000001", "500000000000000002"
@@ -98,7 +97,7 @@ def test_invite_url_asks_for_exactly_the_needed_permissions() -> None:
     assert not REQUIRED_PERMISSIONS.administrator and not REQUIRED_PERMISSIONS.manage_messages
 
 
-def test_commands_have_typed_options_choices_and_autocomplete(runtime: BotRuntime) -> None:
+def test_commands_have_typed_options_and_catalogue_choices(runtime: BotRuntime) -> None:
     client = MuseSparkDiscord(runtime.orchestrator, runtime.store)
     commands = {c.name: c.to_dict(client.tree) for c in client.tree.get_commands()}
     assert {"imagine", "write", "help", "profile"} <= set(commands)
@@ -108,9 +107,13 @@ def test_commands_have_typed_options_choices_and_autocomplete(runtime: BotRuntim
             imagine["count"]["max_value"]) == (4, 1, 4)
     assert [c["value"] for c in imagine["aspect"]["choices"]] == ["square", "portrait",
                                                                   "landscape"]
-    assert imagine["style"]["autocomplete"] is True and imagine["seed"]["type"] == 4
+    assert imagine["seed"]["type"] == 4
+    # Only the taste catalogue's values shape a result, so exactly those are offered.
+    assert [c["value"] for c in imagine["style"]["choices"]] == list(CATALOGUE["image"]["style"])
+    assert "autocomplete" not in imagine["style"]
     write = {o["name"]: o for o in commands["write"]["options"]}
-    assert "haiku" in [c["value"] for c in write["mode"]["choices"]]
+    assert {c["value"] for c in write["mode"]["choices"]} == {
+        "prose", "verse", "list", "playful", "earnest", "dark", "whimsical"}
 
 
 def test_imagine_is_deferred_then_shows_its_status_and_keeps_the_interaction(
@@ -172,17 +175,17 @@ def test_help_is_private(fake: FakeDiscord, runtime: BotRuntime) -> None:
     asyncio.run(scenario())
 
 
-def test_style_autocomplete_suggests_styles(fake: FakeDiscord, runtime: BotRuntime) -> None:
+def test_a_style_outside_the_catalogue_is_refused_privately(fake: FakeDiscord,
+                                                            runtime: BotRuntime) -> None:
+    """A stale command definition (the old free-text style) cannot pass an unknown style."""
     async def scenario() -> None:
         async with logged_in(runtime) as client:
-            data = {"id": snowflake(), "name": "imagine", "type": 1, "options": [
-                {"name": "prompt", "type": 3, "value": "a cat"},
-                {"name": "style", "type": 3, "value": "wat", "focused": True}]}
-            payload = interaction_payload(fake, 4, data, user_id=REQUESTER)
+            payload = slash_payload(fake, "imagine", {"prompt": "a cat", "style": "pencil sketch"},
+                                    user_id=REQUESTER)
             client._connection.parse_interaction_create(payload)
             (call,) = await until(lambda: _token_calls(fake, payload))
-            assert call.json["type"] == 8
-            assert {"name": "watercolor", "value": "watercolor"} in call.json["data"]["choices"]
+            assert call.json["type"] == 4 and call.json["data"]["flags"] == 64
+            assert "'pencil sketch'" in call.json["data"]["content"]
 
     asyncio.run(scenario())
 

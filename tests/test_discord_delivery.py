@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from bots.discord import MuseSparkDiscord
+from core.actions import buttons_for
 from core.errors import DeliveryError
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
@@ -196,6 +197,56 @@ def test_images_go_as_attachments_and_long_captions_are_split(make_stack,
             await client.close()
 
     asyncio.run(scenario())
+
+
+def test_a_story_posts_its_title_then_each_scene_with_its_picture_in_order(
+        make_stack, fake: FakeDiscord) -> None:
+    """/story through a real worker: the title, then one follow-up per scene with its picture,
+    in order, each within 2000 characters and carrying core's buttons for that part."""
+    stack = _start(make_stack, fake)
+    store = stack.runtime.store
+
+    async def scenario() -> None:
+        client = MuseSparkDiscord(stack.runtime.orchestrator, store)
+        await client.login(BOT_TOKEN)
+        try:
+            payload, story_id = await _slash(fake, client, {"prompt": "a fox who learns to fly",
+                                                            "scenes": 2}, command="story")
+            story = await _wait_job(stack, story_id)
+        finally:
+            await client.close()
+        plan = story.params["plan"]
+        posts = _followups(fake, payload["token"])
+        assert len(posts) == 1 + len(plan["scenes"]), [p.json for p in posts]
+        title, *scenes = posts
+        assert title.json["content"].startswith(f"📖 {plan['title']}") and not title.files
+        assert _custom_ids(title) == [f"{b.action}:{story_id}" for b in buttons_for(
+            story_id, kind="text", intent="story")]
+        for number, (post, planned) in enumerate(zip(scenes, plan["scenes"]), start=1):
+            assert post.json["content"].startswith(f"{number}/{len(scenes)}. ")
+            assert planned["text"] in post.json["content"]
+            assert len(post.json["content"]) <= MESSAGE_MAX_CHARS
+            (upload,) = post.files
+            with Image.open(io.BytesIO(upload["data"])) as image:
+                assert image.format == "PNG"
+            scene_id = _custom_ids(post)[0].split(":")[1]
+            scene = store.get_job(scene_id)
+            assert scene is not None and scene.parent_job_id == story_id
+            assert scene.intent == "scene" and scene.params["story"]["scene"] == number
+            assert _custom_ids(post) == [f"{b.action}:{scene_id}" for b in buttons_for(
+                scene_id, kind="image", intent="scene")]
+            # A press or reaction on that message is about that scene's picture.
+            message_id = next(m["id"] for m in fake.messages.values()
+                              if m["content"] == post.json["content"])
+            shown = store.result_of_message("discord", CHANNEL_ID, message_id)
+            assert shown is not None and shown[0].id == scene_id
+        assert store.delivered_positions(story_id) == set(range(1 + len(plan["scenes"])))
+
+    asyncio.run(scenario())
+
+
+def _custom_ids(post: Any) -> list[str]:
+    return [b["custom_id"] for row in post.json.get("components", []) for b in row["components"]]
 
 
 # -- the deliverer in-process, over real HTTP ---------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 
 from bots.discord import doctor, sync
 from bots.discord._setup import REQUIRED_PERMISSIONS
+from core.taste import CATALOGUE
 from tests.fake_discord import APPLICATION_ID, BOT_TOKEN, CHANNEL_ID, GUILD_ID, FakeDiscord
 
 ROLE_ID = "1400000000000000001"
@@ -40,6 +41,26 @@ def test_sync_globally_and_per_guild(fake: FakeDiscord, capsys: pytest.CaptureFi
     (guild_put,) = fake.calls_to("PUT", rf"/guilds/{GUILD_ID}/commands$")
     assert {c["name"] for c in guild_put.json} == names  # type: ignore[union-attr]
     assert f"in server {GUILD_ID}" in capsys.readouterr().out
+
+
+def test_sync_publishes_the_co_creation_commands_with_their_options(fake: FakeDiscord) -> None:
+    """The sync builds its list from the client's own tree: new commands need no second list."""
+    assert sync.main([]) == 0
+    (put,) = fake.calls_to("PUT", rf"^/applications/{APPLICATION_ID}/commands$")
+    commands = {c["name"]: {o["name"]: o for o in c.get("options", [])}
+                for c in put.json}  # type: ignore[union-attr]
+    styles = list(CATALOGUE["image"]["style"])
+    story = commands["story"]
+    assert story["prompt"]["type"] == 3 and story["prompt"]["required"]
+    assert (story["scenes"]["type"], story["scenes"]["min_value"], story["scenes"]["max_value"],
+            story["scenes"].get("required", False)) == (4, 2, 6, False)
+    assert [c["value"] for c in story["style"]["choices"]] == styles
+    brainstorm = commands["brainstorm"]
+    assert list(brainstorm) == ["prompt"] and brainstorm["prompt"]["required"]
+    remix = commands["remix"]
+    assert remix["image"]["type"] == 11 and remix["image"]["required"]  # ATTACHMENT
+    assert remix["prompt"]["type"] == 3 and remix["prompt"]["required"]
+    assert [c["value"] for c in commands["imagine"]["style"]["choices"]] == styles
 
 
 def test_sync_with_a_bad_token_says_so(fake: FakeDiscord, monkeypatch: pytest.MonkeyPatch,

@@ -12,6 +12,8 @@ Deadlines and limits this code is shaped by (Discord API v10, discord.py 2.7):
 * Buttons survive restarts: each is a :class:`discord.ui.DynamicItem` matched on its
   ``action:job_id`` custom id; discord.py rebuilds it from the pressed message's components.
 * Message content is 2000 characters at most.
+* A slash command's attachment comes as a CDN URL with its size; reading it may outlast the
+  3 s, so ``/remix`` refuses an oversized one at once and defers before downloading.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 import discord
@@ -43,6 +46,7 @@ from core.intents import Intent, parse_command
 from core.orchestrator import Orchestrator
 from core.outbound import MessageKind, OutboundMessage
 from core.store import Store
+from core.uploads import UPLOAD_MAX_BYTES, keep_upload
 
 __all__ = ["MuseSparkDiscord", "ResultButton"]
 
@@ -148,6 +152,53 @@ class MuseSparkDiscord(discord.Client):
         replies = await self.handle(command_event(interaction, name, args))
         await self._answer(interaction, replies, original_pending=True, original_private=private)
 
+    async def run_remix(self, interaction: discord.Interaction[Any], image: discord.Attachment,
+                        args: dict[str, Any]) -> None:
+        """``/remix``: check the prompt and the attachment's size at once, then defer, download
+        and check the picture (core/uploads.py) before core sees it; each refusal is private."""
+        args = {k: v for k, v in args.items() if v is not None}
+        try:
+            parse_command("remix", args, max_prompt_chars=self.max_prompt_chars)
+        except UserInputError as exc:
+            await interaction.response.send_message(_clip(exc.user_message), ephemeral=True)
+            return
+        if image.size > UPLOAD_MAX_BYTES:  # refused without downloading it
+            await interaction.response.send_message(
+                f"That file is {image.size / 1e6:.1f} MB; I take pictures up to "
+                f"{UPLOAD_MAX_BYTES / 1e6:.0f} MB. Send a smaller one.", ephemeral=True)
+            return
+        await interaction.response.defer(thinking=True)
+        try:
+            data = await image.read()
+            staged = await asyncio.to_thread(keep_upload, data,
+                                             self.orchestrator.settings.resolved_data_dir,
+                                             name=image.filename)
+        except UserInputError as exc:
+            await self._answer(interaction, [OutboundMessage(MessageKind.ERROR, exc.user_message)],
+                               original_pending=True, original_private=False)
+            return
+        except discord.HTTPException as exc:
+            log.warning("could not download attachment %s: %s", image.id, exc)
+            await self._answer(interaction, [OutboundMessage(
+                MessageKind.ERROR, "I couldn't fetch your picture from Discord. Please attach "
+                                   "it again.")], original_pending=True, original_private=False)
+            return
+        replies: list[OutboundMessage] = []
+        try:
+            replies = await self.handle(command_event(interaction, "remix",
+                                                      {**args, "image": str(staged)}))
+        finally:
+            await asyncio.to_thread(self._drop_staged, staged, replies)
+        await self._answer(interaction, replies, original_pending=True, original_private=False)
+
+    def _drop_staged(self, staged: Path, replies: list[OutboundMessage]) -> None:
+        """Core keeps its own copy as the job's input (``/forget uploads`` erases that one);
+        ours would be a copy of someone's picture that nothing can erase, so it goes."""
+        inputs = {artifact.path for reply in replies if reply.job_id
+                  for artifact in self.store.artifacts(reply.job_id, "input")}
+        if str(staged) not in inputs:
+            staged.unlink(missing_ok=True)
+
     async def _on_command_error(self, interaction: discord.Interaction[Any],
                                 error: app_commands.AppCommandError) -> None:
         """Plain words, privately; the operator's log gets the details."""
@@ -214,7 +265,7 @@ class MuseSparkDiscord(discord.Client):
                 return
             channel = interaction.channel
             if isinstance(channel, discord.abc.Messageable):
-                await channel.get_partial_message(int(message_id)).delete()  # type: ignore[attr-defined]
+                await channel.get_partial_message(int(message_id)).delete()  # type: ignore[union-attr]
         except discord.HTTPException as exc:
             log.warning("could not delete message %s: %s", message_id, exc)
 

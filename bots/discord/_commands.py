@@ -1,8 +1,11 @@
-"""The slash commands: typed options, choices and autocomplete, all handed to core as args.
+"""The slash commands: typed options and choices, all handed to core as args.
 
 Discord limits: a command name is 1-32 lowercase characters, a description at most 100, at most
-25 choices or autocomplete suggestions per option. Core validates every value again
+25 choices per option. Core validates every value again
 (``core.intents.parse_command``), so a stale command definition cannot smuggle bad input in.
+
+Style and mode are choices, not free text: core accepts any word, but only the taste
+catalogue's values (``core.taste.CATALOGUE``) shape a result, so those are all we offer.
 """
 
 from __future__ import annotations
@@ -12,18 +15,36 @@ from typing import TYPE_CHECKING, Any
 import discord
 from discord import app_commands
 
-from core.intents import ASPECTS, COMMANDS, IMAGE_COUNT_MAX, SEED_MAX, IntentKind
+from core.intents import (
+    ASPECTS,
+    COMMANDS,
+    IMAGE_COUNT_MAX,
+    SCENES_DEFAULT,
+    SCENES_MAX,
+    SCENES_MIN,
+    SEED_MAX,
+    IntentKind,
+)
+from core.taste import CATALOGUE
+from core.uploads import UPLOAD_MAX_BYTES
 
 if TYPE_CHECKING:
     from bots.discord._client import MuseSparkDiscord
 
-__all__ = ["STYLE_SUGGESTIONS", "WRITE_MODES", "command_names", "register_commands"]
+__all__ = ["IMAGE_STYLES", "WRITE_MODES", "command_names", "register_commands"]
 
 DESCRIPTION_MAX_CHARS = 100
-AUTOCOMPLETE_MAX = 25
-STYLE_SUGGESTIONS = ("photo", "illustration", "watercolor", "oil painting", "pencil sketch",
-                     "anime", "pixel art", "3d render", "comic", "cinematic", "minimalist")
-WRITE_MODES = ("poem", "haiku", "story", "limerick", "brainstorm", "slogan", "dialogue")
+#: The picture styles the taste catalogue knows (``oil-painting`` ...), in its order.
+IMAGE_STYLES: tuple[str, ...] = tuple(CATALOGUE["image"]["style"])
+#: ``/write``'s mode: a form (prose, verse, list) or a tone (playful ...); core maps it back.
+WRITE_MODES: tuple[str, ...] = (*CATALOGUE["text"]["form"], *CATALOGUE["text"]["tone"])
+#: Commands with their own options below; the rest take one optional ``text``.
+_OWN_OPTIONS = ("imagine", "write", "story", "brainstorm", "remix")
+
+
+def _choices(values: tuple[str, ...]) -> list[app_commands.Choice[str]]:
+    """Readable names ("oil painting"), catalogue values ("oil-painting")."""
+    return [app_commands.Choice(name=v.replace("-", " "), value=v) for v in values]
 
 
 def command_names() -> list[str]:
@@ -37,47 +58,70 @@ def command_names() -> list[str]:
     return names
 
 
-async def _style_autocomplete(interaction: discord.Interaction[Any],
-                              current: str) -> list[app_commands.Choice[str]]:
-    typed = current.strip().lower()
-    matches = [s for s in STYLE_SUGGESTIONS if typed in s] or ([typed] if typed else [])
-    return [app_commands.Choice(name=s, value=s) for s in matches[:AUTOCOMPLETE_MAX]]
-
-
 def register_commands(tree: app_commands.CommandTree[Any], client: MuseSparkDiscord) -> None:
     """Add MuseSpark's commands to ``tree`` (global; ``musespark discord sync`` publishes them)."""
 
     @app_commands.command(name="imagine", description="Draw a picture from your words")
     @app_commands.describe(
         prompt="What to draw, e.g. a lighthouse at dusk",
-        style="A look: watercolor, photo, pixel art… (suggestions as you type)",
+        style="A look: watercolor, anime, pixel art… (empty: I choose by your taste)",
         count=f"How many pictures (1-{IMAGE_COUNT_MAX})",
         aspect="The picture's shape",
         seed="A number that makes the same prompt draw the same picture again")
-    @app_commands.choices(aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS])
-    @app_commands.autocomplete(style=_style_autocomplete)
+    @app_commands.choices(aspect=[app_commands.Choice(name=a, value=a) for a in ASPECTS],
+                          style=_choices(IMAGE_STYLES))
     async def imagine(interaction: discord.Interaction[Any], prompt: str,
-                      style: str | None = None,
+                      style: app_commands.Choice[str] | None = None,
                       count: app_commands.Range[int, 1, IMAGE_COUNT_MAX] | None = None,
                       aspect: app_commands.Choice[str] | None = None,
                       seed: app_commands.Range[int, 0, SEED_MAX] | None = None) -> None:
         await client.run_command(interaction, "imagine", {
-            "prompt": prompt, "style": style, "count": count,
+            "prompt": prompt, "style": style.value if style else None, "count": count,
             "aspect": aspect.value if aspect else None, "seed": seed})
 
     @app_commands.command(name="write", description="Write text with you: a poem, a story…")
     @app_commands.describe(prompt="What to write, e.g. a haiku about rain",
-                           mode="The kind of text")
-    @app_commands.choices(mode=[app_commands.Choice(name=m, value=m) for m in WRITE_MODES])
+                           mode="A form (prose, verse, list) or a tone (playful, dark…)")
+    @app_commands.choices(mode=_choices(WRITE_MODES))
     async def write(interaction: discord.Interaction[Any], prompt: str,
                     mode: app_commands.Choice[str] | None = None) -> None:
         await client.run_command(interaction, "write",
                                  {"prompt": prompt, "mode": mode.value if mode else None})
 
-    tree.add_command(imagine)
-    tree.add_command(write)
+    @app_commands.command(name="story", description="An illustrated story: a picture per scene")
+    @app_commands.describe(
+        prompt="What the story is about, e.g. a fox who learns to fly",
+        scenes=f"How many scenes ({SCENES_MIN}-{SCENES_MAX}, default {SCENES_DEFAULT})",
+        style="The pictures' look (empty: I choose by your taste)")
+    @app_commands.choices(style=_choices(IMAGE_STYLES))
+    async def story(interaction: discord.Interaction[Any], prompt: str,
+                    scenes: app_commands.Range[int, SCENES_MIN, SCENES_MAX] | None = None,
+                    style: app_commands.Choice[str] | None = None) -> None:
+        await client.run_command(interaction, "story", {
+            "prompt": prompt, "scenes": scenes, "style": style.value if style else None})
+
+    @app_commands.command(name="brainstorm", description="Ideas to pick from; I draw your pick")
+    @app_commands.describe(prompt="What you need ideas for, e.g. a poster for our jazz night")
+    async def brainstorm(interaction: discord.Interaction[Any], prompt: str) -> None:
+        await client.run_command(interaction, "brainstorm", {"prompt": prompt})
+
+    @app_commands.command(name="remix", description="Redraw your picture as you describe")
+    @app_commands.describe(image=f"The picture to redraw (PNG, JPEG or WebP, up to "
+                                 f"{UPLOAD_MAX_BYTES // 10**6} MB)",
+                           prompt="What to make of it, e.g. as a watercolor at night",
+                           style="A look (empty: I choose by your taste)")
+    @app_commands.choices(style=_choices(IMAGE_STYLES))
+    async def remix(interaction: discord.Interaction[Any], image: discord.Attachment,
+                    prompt: str, style: app_commands.Choice[str] | None = None) -> None:
+        await client.run_remix(interaction, image, {
+            "prompt": prompt, "style": style.value if style else None})
+
+    own: tuple[app_commands.Command[Any, Any, None], ...] = (imagine, write, story, brainstorm,
+                                                             remix)
+    for command in own:
+        tree.add_command(command)
     for name in command_names():
-        if name in ("imagine", "write"):
+        if name in _OWN_OPTIONS:
             continue
         tree.add_command(_simple_command(name, client))
 
