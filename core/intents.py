@@ -155,6 +155,11 @@ def _pop_options(text: str, kind: IntentKind) -> tuple[str, dict[str, Any]]:
         if not token.startswith("--"):
             raise PromptError(f"I didn't understand '{token}'. Options go last, like --count 2.")
         name = token[2:].replace("-", "_")
+        if name in ADAPTER_ONLY_OPTIONS:
+            # A picture comes as an attachment the adapter checked, never as a path someone
+            # typed: a typed path would let a chat message read files on the server.
+            raise PromptError("Attach the picture itself (local chat: /remix PATH prompt); "
+                              f"--{name} can't be typed.")
         value = tokens[i + 1] if i + 1 < len(tokens) else None
         if value is None:
             raise PromptError(f"The option --{name} needs a value, like --{name} 2.")
@@ -162,6 +167,9 @@ def _pop_options(text: str, kind: IntentKind) -> tuple[str, dict[str, Any]]:
         i += 2
     return head, _typed_options(options, kind)
 
+
+#: Options only adapters set (from an attachment they fetched and checked).
+ADAPTER_ONLY_OPTIONS = frozenset({"image"})
 
 _OPTIONS: dict[IntentKind, set[str]] = {
     IntentKind.IMAGINE: {"count", "n", "seed", "style", "aspect"},

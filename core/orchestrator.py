@@ -40,7 +40,7 @@ from core.queue import JobPublisher
 from core.settings import Settings
 from core.store import Job, Store
 from core.understanding import ASK_CHOICES, Understanding
-from core.uploads import keep_upload
+from core.uploads import UPLOADS_FOLDER, keep_upload
 
 __all__ = ["Orchestrator", "Origin"]
 
@@ -162,7 +162,7 @@ class Orchestrator:
                 "replying": replied is not None, "text": intent.prompt,
                 "parent": [replied[0].id, replied[1]] if replied else None}})
         if intent.kind is IntentKind.REMIX:
-            intent = self._kept_upload(intent)
+            intent = self._kept_upload(intent, local=event.platform == "local")
         parent = replied[0] if replied else None
         thread = parent is not None and intent.kind is IntentKind.WRITE
         return self.submit(origin, intent, parent=parent if thread else None, thread=thread)
@@ -199,13 +199,22 @@ class Orchestrator:
         return self.store.result_of_message(event.platform, event.channel.chat_id,
                                             event.reply_to)
 
-    def _kept_upload(self, intent: Intent) -> Intent:
-        """A remix's picture, checked and copied into the data dir (see core/uploads.py)."""
+    def _kept_upload(self, intent: Intent, *, local: bool) -> Intent:
+        """A remix's picture, checked and kept in the data dir (see core/uploads.py).
+
+        Chat adapters hand over pictures they already kept under ``uploads/``; only the local
+        chat, whose person is on this machine, may name a file anywhere (and it is copied).
+        """
         source = intent.options.get("image")
         if not source:
             raise PromptError("Attach the picture to remix: send it with the caption /remix "
                               "and what to make of it (local chat: /remix PATH what to make).")
         path = Path(str(source)).expanduser()
+        uploads = (self.settings.resolved_data_dir / UPLOADS_FOLDER).resolve()
+        if path.resolve().parent == uploads and path.is_file():
+            return intent  # kept and checked by the adapter; a replay makes no second copy
+        if not local:
+            raise PromptError("Attach the picture itself to remix it.")
         try:
             data = path.read_bytes()
         except OSError:
@@ -307,7 +316,7 @@ class Orchestrator:
         """
         kind = kind or _JOB_KIND[intent.kind]
         seed = intent.options.get("seed", secrets.randbits(SEED_BITS))
-        fixed = _fixed_choices(kind, intent.options)
+        fixed = _fixed_choices(kind, intent.options, intent.prompt)
         if keep_style and parent is not None and parent.params.get("taste"):
             # Rerolls and variations keep what the person is reacting to, but the seed.
             fixed = {**parent.params["taste"]["choice"], **fixed}
@@ -414,7 +423,7 @@ class Orchestrator:
         elif len(jobs) > 1:
             styles = " and ".join(j.params["taste"]["choice"]["style"] for j in jobs)
             what = _STATUS_VERB.get(intent.kind, "Drawing")
-            text = (f"{what} {len(jobs)} takes, {styles}: “{prompt}” "
+            text = (f"{what} in {len(jobs)} takes, {styles}: “{prompt}” "
                     f"(jobs {', '.join(j.id for j in jobs)}{queue_note}). React 👍 to the one "
                     "you like; I learn from your pick.")
         else:
@@ -609,12 +618,22 @@ def _why(job: Job) -> str:
     return "\n".join(lines)
 
 
-def _fixed_choices(kind: str, options: dict[str, Any]) -> dict[str, str]:
-    """What the person asked for explicitly (``--style``, ``--aspect``, ``mode``) and we know."""
+def _style_named_in(prompt: str) -> str:
+    """A catalogue style the prompt names ("a fox, as a watercolor"): the person chose it."""
+    words = " " + " ".join(prompt.lower().replace(",", " ").split()) + " "
+    for style in taste.CATALOGUE["image"]["style"]:
+        if f" {style.replace('-', ' ')} " in words or f" {style} " in words:
+            return style
+    return ""
+
+
+def _fixed_choices(kind: str, options: dict[str, Any], prompt: str = "") -> dict[str, str]:
+    """What the person asked for explicitly (``--style``, ``--aspect``, ``mode``, a style the
+    prompt names) and we know."""
     fixed: dict[str, str] = {}
     dims = taste.CATALOGUE[kind]
     if kind == "image":
-        style = str(options.get("style", "")).replace(" ", "-")
+        style = str(options.get("style", "")).replace(" ", "-") or _style_named_in(prompt)
         if style in dims["style"]:
             fixed["style"] = style
         if options.get("aspect") in dims["aspect"]:

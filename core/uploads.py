@@ -16,7 +16,7 @@ import PIL.Image
 
 from core.errors import PromptError
 
-__all__ = ["UPLOAD_MAX_BYTES", "UPLOAD_MAX_PIXELS", "keep_upload"]
+__all__ = ["UPLOADS_FOLDER", "UPLOAD_MAX_BYTES", "UPLOAD_MAX_PIXELS", "keep_upload"]
 
 #: Largest upload accepted (Telegram's photo limit; Discord's default attachment limit).
 UPLOAD_MAX_BYTES = 10 * 1000 * 1000

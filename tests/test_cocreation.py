@@ -94,3 +94,35 @@ def test_the_model_decides_what_the_rules_cannot_and_refine_needs_a_reply() -> N
     assert decided.scores["refine"] == 0.0
     unsure = combine("hmm", {k: -1.0 for k in logprobs}, replying=False)
     assert unsure.confidence < ASK_BELOW
+
+
+def test_a_typed_picture_path_is_refused_so_chat_cannot_read_server_files() -> None:
+    from core.errors import PromptError
+    from core.intents import parse_text
+
+    with pytest.raises(PromptError) as info:
+        parse_text("/remix a fox --image /etc/hostname", max_prompt_chars=200)
+    assert "can't be typed" in str(info.value)
+
+
+def test_a_remote_attachment_outside_the_uploads_folder_is_refused(tmp_path) -> None:
+    from PIL import Image
+
+    from core.events import Actor, Channel, MessageReceived
+    from core.orchestrator import Orchestrator
+    from core.queue import RecordingPublisher
+    from core.settings import Settings
+    from core.store import Store
+
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data")  # type: ignore[call-arg]
+    store = Store(settings.resolved_database_url)
+    store.upgrade()
+    outside = tmp_path / "server-file.png"
+    Image.new("RGB", (32, 32)).save(outside)
+    orchestrator = Orchestrator(store, RecordingPublisher(), settings)
+    (reply,) = orchestrator.handle(MessageReceived(
+        platform="telegram", event_id="1:1", actor=Actor("7"), channel=Channel("7"),
+        text="/remix as a watercolor", attachments=(str(outside),)))
+    assert reply.kind.value == "error" and "Attach the picture" in reply.text
+    assert orchestrator.publisher.published == []  # type: ignore[attr-defined]
+    store.dispose()
