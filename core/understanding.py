@@ -175,7 +175,7 @@ _FILLER = re.compile(
     r"can u|could u|i want|i'd like|i would like|i need|give me|make me|make|create|"
     r"generate|do|me|us|a|an|some|now|so|and|then|bonjour|salut|hallo|hola|ciao|oi|hoi)\b[\s,!.:]*",
     re.IGNORECASE)
-_WORD = re.compile(r"[\w']+", re.UNICODE)
+_WORD = re.compile(r"\w+", re.UNICODE)  # "un'immagine" is two words
 
 
 def _cjk(cue: str) -> bool:
@@ -340,8 +340,8 @@ def combine(text: str, model_logprobs: Mapping[str, float], *,
     scores = rule_scores(text, replying=replying)
     logits = {intent: model_logprobs.get(intent, -30.0) + RULES_WEIGHT * scores[intent]
               + PRIOR.get(intent, 0.0) for intent in INTENTS}
-    if not replying:
-        logits["refine"] = -math.inf
+    if not replying or _count(_fold(text), _WORD.findall(_fold(text)), _NEW_THING):
+        logits["refine"] = -math.inf  # nothing to change, or "a different thing now"
     top = max(logits.values())
     weights = {k: math.exp(v - top) for k, v in logits.items()}
     total = sum(weights.values())
