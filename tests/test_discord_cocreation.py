@@ -449,3 +449,48 @@ def test_a_storys_post_goes_out_in_order_within_limits_with_its_buttons(
     assert "components" not in posts[3].json  # buttons go with a split text's last part
     assert all(len(row["components"]) <= 5 for c in posts
                for row in c.json.get("components", []))
+
+
+def test_in_mention_mode_a_reply_to_a_result_refines_it(fake: FakeDiscord,
+                                                       runtime: BotRuntime) -> None:
+    """A reply to the bot's picture (no @mention needed) is a refinement of that picture."""
+    from tests.fake_discord import user_payload
+
+    async def scenario() -> None:
+        client = MuseSparkDiscord(runtime.orchestrator, runtime.store, mention_mode=True)
+        await client.login(BOT_TOKEN)
+        try:
+            job, _ = runtime.store.create_job(
+                idempotency_key="discord:seed-job", kind="image", intent="imagine",
+                user_id=runtime.store.ensure_user("discord", _actor()),
+                community_id=None, prompt="a lighthouse", expanded_prompt="a lighthouse",
+                params={"count": 1}, seed=5, platform="discord",
+                delivery=DeliveryTarget("discord", CHANNEL_ID).to_dict())
+            result = fake.add_message(CHANNEL_ID, fake.bot_user, "“a lighthouse” · seed 5")
+            runtime.store.record_delivered(job.id, "discord", CHANNEL_ID, 0, [result["id"]])
+            reply = fake.add_message(CHANNEL_ID, user_payload(REQUESTER, "Ada"),
+                                     "make it at night")
+            reply["message_reference"] = {"message_id": result["id"],
+                                          "channel_id": CHANNEL_ID}
+            reply["referenced_message"] = result
+            reply["type"] = 19
+            client._connection.parse_message_create(reply)
+            refined = await until(lambda: [j for j in all_jobs(runtime)
+                                           if j.intent == "refine"])
+            assert refined[0].params["refine"]["job_id"] == job.id
+            assert refined[0].params["refine"]["instruction"] == "make it at night"
+            # An ordinary message that neither mentions nor replies to the bot is left alone.
+            other = fake.add_message(CHANNEL_ID, user_payload(REQUESTER, "Ada"), "hello all")
+            client._connection.parse_message_create(other)
+            await asyncio.sleep(0.3)
+            assert len([j for j in all_jobs(runtime) if j.intent != "imagine"]) == 1
+        finally:
+            await client.close()
+
+    asyncio.run(scenario())
+
+
+def _actor() -> Any:
+    from core.events import Actor
+
+    return Actor(REQUESTER, "Ada")

@@ -311,9 +311,15 @@ class MuseSparkDiscord(discord.Client):
     # -- mention mode (needs the privileged MESSAGE_CONTENT intent) ---------------------------
 
     async def on_message(self, message: discord.Message) -> None:
+        """Mention mode: messages that @mention the bot, and replies to its messages (a reply
+        to a result refines it: "make it at night"). Discord counts a reply as a mention of
+        the replied-to author unless the person switched the ping off, so both are checked."""
         if not self.mention_mode or self.user is None or message.author.bot:
             return
-        if self.user not in message.mentions:
+        reference = message.reference
+        replied = reference.resolved if reference is not None else None
+        replies_to_us = isinstance(replied, discord.Message) and replied.author == self.user
+        if self.user not in message.mentions and not replies_to_us:
             return
         text = re.sub(rf"<@!?{self.user.id}>", "", message.content).strip()
         guild_id = str(message.guild.id) if message.guild else None
@@ -326,6 +332,8 @@ class MuseSparkDiscord(discord.Client):
         event = MessageReceived(platform=PLATFORM, event_id=f"message:{message.id}",
                                 actor=actor_of(message.author), channel=channel,
                                 occurred_at=message.created_at, text=text,
-                                message_id=str(message.id))
+                                message_id=str(message.id),
+                                reply_to=str(reference.message_id)
+                                if reference is not None and reference.message_id else None)
         for reply in await self.handle(event):
             await message.reply(_clip(reply.text), mention_author=False)
