@@ -6,7 +6,7 @@ import logging
 
 from core.orchestrator import Orchestrator
 from core.queue import CeleryPublisher
-from core.redrive import Redriver
+from core.redrive import Redriver, local_delay_notifier
 from core.settings import Settings, get_settings
 from core.store import Store
 
@@ -24,7 +24,11 @@ class BotRuntime:
         self.store.upgrade()
         self.publisher = CeleryPublisher(self.settings)
         self.orchestrator = Orchestrator(self.store, self.publisher, self.settings)
-        self.redriver = Redriver(self.store, self.publisher, self.settings).start() if redrive else None
+        # People whose request waits (the broker lost it, or it is slow to start) are told in
+        # the local chat; Telegram and Discord have no notifier yet, so they are told nothing.
+        notifiers = {"local": local_delay_notifier(self.store)}
+        self.redriver = (Redriver(self.store, self.publisher, self.settings, notifiers=notifiers)
+                         .start() if redrive else None)
 
     def close(self) -> None:
         if self.redriver is not None:

@@ -7,6 +7,8 @@ publishes by task *name* (``send_task``) so it never imports ``workers``.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any, Protocol
 
 from celery import Celery
@@ -16,6 +18,7 @@ from core.errors import QueueUnavailableError
 from core.settings import Settings
 
 __all__ = [
+    "BrokerProbe",
     "CeleryPublisher",
     "JobPublisher",
     "QUEUE_FOR_KIND",
@@ -113,6 +116,10 @@ class CeleryPublisher:
 
     def __init__(self, settings: Settings) -> None:
         self.app = make_celery(settings, name="musespark-publisher")
+        #: Times a publish succeeded after one failed: the broker came back from an outage
+        #: (the redriver's sign of a possible loss where the broker cannot tell who it is).
+        self.recoveries = 0
+        self._failing = False
 
     def publish(self, job_id: str, kind: str, params: dict[str, Any], *,
                 countdown: float | None = None) -> None:
@@ -124,11 +131,87 @@ class CeleryPublisher:
                 retry=True, retry_policy=PUBLISH_RETRY_POLICY,
             )
         except Exception as exc:  # kombu raises several connection error types per transport
+            self._failing = True
             log.warning("could not publish job %s: %s: %s", job_id, type(exc).__name__, exc)
             raise QueueUnavailableError(f"broker unreachable: {exc}") from exc
+        if self._failing:
+            self._failing = False
+            self.recoveries += 1
 
     def close(self) -> None:
         self.app.close()
+
+
+#: How long the broker probe waits for the broker, in seconds (it runs in the redriver's thread).
+PROBE_TIMEOUT_SECONDS = 1.0
+#: The embedded broker's identity while its file does not exist (nothing is held).
+BROKER_FILE_MISSING = "file:missing"
+
+
+class BrokerProbe:
+    """Who the broker is now, so the redriver notices a restart that lost queued messages.
+
+    :meth:`identity` changes when the broker was restarted or replaced:
+
+    * Redis: the server's ``run_id`` (``INFO server``), new at every start of the server. A
+      Redis without persistence comes back empty, so what it held is gone.
+    * The embedded SQLite transport: the broker file's device and inode (a file deleted or
+      replaced lost its messages; :data:`BROKER_FILE_MISSING` while there is none).
+    * Other brokers (RabbitMQ): None, they have no such id; an outage shows as failed publishes
+      (:attr:`CeleryPublisher.recoveries`). RabbitMQ's durable queues keep Celery's persistent
+      messages over a restart anyway.
+
+    Raises :class:`QueueUnavailableError` when the broker cannot be reached. Waits at most
+    about :data:`PROBE_TIMEOUT_SECONDS` (twice, when a pooled connection died with its server).
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.resolved_broker_url
+        self._file: Path | None = None
+        self._redis: Any = None
+        if settings.embedded_broker:
+            from core import _sqlite_broker
+
+            self._file = _sqlite_broker.path_from_url(self.url)
+        elif self.url.startswith(("redis://", "rediss://")):
+            import redis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+
+            # One retry: the first command after a server restart fails on the dead pooled
+            # connection and the retry reconnects, so a restart reads as a new run_id.
+            self._redis = redis.Redis.from_url(
+                self.url, socket_connect_timeout=PROBE_TIMEOUT_SECONDS,
+                socket_timeout=PROBE_TIMEOUT_SECONDS, retry=Retry(NoBackoff(), 1))
+
+    def identity(self) -> str | None:
+        if self._file is not None:
+            try:
+                found = os.stat(self._file)
+            except FileNotFoundError:
+                return BROKER_FILE_MISSING
+            except OSError as exc:
+                raise QueueUnavailableError(f"broker file {self._file}: {exc}") from exc
+            return f"file:{found.st_dev}:{found.st_ino}"
+        if self._redis is not None:
+            import redis
+
+            try:
+                info = self._redis.info("server")
+            except redis.ResponseError as exc:  # INFO disabled (some hosted Redis): no identity
+                log.warning("the broker does not answer INFO (%s); a restart that loses "
+                            "messages is noticed only through failed publishes", exc)
+                self._redis.close()
+                self._redis = None
+                return None
+            except (redis.RedisError, OSError) as exc:
+                raise QueueUnavailableError(f"broker unreachable: {exc}") from exc
+            return f"redis:{info['run_id']}"
+        return None
+
+    def close(self) -> None:
+        if self._redis is not None:
+            self._redis.close()
 
 
 class RecordingPublisher:

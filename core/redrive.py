@@ -5,56 +5,304 @@ unpublished; a worker killed mid-job leaves it ``running`` with a stale heartbea
 forgot its messages (Redis without persistence, restarted) leaves it published but never
 started. The redriver publishes all three again. Publishing twice is harmless: workers claim
 jobs with a guarded update, so only one of the copies runs.
+
+A broker that lost its messages is noticed at once (:class:`BrokerWatch`): a new Redis
+``run_id``, a replaced embedded broker file, or, for brokers that cannot tell who they are,
+publishes failing and then succeeding again. Every queued job published before that moment is
+sent again in the same round, and its person is told (:class:`DelayNotice`). A request that waits
+longer than ``MUSESPARK_DELAYED_NOTICE_SECONDS`` without starting is told once too. Telling is a
+callback per platform (:data:`DelayNotifier`) that the bot runtime provides; core only knows
+how to write the local chat's row (:func:`local_delay_notifier`).
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import json
 import logging
+import os
 import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from core.errors import QueueUnavailableError
-from core.queue import JobPublisher
+from core.outbound import DeliveryTarget, MessageKind
+from core.queue import BROKER_FILE_MISSING, BrokerProbe, JobPublisher
 from core.settings import Settings
-from core.store import Store
+from core.store import Job, JobState, Store, utcnow
 
-__all__ = ["Redriver", "redrive_once"]
+__all__ = [
+    "BrokerWatch",
+    "DelayNotice",
+    "DelayNotifier",
+    "DelayReason",
+    "Redriver",
+    "local_delay_notifier",
+    "redrive_once",
+    "tell_the_delayed",
+]
 
 log = logging.getLogger(__name__)
 
-#: A queued job that was published this long ago and has not started is published again.
+#: A queued job that was published this long ago and has not started is published again
+#: (the safety net for a loss nobody noticed, e.g. a Redis flushed or evicting keys).
 REPUBLISH_QUEUED_AFTER_SECONDS = 600.0
+#: Jobs read per query; a round reads at most this many batches (the rest waits a round).
+REDRIVE_BATCH = 100
+MAX_BATCHES_PER_ROUND = 20
+#: Where the last broker identity seen is kept, so a bot restarted together with its broker
+#: still notices that the broker came back empty.
+IDENTITY_MEMO_FILE = "broker-identity.json"
 
 
-def redrive_once(store: Store, publisher: JobPublisher, settings: Settings) -> int:
-    """Publish every job that needs it; returns how many were published."""
-    published = 0
-    jobs = store.jobs_to_redrive(stale_after=settings.job_stale_after_seconds,
-                                 republish_after=REPUBLISH_QUEUED_AFTER_SECONDS)
-    for job in jobs:
+class DelayReason(enum.StrEnum):
+    BROKER_LOST = "broker_lost"  # the broker restarted empty; the job was sent again
+    SLOW = "slow"  # queued longer than MUSESPARK_DELAYED_NOTICE_SECONDS, not started
+
+
+NOTICE_TEXT = {
+    DelayReason.BROKER_LOST: "⏳ The work queue restarted; your request is back in line "
+                             "(job {job}).",
+    DelayReason.SLOW: "⏳ Your request is taking longer than usual; it is still in line "
+                      "(job {job}).",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DelayNotice:
+    """What to tell the person who asked for ``job``: ``text`` in plain words."""
+
+    job: Job
+    reason: DelayReason
+    text: str
+
+
+#: Tells a person of a delay, on one platform. Called at most once per job, from the redriver's
+#: thread; it should be quick (a status row, one edit of the progress message) and may raise
+#: (the error is logged; the notice is not sent again).
+DelayNotifier = Callable[[DelayNotice], None]
+
+
+def local_delay_notifier(store: Store) -> DelayNotifier:
+    """The local (console) chat's notifier: a status row in ``local_messages``."""
+
+    def tell(notice: DelayNotice) -> None:
+        target = DeliveryTarget.from_dict(notice.job.delivery)
+        reply_to = (int(target.reply_to) if target.reply_to and target.reply_to.isdigit()
+                    else None)
+        store.add_local_message(chat_id=target.chat_id, author="bot", job_id=notice.job.id,
+                                kind=MessageKind.STATUS.value, text=notice.text,
+                                attachments={"images": [], "buttons": []}, reply_to=reply_to)
+
+    return tell
+
+
+def _speaks_for_request(job: Job) -> bool:
+    """Whether ``job`` is the one that tells its person: not a second take (the first take
+    speaks for the request) and not a part of a piece (a story's picture; the piece's progress
+    message shows it)."""
+    takes = job.params.get("takes") or {}
+    return not job.params.get("part_of") and not takes.get("index", 0)
+
+
+def _tell(store: Store, notifiers: Mapping[str, DelayNotifier], job: Job,
+          reason: DelayReason) -> bool:
+    """Record the notice in the job, then tell its person. True when told now."""
+    notifier = notifiers.get(job.platform)
+    if notifier is None:
+        return False  # nobody can tell this platform; record nothing that did not happen
+    speaks = _speaks_for_request(job)
+    noted = store.note_delay(job.id, {"reason": reason.value, "told": speaks,
+                                      "at": utcnow().isoformat()})
+    if noted is None or not speaks:
+        return False
+    try:
+        notifier(DelayNotice(noted, reason, NOTICE_TEXT[reason].format(job=noted.id)))
+    except Exception:  # a notice is a courtesy; the job itself goes on
+        log.exception("could not tell the person of job %s about its delay", job.id)
+        return False
+    log.info("told the person of job %s: %s", job.id, reason.value)
+    return True
+
+
+def _redrive(store: Store, publisher: JobPublisher, settings: Settings, *,
+             lost_before: datetime | None = None,
+             notifiers: Mapping[str, DelayNotifier] | None = None) -> tuple[int, int, bool]:
+    """Publish every job that needs it, batch by batch. Returns ``(published, lost, complete)``
+    (``lost``: of those, the jobs the broker had lost); ``complete`` is False when the broker
+    failed or the round's batch budget ran out."""
+    published = lost_jobs = 0
+    for _ in range(MAX_BATCHES_PER_ROUND):
+        jobs = store.jobs_to_redrive(stale_after=settings.job_stale_after_seconds,
+                                     republish_after=REPUBLISH_QUEUED_AFTER_SECONDS,
+                                     lost_before=lost_before, limit=REDRIVE_BATCH)
+        for done, job in enumerate(jobs):
+            try:
+                publisher.publish(job.id, job.kind, job.params)
+            except QueueUnavailableError:
+                log.warning("queue still unreachable; %d job(s) wait", len(jobs) - done)
+                return published, lost_jobs, False
+            store.mark_published(job.id)
+            published += 1
+            lost = (lost_before is not None and job.state == JobState.QUEUED
+                    and job.published_at is not None)
+            log.info("re-sent job %s (state %s, attempt %d%s)", job.id, job.state,
+                     job.attempts, ", lost by the broker" if lost else "")
+            if lost:
+                lost_jobs += 1
+                if notifiers:
+                    _tell(store, notifiers, job, DelayReason.BROKER_LOST)
+        if len(jobs) < REDRIVE_BATCH:
+            return published, lost_jobs, True
+    return published, lost_jobs, False
+
+
+def redrive_once(store: Store, publisher: JobPublisher, settings: Settings, *,
+                 lost_before: datetime | None = None,
+                 notifiers: Mapping[str, DelayNotifier] | None = None) -> int:
+    """Publish every job that needs it; returns how many were published.
+
+    ``lost_before``: the broker lost what it held at that moment; queued jobs published before
+    it are sent again now, and their people are told through ``notifiers`` (per platform).
+    """
+    return _redrive(store, publisher, settings, lost_before=lost_before,
+                    notifiers=notifiers)[0]
+
+
+def tell_the_delayed(store: Store, settings: Settings,
+                     notifiers: Mapping[str, DelayNotifier]) -> int:
+    """Tell the people whose request waits over ``delayed_notice_seconds``; returns how many."""
+    if not notifiers or settings.delayed_notice_seconds <= 0:
+        return 0
+    jobs = store.jobs_waiting_unstarted(older_than=settings.delayed_notice_seconds,
+                                        platforms=list(notifiers), limit=REDRIVE_BATCH)
+    return sum(_tell(store, notifiers, job, DelayReason.SLOW) for job in jobs)
+
+
+class BrokerWatch:
+    """Notices that the broker may have lost the messages it held.
+
+    :meth:`check` is True once per such event: the broker's identity changed (a Redis restart:
+    new ``run_id``; the embedded broker file replaced or deleted), or, for a broker with no
+    identity, publishing failed and then succeeded again. A broker back after an outage with
+    the same identity lost nothing (the same Redis process still holds its lists). The identity
+    seen is kept in ``memo`` (a file), so a bot restarted together with its broker notices too.
+    """
+
+    def __init__(self, probe: BrokerProbe, publisher: JobPublisher, memo: Path | None) -> None:
+        self._probe, self._publisher, self._memo = probe, publisher, memo
+        self._key = hashlib.sha256(probe.url.encode()).hexdigest()[:16]  # no password on disk
+        self._identity = self._recall()
+        self._down = False
+        self._recoveries = self._publisher_recoveries()
+
+    def _publisher_recoveries(self) -> int:
+        return int(getattr(self._publisher, "recoveries", 0))
+
+    def _recall(self) -> str | None:
+        if self._memo is None:
+            return None
         try:
-            publisher.publish(job.id, job.kind, job.params)
-        except QueueUnavailableError:
-            log.warning("queue still unreachable; %d job(s) wait", len(jobs) - published)
-            break
-        store.mark_published(job.id)
-        published += 1
-        log.info("re-sent job %s (state %s, attempt %d)", job.id, job.state, job.attempts)
-    return published
+            value = json.loads(self._memo.read_text()).get(self._key)
+        except (OSError, ValueError, AttributeError):
+            return None
+        return value if isinstance(value, str) else None
+
+    def _remember(self, identity: str) -> None:
+        if self._memo is None:
+            return
+        try:
+            try:
+                known: dict[str, Any] = json.loads(self._memo.read_text())
+                if not isinstance(known, dict):
+                    known = {}
+            except (OSError, ValueError):
+                known = {}
+            known[self._key] = identity
+            scratch = self._memo.with_name(f".{self._memo.name}.{os.getpid()}")
+            scratch.write_text(json.dumps(known))
+            scratch.replace(self._memo)
+        except OSError as exc:
+            log.warning("could not keep the broker's identity in %s: %s", self._memo, exc)
+
+    def check(self) -> bool:
+        recoveries = self._publisher_recoveries()
+        came_back, self._recoveries = recoveries != self._recoveries, recoveries
+        try:
+            identity = self._probe.identity()
+        except QueueUnavailableError as exc:
+            if not self._down:
+                log.warning("broker unreachable (%s); will check what it kept when it is back",
+                            exc)
+            self._down = True
+            return False
+        was_down, self._down = self._down, False
+        if identity is None:
+            if was_down or came_back:
+                log.warning("broker reachable again after an outage; it cannot tell whether "
+                            "it kept its messages, so queued jobs are sent again")
+                return True
+            return False
+        previous, self._identity = self._identity, identity
+        if identity != previous:
+            self._remember(identity)
+        if previous not in (None, BROKER_FILE_MISSING) and identity != previous:
+            log.warning("broker restarted or replaced (%s, was %s): the jobs queued in it are "
+                        "sent again now", identity, previous)
+            return True
+        if was_down:
+            log.info("broker reachable again, same server (%s): nothing was lost", identity)
+        return False
+
+    def close(self) -> None:
+        self._probe.close()
 
 
 class Redriver:
-    """Runs :func:`redrive_once` every ``settings.redrive_interval_seconds`` in a thread."""
+    """Runs a redrive round every ``settings.redrive_interval_seconds`` in its own thread.
 
-    def __init__(self, store: Store, publisher: JobPublisher, settings: Settings) -> None:
-        self._args = (store, publisher, settings)
+    A round checks the broker (:class:`BrokerWatch`), re-sends what needs it (at once, for the
+    jobs a lost broker held) and tells people of delays through ``notifiers``, a platform ->
+    :data:`DelayNotifier` mapping; platforms without one are told nothing.
+    """
+
+    def __init__(self, store: Store, publisher: JobPublisher, settings: Settings, *,
+                 probe: BrokerProbe | None = None,
+                 notifiers: Mapping[str, DelayNotifier] | None = None) -> None:
+        self._store, self._publisher, self._settings = store, publisher, settings
+        self._notifiers = dict(notifiers or {})
+        self._watch = BrokerWatch(probe or BrokerProbe(settings), publisher,
+                                  settings.resolved_data_dir / IDENTITY_MEMO_FILE)
+        self._lost_before: datetime | None = None
+        self._lost_total = 0
         self._interval = settings.redrive_interval_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redriver", daemon=True)
 
+    def round(self) -> int:
+        """One round (what the thread does each interval); returns how many jobs were sent."""
+        if self._watch.check():
+            # Everything published up to now may have been in the lost broker; a job published
+            # to the new one meanwhile is sent twice, which its claim makes harmless.
+            self._lost_before = utcnow()
+        published, lost, complete = _redrive(self._store, self._publisher, self._settings,
+                                             lost_before=self._lost_before,
+                                             notifiers=self._notifiers)
+        self._lost_total += lost
+        if self._lost_before is not None and complete:
+            log.warning("re-sent %d job(s) the broker lost", self._lost_total)
+            self._lost_before, self._lost_total = None, 0
+        tell_the_delayed(self._store, self._settings, self._notifiers)
+        return published
+
     def _run(self) -> None:
         while not self._stop.wait(self._interval):
             try:
-                redrive_once(*self._args)
+                self.round()
             except Exception:  # keep going: the next round may succeed
                 log.exception("redrive round failed")
 
@@ -65,3 +313,4 @@ class Redriver:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        self._watch.close()

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     redrive_interval_seconds: float = Field(
         default=2.0, gt=0, description="How often the bot re-sends queued and stale jobs."
     )
+    delayed_notice_seconds: float = Field(
+        default=60.0, ge=0,
+        description="A request queued this long and not started gets one short note that it "
+        "is taking longer than usual (people whose request the broker lost are told at once). "
+        "0: no such note.",
+    )
     telegram_token: SecretStr | None = None
     telegram_api_url: str = "https://api.telegram.org"
     telegram_webhook_url: str | None = Field(

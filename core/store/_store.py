@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +38,8 @@ from core.store.models import (
 __all__ = ["Claim", "Store", "content_hash", "rows_changed", "utcnow"]
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+#: The job param that records that its person was told the request is delayed.
+DELAY_NOTICE_PARAM = "delay_notice"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -416,11 +418,17 @@ class Store:
             return bool(rows_changed(result))
 
     def jobs_to_redrive(self, *, stale_after: float, republish_after: float,
-                        limit: int = 100) -> Sequence[Job]:
-        """Jobs that need (re)publishing: never published, lost in the queue, or orphaned."""
+                        lost_before: datetime | None = None, limit: int = 100) -> Sequence[Job]:
+        """Jobs that need (re)publishing: never published, lost in the queue, or orphaned.
+
+        ``lost_before``: the broker lost what it held at that moment (it restarted empty), so
+        every queued job published before it is sent again.
+        """
         now = utcnow()
         stale = now - timedelta(seconds=stale_after)
         old_publish = now - timedelta(seconds=republish_after)
+        if lost_before is not None:
+            old_publish = max(old_publish, lost_before)
         with self.session() as s:
             return s.scalars(
                 select(Job)
@@ -437,6 +445,45 @@ class Store:
                 .order_by(Job.created_at)
                 .limit(limit)
             ).all()
+
+    def jobs_waiting_unstarted(self, *, older_than: float, platforms: Collection[str],
+                               limit: int = 100) -> Sequence[Job]:
+        """Queued jobs on ``platforms`` made over ``older_than`` seconds ago, never started, and
+        whose person was not told of the delay yet (see :meth:`note_delay`), oldest first."""
+        made_before = utcnow() - timedelta(seconds=older_than)
+        with self.session() as s:
+            return s.scalars(
+                select(Job)
+                .where(Job.state == JobState.QUEUED, Job.started_at.is_(None),
+                       Job.created_at < made_before, Job.platform.in_(list(platforms)),
+                       Job.params[DELAY_NOTICE_PARAM].as_string().is_(None))
+                .order_by(Job.created_at)
+                .limit(limit)
+            ).all()
+
+    def note_delay(self, job_id: str, notice: dict[str, Any]) -> Job | None:
+        """Record in a queued, never started job that its delay was noticed (once per job).
+
+        Stores ``notice`` as ``params["delay_notice"]``. Returns the job when this call recorded
+        it; None when it was recorded before (by this or another bot process) or the job has
+        started meanwhile. No worker writes a job's params before it claims it, and every claim
+        sets ``started_at``, so the guarded update cannot overwrite a worker's params.
+        """
+        with self.session() as s:
+            job = s.get(Job, job_id)
+            if (job is None or job.state != JobState.QUEUED or job.started_at is not None
+                    or DELAY_NOTICE_PARAM in job.params):
+                return None
+            params = {**job.params, DELAY_NOTICE_PARAM: notice}
+            result = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.QUEUED, Job.started_at.is_(None),
+                       Job.params[DELAY_NOTICE_PARAM].as_string().is_(None))
+                .values(params=params))
+            if not rows_changed(result):
+                return None
+        job.params = params
+        return job
 
     def queue_position(self, job: Job) -> int:
         """How many jobs of the same kind were queued before this one and wait still."""
