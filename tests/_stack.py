@@ -157,6 +157,9 @@ class Stack:
             # Short scenes keep the offline text model's story within seconds.
             "MUSESPARK_STORY_SCENE_MAX_CHARS": "60",
             "MUSESPARK_STORY_POLL_SECONDS": "0.5",
+            # A loaded test machine must not turn slow jobs into "taking longer" notes in
+            # chats whose messages the tests count (tests/test_broker_loss.py sets its own).
+            "MUSESPARK_DELAYED_NOTICE_SECONDS": "600",
         }
         stack = cls(backend, root, env)
         if backend == "distributed":
