@@ -9,8 +9,7 @@ Every layer raises from one root, so callers can catch as broadly or narrowly as
     ├── ConfigurationError      the operator's setting is wrong (bad URL, missing model)
     ├── ModelUnavailableError   a model path/id cannot be loaded; has ``user_message``
     ├── QueueUnavailableError   the broker cannot be reached; the job stays queued
-    ├── DeliveryError           posting to a platform failed; has ``retry_after`` / ``final``
-    └── WorkerError             a job failed in a worker; has ``user_message``
+    └── DeliveryError           posting to a platform failed; has ``retry_after`` / ``final``
 
 ``user_message`` is always plain words meant for the person in the chat; ``str(exc)`` is for the
 operator's log and may carry detail (paths, URLs) the person should not see.
@@ -27,7 +26,6 @@ __all__ = [
     "QueueUnavailableError",
     "UnknownCommandError",
     "UserInputError",
-    "WorkerError",
 ]
 
 
@@ -94,6 +92,3 @@ class DeliveryError(MuseSparkError):
         self.retry_after = retry_after
         self.final = final
 
-
-class WorkerError(MuseSparkError):
-    """A job failed inside a worker; ``user_message`` says why in plain words."""

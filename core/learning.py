@@ -199,12 +199,6 @@ class TasteService:
 
     # -- community settings ---------------------------------------------------------------------
 
-    def emoji_overrides(self, community_id: int | None) -> dict[str, int]:
-        if community_id is None:
-            return {}
-        with self.store.session() as s:
-            community = s.get(Community, community_id)
-            return dict((community.settings or {}).get("emoji", {})) if community else {}
 
     def set_emoji_meaning(self, community_id: int, emoji: str, meaning: int) -> None:
         """Change what an emoji means in a community; profiles are rebuilt to match."""
@@ -376,10 +370,6 @@ class TasteService:
         self.rebuild()
         return int(count or 0)
 
-    def feedback_count(self, user_ids: Iterable[int]) -> int:
-        with self.store.session() as s:
-            return int(s.scalar(select(func.count()).select_from(FeedbackEvent)
-                                .where(FeedbackEvent.user_id.in_(list(user_ids)))) or 0)
 
     # -- choosing -------------------------------------------------------------------------------
 

@@ -379,8 +379,3 @@ def evidence(stats: Posterior) -> float:
     return math.fsum(a + b for vals in stats.values() for a, b in vals.values())
 
 
-def merge_all(parts: Iterable[Posterior]) -> Posterior:
-    out: Posterior = {}
-    for part in parts:
-        out = _merged(part, out)
-    return out
