@@ -7,6 +7,12 @@ It answers ``/bot{token}/{method}`` the way Telegram does (``{"ok": true, "resul
 1024-character captions, 10 MB photos, 2-10 item media groups, 64-byte ``callback_data``) so a
 client that breaks them gets the same 400 as from Telegram.
 
+Files: photos and documents in updates built with :meth:`FakeTelegram.photo_update` and
+:meth:`FakeTelegram.document_update` (and photos the bot sends) get file ids that ``getFile``
+resolves to a ``file_path``, and their bytes are served at ``/file/bot{token}/{file_path}``, as
+Telegram does (PTB downloads from ``base_file_url`` + ``file_path``); each download is recorded
+as a call named ``downloadFile``. ``getFile`` refuses files over 20 MB, like Telegram.
+
 Tests steer it: :meth:`FakeTelegram.fail` makes the next calls answer 429 with ``retry_after``,
 403 (bot blocked) or anything else; :meth:`FakeTelegram.push` queues updates built with the
 ``*_update`` helpers.
@@ -27,6 +33,7 @@ import random
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +49,10 @@ MESSAGE_MAX_CHARS = 4096
 CAPTION_MAX_CHARS = 1024
 CALLBACK_DATA_MAX_BYTES = 64
 PHOTO_MAX_BYTES = 10 * 1000 * 1000
+#: getFile hands out files up to this size (bots cannot download bigger ones).
+DOWNLOAD_MAX_BYTES = 20 * 1000 * 1000
+#: Telegram's small preview of a photo fits in this many pixels per side.
+THUMBNAIL_SIDE = 90
 WAIT_TIMEOUT_SECONDS = 60.0
 #: Parameters Telegram takes as JSON-serialized objects (in form or multipart bodies).
 JSON_FIELDS = frozenset({"reply_markup", "reply_parameters", "media", "allowed_updates",
@@ -120,6 +131,9 @@ class FakeTelegram:
         self._messages: dict[tuple[str, int], dict[str, Any]] = {}
         self._callback_ids = itertools.count(1)
         self._answered: set[str] = set()
+        #: file_id -> {"file_unique_id", "file_path", "file_size", "data"}
+        self._files: dict[str, dict[str, Any]] = {}
+        self._file_numbers = itertools.count(1)
         self.commands: list[dict[str, Any]] = []
         self.webhook: dict[str, Any] = {}
         self._server: ThreadingHTTPServer | None = None
@@ -238,16 +252,9 @@ class FakeTelegram:
         return {"id": self.bot_id, "is_bot": True, "first_name": "MuseSpark",
                 "username": self.username}
 
-    def text_update(self, chat_id: int | str, text: str, *, user_id: int | None = None,
-                    reply_to: int | None = None) -> dict[str, Any]:
-        """A person's text message; commands and @mentions get their entities, as Telegram
-        adds them."""
-        chat = str(chat_id)
-        user_id = user_id if user_id is not None else (int(chat) if int(chat) > 0 else 1001)
-        message: dict[str, Any] = {
-            "message_id": self._next_message_id(chat), "date": int(time.time()),
-            "chat": self.chat(chat), "from": self.user(user_id), "text": text,
-        }
+    @staticmethod
+    def entities(text: str) -> list[dict[str, Any]]:
+        """The entities Telegram adds to a text or caption: a leading command, @mentions."""
         entities = []
         if text.startswith("/"):
             entities.append({"type": "bot_command", "offset": 0,
@@ -258,15 +265,102 @@ class FakeTelegram:
                 entities.append({"type": "mention", "offset": _utf16_len(text[:position]),
                                  "length": _utf16_len(word)})
             position += len(word) + 1
-        if entities:
-            message["entities"] = entities
+        return entities
+
+    def message_update(self, chat_id: int | str, user_id: int | None = None,
+                       reply_to: int | None = None, **content: Any) -> dict[str, Any]:
+        """An update with a person's message in ``chat_id`` holding ``content`` (``text``,
+        ``photo``, ``video``...); kept, so replies can quote it."""
+        chat = str(chat_id)
+        user_id = user_id if user_id is not None else (int(chat) if int(chat) > 0 else 1001)
+        message: dict[str, Any] = {
+            "message_id": self._next_message_id(chat), "date": int(time.time()),
+            "chat": self.chat(chat), "from": self.user(user_id), **content,
+        }
         if reply_to is not None:
             replied = self._messages.get((chat, reply_to))
-            message["reply_to_message"] = replied or {
+            message["reply_to_message"] = {k: v for k, v in replied.items()
+                                           if k != "reply_to_message"} if replied else {
                 "message_id": reply_to, "date": int(time.time()), "chat": self.chat(chat)}
         with self._cond:
             self._messages[(chat, message["message_id"])] = message
         return {"update_id": next(self._update_ids), "message": message}
+
+    def text_update(self, chat_id: int | str, text: str, *, user_id: int | None = None,
+                    reply_to: int | None = None) -> dict[str, Any]:
+        """A person's text message; commands and @mentions get their entities, as Telegram
+        adds them."""
+        content: dict[str, Any] = {"text": text}
+        entities = self.entities(text)
+        if entities:
+            content["entities"] = entities
+        return self.message_update(chat_id, user_id, reply_to, **content)
+
+    def _caption(self, caption: str | None) -> dict[str, Any]:
+        if not caption:
+            return {}
+        content: dict[str, Any] = {"caption": caption}
+        entities = self.entities(caption)
+        if entities:
+            content["caption_entities"] = entities
+        return content
+
+    def add_file(self, data: bytes, *, folder: str = "documents", suffix: str = "",
+                 file_size: int | None = None) -> dict[str, Any]:
+        """Keep ``data`` for getFile and downloads; returns its file_id, file_unique_id and
+        file_size (``file_size`` overrides what Telegram would report)."""
+        number = next(self._file_numbers)
+        unique = f"{random.getrandbits(48):012x}"
+        file_id = f"BQAC-{unique}-{number}"
+        entry = {"file_unique_id": f"AgAD-{unique}",
+                 "file_path": f"{folder}/file_{number}{suffix}",
+                 "file_size": len(data) if file_size is None else file_size, "data": data}
+        with self._cond:
+            self._files[file_id] = entry
+        return {"file_id": file_id, "file_unique_id": entry["file_unique_id"],
+                "file_size": entry["file_size"]}
+
+    def photo_update(self, chat_id: int | str, data: bytes, *, caption: str | None = None,
+                     user_id: int | None = None, reply_to: int | None = None,
+                     file_size: int | None = None) -> dict[str, Any]:
+        """A person's photo in the sizes Telegram sends: a small preview first (when the
+        picture is larger than one), then ``data`` itself (its width and height read from it;
+        1x1 when it is no picture)."""
+        from PIL import Image
+
+        sizes = []
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+                preview = image.convert("RGB")
+        except Exception:
+            width = height = 1
+        else:
+            if max(width, height) > THUMBNAIL_SIDE:
+                preview.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+                buffer = io.BytesIO()
+                preview.save(buffer, format="JPEG")
+                sizes.append({**self.add_file(buffer.getvalue(), folder="photos",
+                                              suffix=".jpg"),
+                              "width": preview.width, "height": preview.height})
+        sizes.append({**self.add_file(data, folder="photos", suffix=".jpg",
+                                      file_size=file_size), "width": width, "height": height})
+        return self.message_update(chat_id, user_id, reply_to, photo=sizes,
+                                    **self._caption(caption))
+
+    def document_update(self, chat_id: int | str, data: bytes, *, caption: str | None = None,
+                        mime_type: str | None = "application/octet-stream",
+                        file_name: str | None = "file", user_id: int | None = None,
+                        reply_to: int | None = None,
+                        file_size: int | None = None) -> dict[str, Any]:
+        """A person's file (a picture sent "as a file", or anything else)."""
+        document: dict[str, Any] = self.add_file(data, file_size=file_size)
+        if mime_type is not None:
+            document["mime_type"] = mime_type
+        if file_name is not None:
+            document["file_name"] = file_name
+        return self.message_update(chat_id, user_id, reply_to, document=document,
+                                    **self._caption(caption))
 
     def reaction_update(self, chat_id: int | str, message_id: int, *, user_id: int,
                         old: tuple[str, ...] = (), new: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -339,6 +433,9 @@ class FakeTelegram:
         body = request.rfile.read(length) if length else b""
         path = request.path.split("?", 1)[0]
         prefix = f"/bot{self.token}/"
+        if path.startswith("/file/bot"):
+            self._serve_file(request, path)
+            return
         if not path.startswith("/bot"):
             self._reply(request, 404, {"ok": False, "error_code": 404,
                                        "description": "Not Found"})
@@ -366,6 +463,31 @@ class FakeTelegram:
                 self._calls.append(call)
                 self._cond.notify_all()
         self._reply(request, status, payload)
+
+    def _serve_file(self, request: BaseHTTPRequestHandler, path: str) -> None:
+        """A download: ``/file/bot{token}/{file_path}`` answers the bytes (GET)."""
+        prefix = f"/file/bot{self.token}/"
+        path = urllib.parse.unquote(path)  # clients quote the token's ":" (PTB does)
+        file_path = path[len(prefix):] if path.startswith(prefix) else None
+        with self._cond:
+            found = next((f for f in self._files.values() if f["file_path"] == file_path), None)
+        call = Call("downloadFile", {"file_path": file_path}, {}, time.monotonic(),
+                    request.headers.get("User-Agent", ""))
+        if found is None:
+            call.status = 401 if file_path is None else 404
+            description = "Unauthorized" if file_path is None else "Not Found"
+            self._reply(request, call.status, {"ok": False, "error_code": call.status,
+                                               "description": description})
+        else:
+            call.status, call.result = 200, len(found["data"])
+            request.send_response(200)
+            request.send_header("Content-Type", "application/octet-stream")
+            request.send_header("Content-Length", str(len(found["data"])))
+            request.end_headers()
+            request.wfile.write(found["data"])
+        with self._cond:
+            self._calls.append(call)
+            self._cond.notify_all()
 
     @staticmethod
     def _reply(request: BaseHTTPRequestHandler, status: int, payload: dict[str, Any]) -> None:
@@ -505,6 +627,17 @@ class FakeTelegram:
         self._answered.add(query_id)
         return True
 
+    def _m_getFile(self, call: Call) -> Any:  # noqa: N802
+        file_id = str(call.params.get("file_id") or "")
+        with self._cond:
+            found = self._files.get(file_id)
+        if found is None:
+            raise ApiError(400, "Bad Request: invalid file_id")
+        if found["file_size"] > DOWNLOAD_MAX_BYTES:
+            raise ApiError(400, "Bad Request: file is too big")
+        return {"file_id": file_id, "file_unique_id": found["file_unique_id"],
+                "file_size": found["file_size"], "file_path": found["file_path"]}
+
     def _m_deleteMessage(self, call: Call) -> Any:  # noqa: N802
         with self._cond:
             self._messages.pop((str(call.params["chat_id"]), int(call.params["message_id"])),
@@ -557,9 +690,8 @@ class FakeTelegram:
             raise ApiError(400, "Bad Request: IMAGE_PROCESS_FAILED") from None
         if width + height > 10_000:
             raise ApiError(400, "Bad Request: PHOTO_INVALID_DIMENSIONS")
-        unique = f"{random.getrandbits(48):012x}"
-        return [{"file_id": f"AgAC-{unique}", "file_unique_id": f"AQAD-{unique}",
-                 "width": width, "height": height, "file_size": len(data)}]
+        return [{**self.add_file(data, folder="photos", suffix=".jpg"), "width": width,
+                 "height": height}]
 
     @staticmethod
     def _check_caption(caption: Any) -> None:

@@ -11,6 +11,9 @@ What the bot answers:
 * groups: commands (``/cmd`` or ``/cmd@thisbot``; ``/cmd@otherbot`` is left alone), messages
   that mention the bot, and replies to its own messages. A reply to a result continues that
   conversation: core looks up the replied-to message and makes the new job its child.
+* a picture (a photo, or an image sent as a file) whose caption is ``/remix ...``, in private
+  chats and groups alike: it is fetched (getFile, then the file URL), checked and kept by
+  :func:`core.uploads.keep_upload`, and handed to core as the message's attachment.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
+from sqlalchemy import select
 from telegram import BotCommand, Message, ReplyParameters, Update
 from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import TelegramError
@@ -35,16 +40,20 @@ from telegram.ext import (
 
 from bots.runtime import BotRuntime
 from bots.telegram._payloads import (
+    REMIX_CAPTION,
     addressed_text,
     button_event,
     message_event,
     reaction_count_event,
     reaction_event,
+    remix_upload,
 )
 from core.events import Event, ReactionChanged
 from core.errors import UserInputError
 from core.intents import COMMANDS, parse_text
 from core.outbound import MessageKind, OutboundMessage
+from core.store import Artifact
+from core.uploads import UPLOAD_MAX_BYTES, keep_upload
 
 __all__ = ["TelegramAdapter", "bot_commands"]
 
@@ -85,6 +94,9 @@ class TelegramAdapter:
         message_only = filters.UpdateType.MESSAGE
         app.add_handler(CommandHandler(list(COMMANDS), self.on_command, filters=message_only))
         app.add_handler(MessageHandler(filters.COMMAND & message_only, self.on_other_command))
+        # Before on_text, which would take the caption for free text.
+        app.add_handler(MessageHandler(filters.CaptionRegex(REMIX_CAPTION) & message_only,
+                                       self.on_remix))
         app.add_handler(MessageHandler((filters.TEXT | filters.CAPTION) & ~filters.COMMAND
                                        & message_only, self.on_text))
         app.add_handler(CallbackQueryHandler(self.on_button))
@@ -148,6 +160,62 @@ class TelegramAdapter:
                 return
         await self._handle_message(message_event(update, text), message, context)
 
+    async def on_remix(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A picture (photo or image file) captioned ``/remix ...``: fetched, checked, kept,
+        then handed to core with the caption as text and the kept picture as attachment.
+
+        Whatever stops it (a caption core refuses, not a picture, over 10 MB, a file Telegram
+        will not hand over, a damaged picture) is answered in words, as a reply, and makes no
+        job. Size and type are checked before downloading. In groups a ``/remix`` caption is
+        addressed to the bot, unless it names another bot (then it is left alone).
+        """
+        message = update.effective_message
+        if message is None or message.from_user is None or not message.caption:
+            return
+        caption = message.caption.strip()
+        match = REMIX_CAPTION.match(caption)
+        addressee = match["bot"] if match else None
+        if addressee and addressee.lower() != context.bot.username.lower() and (
+                message.chat.type != ChatType.PRIVATE):
+            return
+        text = _strip_bot_name(caption, context.bot.username)
+        settings = self.orchestrator.settings
+        try:  # a caption core would refuse is answered before anything is downloaded
+            parse_text(caption, bot_username=context.bot.username,
+                       max_prompt_chars=settings.max_prompt_chars)
+        except UserInputError as exc:
+            await self._refuse(context, message, exc.user_message)
+            return
+        upload = remix_upload(message)
+        if isinstance(upload, str):
+            await self._refuse(context, message, upload)
+            return
+        if upload.file_size is not None and upload.file_size > UPLOAD_MAX_BYTES:
+            await self._refuse(context, message, (
+                f"That picture is {upload.file_size / 1e6:.1f} MB; I take pictures up to "
+                f"{UPLOAD_MAX_BYTES / 1e6:.0f} MB. Send a smaller one (a photo rather than a "
+                "file: Telegram makes photos smaller)."))
+            return
+        try:
+            file = await context.bot.get_file(upload.file_id)
+            data = bytes(await file.download_as_bytearray())
+        except TelegramError as exc:
+            log.info("remix picture %s not fetched: %s", upload.file_id, exc)
+            await self._refuse(context, message, "I couldn't fetch your picture from Telegram; "
+                                                 "please send it again.")
+            return
+        try:
+            kept = await asyncio.to_thread(keep_upload, data, settings.resolved_data_dir,
+                                           name=upload.name)
+        except UserInputError as exc:
+            await self._refuse(context, message, exc.user_message)
+            return
+        try:
+            await self._handle_message(message_event(update, text, attachments=(str(kept),)),
+                                       message, context)
+        finally:
+            await asyncio.to_thread(self._drop_unless_kept, kept)
+
     async def on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query
         if query is None:
@@ -168,8 +236,12 @@ class TelegramAdapter:
             log.info("callback query %s not answered: %s", query.id, exc)
         replies = await work
         assert isinstance(query.message, Message)
+        # A deletion (🗑️) is an act, not words: done whether or not its toast went out.
+        deletions = [r for r in replies if r.delete_message_id]
+        replies = [r for r in replies if not r.delete_message_id]
         if not done:
             await self._send(context, query.message, [r for r in replies if r.ephemeral])
+        await self._send(context, query.message, deletions)
         await self._send(context, query.message, [r for r in replies if not r.ephemeral],
                          reply_to_message_id=query.message.message_id)
 
@@ -256,6 +328,20 @@ class TelegramAdapter:
                 continue
             if reply.kind is MessageKind.STATUS and reply.job_id and sent is not None:
                 await asyncio.to_thread(self._remember_progress, reply.job_id, sent.message_id)
+
+    async def _refuse(self, context: ContextTypes.DEFAULT_TYPE, message: Message,
+                      text: str) -> None:
+        await self._send(context, message, [OutboundMessage(MessageKind.ERROR, text)],
+                         reply_to_message_id=message.message_id)
+
+    def _drop_unless_kept(self, path: Path) -> None:
+        """The picture kept for a remix becomes its jobs' input (``/forget uploads`` erases
+        it); when no job took it (a replayed update, a refusal), it goes now."""
+        with self.store.session() as s:
+            used = s.scalar(select(Artifact.id).where(Artifact.kind == "input",
+                                                      Artifact.path == str(path)).limit(1))
+        if used is None:
+            path.unlink(missing_ok=True)
 
     def _remember_progress(self, job_id: str, message_id: int) -> None:
         """The worker edits this message as the job moves ("Drawing…", "Done")."""

@@ -12,6 +12,9 @@ without updates):
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 from telegram import (
     Chat,
     Message,
@@ -36,6 +39,8 @@ from core.events import (
 
 __all__ = [
     "PLATFORM",
+    "REMIX_CAPTION",
+    "Upload",
     "addressed_text",
     "button_event",
     "channel_of",
@@ -43,11 +48,17 @@ __all__ = [
     "reaction_count_event",
     "reaction_event",
     "reaction_key",
+    "remix_upload",
 ]
 
 PLATFORM = "telegram"
 #: Stands in for the actor of anonymous reaction counts (Telegram does not say who).
 ANONYMOUS = Actor("anonymous", "anonymous")
+#: The caption of a picture sent to remix: ``/remix ...`` or ``/remix@somebot ...``.
+REMIX_CAPTION = re.compile(r"^\s*/remix(?:@(?P<bot>[A-Za-z0-9_]+))?(?:\s|$)", re.IGNORECASE)
+#: Document types that are surely not pictures are refused without downloading; these two say
+#: nothing either way, so the bytes decide (core/uploads.py).
+_UNTYPED = frozenset({"", "application/octet-stream"})
 
 
 def _actor(user: User) -> Actor:
@@ -101,8 +112,11 @@ def addressed_text(message: Message, bot_id: int, bot_username: str) -> str | No
     return None
 
 
-def message_event(update: Update, text: str) -> MessageReceived:
-    """A message (free text or a text command) for core; ``reply_to`` links the thread."""
+def message_event(update: Update, text: str, *,
+                  attachments: tuple[str, ...] = ()) -> MessageReceived:
+    """A message (free text or a text command) for core; ``reply_to`` links the thread.
+
+    ``attachments``: paths of pictures the adapter fetched and kept (a ``/remix`` photo)."""
     message = update.effective_message
     assert message is not None and message.from_user is not None
     replied = message.reply_to_message
@@ -111,7 +125,7 @@ def message_event(update: Update, text: str) -> MessageReceived:
         actor=_actor(message.from_user), channel=channel_of(message.chat, message), text=text,
         message_id=str(message.message_id),
         reply_to=str(replied.message_id) if replied is not None else None,
-        occurred_at=message.date, raw=update.to_dict())
+        attachments=attachments, occurred_at=message.date, raw=update.to_dict())
 
 
 def button_event(update: Update) -> ComponentActivated | None:
@@ -158,3 +172,34 @@ def reaction_count_event(update: Update) -> ReactionChanged | None:
         event_id=f"{update.update_id}:{counted.chat.id}:{counted.message_id}",
         actor=ANONYMOUS, channel=channel_of(counted.chat), message_id=str(counted.message_id),
         anonymous=True, counts=counts, occurred_at=counted.date, raw=update.to_dict())
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A file in a message to fetch with getFile: its id, its size if Telegram said, a name."""
+
+    file_id: str
+    file_size: int | None
+    name: str
+
+
+def remix_upload(message: Message) -> Upload | str:
+    """The picture sent with a ``/remix`` caption, or why there is none (words for the person).
+
+    A photo comes in several sizes: the largest is taken. A document is taken when its type is
+    an image, or untyped (the bytes are checked after download); any other type, or another
+    kind of media (video, voice...), is not a picture.
+    """
+    if message.photo:
+        largest = max(message.photo, key=lambda p: (p.width * p.height, p.file_size or 0))
+        return Upload(largest.file_id, largest.file_size, "your photo")
+    how = ("Send a photo (or a PNG, JPEG or WebP file) with the caption /remix and what to make "
+           "of it, for example /remix as a watercolor.")
+    document = message.document
+    if document is not None and message.animation is None:
+        mime = (document.mime_type or "").lower()
+        name = document.file_name or "your file"
+        if mime.startswith("image/") or mime in _UNTYPED:
+            return Upload(document.file_id, document.file_size, name)
+        return f"“{name}” is not a picture ({mime}), so I can't remix it. {how}"
+    return f"I can only remix pictures. {how}"
