@@ -10,7 +10,12 @@ It can be told to misbehave the way Discord does:
 
 * :meth:`rate_limit_next`: a 429 with ``Via``, ``X-RateLimit-*`` headers and ``retry_after``;
 * :meth:`expire_token`: an interaction token past its 15 minutes (401, code 50027);
-* :meth:`fail_next`: any status and body, once, for a method and path pattern.
+* :meth:`fail_next`: any status and body, once, for a method and path pattern;
+* :meth:`stall_next`: the next matching request is carried out, but its answer held back for a
+  while (a test can kill the client while the request is in flight).
+
+Channel message creates honour ``nonce`` with ``enforce_nonce`` as Discord does: a nonce seen
+before answers with the message it made (no new one); one whose message was deleted, 404.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -98,6 +103,10 @@ class FakeDiscord:
         #: attachment path under /attachments/ -> bytes served there (the CDN's part)
         self.cdn: dict[str, bytes] = {}
         self._failures: list[_Failure] = []
+        #: (method, path pattern, where, seconds): answers to hold back (:meth:`stall_next`)
+        self._stalls: list[tuple[str, re.Pattern[str], Callable[[Call], bool], float]] = []
+        #: enforced nonce -> id of the channel message it made
+        self.nonces: dict[str, str] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -154,6 +163,14 @@ class FakeDiscord:
 
     def expire_token(self, token: str) -> None:
         self.expired_tokens.add(token)
+
+    def stall_next(self, method: str, pattern: str, seconds: float, *,
+                   where: Callable[[Call], bool] | None = None) -> None:
+        """Carry out the next matching request (``where`` narrows the match, e.g. to a
+        message's content), then wait ``seconds`` before answering it."""
+        with self._lock:
+            self._stalls.append((method, re.compile(pattern), where or (lambda call: True),
+                                 seconds))
 
     def attachment(self, filename: str, data: bytes, content_type: str | None = "image/png", *,
                    size: int | None = None) -> dict[str, Any]:
@@ -222,6 +239,13 @@ class FakeDiscord:
             self.calls.append(call)
         status, body, headers = self._answer(call)
         call.status = status
+        with self._lock:
+            stall = next((st for st in self._stalls if st[0] == call.method
+                          and st[1].search(call.path) and st[2](call)), None)
+            if stall is not None:
+                self._stalls.remove(stall)
+        if stall is not None:
+            await asyncio.sleep(stall[3])
         if status == 204:
             return web.Response(status=204, headers=headers)
         # discord.py parses JSON only when Content-Type is exactly application/json.
@@ -254,7 +278,18 @@ class FakeDiscord:
                 return 200, self.application, {}
             case ["channels", channel_id, "messages"] if call.method == "POST":
                 body = call.json or {}
-                return 200, self._message(channel_id, self.bot_user, body, call.files), {}
+                enforced = body.get("enforce_nonce") and body.get("nonce") is not None
+                nonce = str(body["nonce"]) if enforced else None
+                if nonce is not None and nonce in self.nonces:
+                    first = self.messages.get(self.nonces[nonce])
+                    if first is None:
+                        return 404, {"message": "Unknown Message", "code": 10008}, {}
+                    return 200, first, {}
+                message = self._message(channel_id, self.bot_user, body, call.files)
+                if nonce is not None:
+                    message["nonce"] = nonce
+                    self.nonces[nonce] = message["id"]
+                return 200, message, {}
             case ["channels", channel_id, "messages", message_id] if call.method == "DELETE":
                 if self.messages.pop(message_id, None) is None:
                     return 404, {"message": "Unknown Message", "code": 10008}, {}

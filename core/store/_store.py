@@ -341,7 +341,8 @@ class Store:
                 job = s.get(Job, shown_job) or job
             siblings = s.scalars(select(DeliveredMessage.id).where(
                 DeliveredMessage.job_id == found.job_id,
-                DeliveredMessage.position == found.position).order_by(DeliveredMessage.id)).all()
+                DeliveredMessage.position == found.position)
+                .order_by(DeliveredMessage.part, DeliveredMessage.id)).all()
             return job, max(0, list(siblings).index(found.id))
 
     def defer(self, claim: Claim, seconds: float) -> datetime | None:
@@ -361,17 +362,40 @@ class Store:
             return due if rows_changed(result) else None
 
     def delivered_positions(self, job_id: str) -> set[int]:
-        """Positions of a job's outbox that were already posted."""
+        """Positions of a job's outbox of which at least one part was posted."""
         with self.session() as s:
             return set(s.scalars(select(DeliveredMessage.position)
                                  .where(DeliveredMessage.job_id == job_id)).all())
 
-    def record_delivered(self, job_id: str, platform: str, chat_id: str, position: int,
-                         message_ids: Sequence[str]) -> None:
+    def delivered_parts(self, job_id: str) -> dict[int, set[int]]:
+        """Outbox position -> the parts of it already posted (and recorded)."""
+        parts: dict[int, set[int]] = {}
         with self.session() as s:
-            s.add_all(DeliveredMessage(job_id=job_id, platform=platform, chat_id=chat_id,
-                                       message_id=m, position=position, created_at=utcnow())
-                      for m in message_ids)
+            for position, part in s.execute(
+                    select(DeliveredMessage.position, DeliveredMessage.part)
+                    .where(DeliveredMessage.job_id == job_id)):
+                parts.setdefault(position, set()).add(part)
+        return parts
+
+    def record_delivered(self, job_id: str, platform: str, chat_id: str, position: int,
+                         message_ids: Sequence[str], *, part: int = 0) -> None:
+        """Record platform messages posted for outbox ``position``: ``message_ids`` are its
+        parts ``part``, ``part + 1``, ... (one small transaction; a part already recorded, by
+        this worker or by one that raced it, is kept as it is)."""
+        rows = [(part + n, m) for n, m in enumerate(message_ids)]
+        if not rows:
+            return
+        try:
+            with self.session() as s:
+                known = set(s.scalars(select(DeliveredMessage.part).where(
+                    DeliveredMessage.job_id == job_id, DeliveredMessage.position == position,
+                    DeliveredMessage.part.in_([n for n, _ in rows]))).all())
+                s.add_all(DeliveredMessage(job_id=job_id, platform=platform, chat_id=chat_id,
+                                           message_id=m, position=position, part=n,
+                                           created_at=utcnow())
+                          for n, m in rows if n not in known)
+        except IntegrityError:
+            pass  # another worker recorded the same part in between: the row is there
 
     def heartbeat(self, claim: Claim) -> bool:
         """Prove the claim's worker is alive; False when the job was taken over or finished."""

@@ -139,10 +139,18 @@ class Artifact(Base):
 
 
 class DeliveredMessage(Base):
-    """A platform message the bot created for a job: how reactions find their way back."""
+    """A platform message the bot created for a job: how reactions find their way back.
+
+    ``(job_id, position, part)`` names one platform message: ``position`` is the outbox entry,
+    ``part`` the platform message within it (a split text, a photo then the rest of its caption,
+    an album's pictures), counted from 0 in posting order. Each part is recorded as soon as it
+    is posted, so an interrupted delivery resumes at the first part not recorded.
+    """
 
     __tablename__ = "delivered_messages"
-    __table_args__ = (UniqueConstraint("platform", "chat_id", "message_id"),)
+    __table_args__ = (UniqueConstraint("platform", "chat_id", "message_id"),
+                      UniqueConstraint("job_id", "position", "part",
+                                       name="uq_delivered_messages_job_position_part"))
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
@@ -150,6 +158,7 @@ class DeliveredMessage(Base):
     chat_id: Mapped[str] = mapped_column(String(64))
     message_id: Mapped[str] = mapped_column(String(64))
     position: Mapped[int] = mapped_column(Integer, default=0)
+    part: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime]
 
 

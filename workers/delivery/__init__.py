@@ -4,14 +4,19 @@ Two kinds:
 
 * transactional (the local platform): posting is a database write, done in the same
   transaction that marks the job delivered, so it happens exactly once.
-* remote (Telegram, Discord over httpx): each outbox message is posted, then recorded; a
-  redelivered job skips what was recorded. ``send`` raises :class:`~core.errors.DeliveryError`
-  with ``retry_after`` (the job waits and resumes) or ``final`` (the job fails, no more sends).
+* remote (Telegram, Discord over httpx): each outbox message is posted part by part (one
+  platform message each: a split text, a photo then the rest of its caption, an album's
+  pictures), and each part is recorded as soon as it is posted (``on_part``); a resumed job
+  passes the parts already recorded (``skip_parts``) and only the rest are posted. ``send``
+  raises :class:`~core.errors.DeliveryError` with ``retry_after`` (the job waits and resumes)
+  or ``final`` (the job fails, no more sends). What can still post twice is one part: one
+  posted by the platform whose worker died before recording it (Discord channel messages carry
+  a nonce that closes even that window for a few minutes; see the README).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Set as AbstractSet
 from typing import Protocol, runtime_checkable
 
 from sqlalchemy.orm import Session
@@ -21,7 +26,8 @@ from core.outbound import DeliveryTarget, OutboundMessage
 from core.settings import Settings
 from workers.delivery.local import LocalDeliverer
 
-__all__ = ["LocalDeliverer", "RemoteDeliverer", "TransactionalDeliverer", "get_deliverer"]
+__all__ = ["LocalDeliverer", "PartCallback", "RemoteDeliverer", "TransactionalDeliverer",
+           "get_deliverer"]
 
 
 @runtime_checkable
@@ -32,10 +38,25 @@ class TransactionalDeliverer(Protocol):
         ...
 
 
+#: Called with ``(part, message_id)`` right after a part of a message was posted.
+PartCallback = Callable[[int, str], None]
+
+
 @runtime_checkable
 class RemoteDeliverer(Protocol):
-    def send(self, target: DeliveryTarget, message: OutboundMessage) -> list[str]:
-        """Post one message (maybe as several platform messages); returns their ids."""
+    def send(self, target: DeliveryTarget, message: OutboundMessage, *,
+             skip_parts: AbstractSet[int] = frozenset(),
+             on_part: PartCallback | None = None,
+             key: str | None = None) -> list[str]:
+        """Post one message, maybe as several platform messages (its parts, numbered from 0
+        in posting order, the same way on every call for the same message and target).
+
+        Parts in ``skip_parts`` were posted before and are not posted again (a part that is one
+        of several messages made by one call, as an album, is skipped with its first); each
+        part posted now is reported to ``on_part`` before the next is sent. ``key`` names the
+        message for the platform's idempotency keys where it has them (the runner passes
+        ``job_id:outbox position``). Returns the ids of the parts posted by this call.
+        """
         ...
 
 

@@ -25,6 +25,17 @@ Discord's limits this module works within:
   10,000 invalid requests (401/403/429) in 10 minutes get the IP banned, another reason not to
   retry.
 
+Posting twice: each part (one Discord message) is reported to the runner as soon as it is
+posted, so a deferred or re-driven job never re-sends parts already recorded. What remains is
+a worker dying after Discord created a message and before it was recorded:
+
+* channel messages carry a ``nonce`` derived from (job, outbox position, part), with
+  ``enforce_nonce``: Discord answers a repeated nonce from the same author, within a few
+  minutes, with the message already made instead of a new one;
+* interaction follow-ups (``POST /webhooks/{application_id}/{token}``, "Execute Webhook") take
+  no nonce: it is not among that endpoint's documented fields and discord.py sends none there.
+  A crash inside that one HTTP call can post that one part twice.
+
 The adapter (``bots/discord``) stores what this module needs in the job's delivery target:
 ``interaction_token`` and, in ``extra``, ``application_id`` and ``interaction_expires_at``
 (epoch seconds). Missing facts are recovered: the application id from
@@ -33,11 +44,13 @@ The adapter (``bots/discord``) stores what this module needs in the job's delive
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,8 +63,10 @@ from core.settings import Settings
 
 __all__ = [
     "MESSAGE_MAX_CHARS",
+    "NONCE_MAX_CHARS",
     "UPLOAD_LIMIT_BYTES",
     "DiscordDeliverer",
+    "message_nonce",
     "result_buttons",
     "shrink_image",
     "split_text",
@@ -81,6 +96,9 @@ COMPONENT_BUTTON = 2
 INVALID_WEBHOOK_TOKEN = 50027
 UNKNOWN_WEBHOOK = 10015
 USER_AGENT = "DiscordBot (https://github.com/musespark/musespark, 0.1)"
+#: Discord takes a message ``nonce`` of at most 25 characters (or an integer).
+NONCE_MAX_CHARS = 25
+NONCE_PREFIX = "ms"
 
 #: One connection pool per REST base URL and process (a Celery child serves many jobs).
 _clients: dict[str, httpx.Client] = {}
@@ -135,6 +153,21 @@ def shrink_image(data: bytes, filename: str, limit: int = UPLOAD_LIMIT_BYTES) ->
         if width <= 16 or height <= 16:
             raise DeliveryError(f"{filename} cannot be shrunk under {limit} bytes", final=True)
         image = image.resize((max(16, width * 3 // 4), max(16, height * 3 // 4)))
+
+
+def message_nonce(key: str, part: int) -> str:
+    """The nonce of part ``part`` of the message named ``key`` (``job_id:outbox position``).
+
+    The same on every attempt, different for every part and message: 23 hex digits of a
+    SHA-256 (92 bits) after ``ms``, 25 characters in all.
+    """
+    digest = hashlib.sha256(f"{key}#{part}".encode()).hexdigest()
+    return NONCE_PREFIX + digest[: NONCE_MAX_CHARS - len(NONCE_PREFIX)]
+
+
+def _message_key(message: OutboundMessage) -> str:
+    """A stable name for a message sent without one (a failure notice): its job and text."""
+    return f"{message.job_id or '-'}:{hashlib.sha256(message.text.encode()).hexdigest()[:16]}"
 
 
 def result_buttons(message: OutboundMessage) -> list[Button]:
@@ -217,34 +250,55 @@ class DiscordDeliverer:
 
     # -- public -------------------------------------------------------------------------------
 
-    def send(self, target: DeliveryTarget, message: OutboundMessage) -> list[str]:
-        """Post ``message``; several Discord messages when its text is over 2000 characters.
+    def send(self, target: DeliveryTarget, message: OutboundMessage, *,
+             skip_parts: AbstractSet[int] = frozenset(),
+             on_part: Callable[[int, str], None] | None = None,
+             key: str | None = None) -> list[str]:
+        """Post ``message``; several Discord messages (parts) when its text is over 2000
+        characters, the pictures and buttons with the last.
+
+        Parts in ``skip_parts`` were posted before and are left out; each part posted is
+        reported to ``on_part(part, message_id)`` before the next is sent. ``key`` names the
+        message (``job_id:outbox position``) for the channel messages' nonces. Returns the ids
+        of the messages this call posted.
 
         Raises:
             DeliveryError: ``retry_after`` on 429 and outages; ``final`` on 400/401/403/404.
         """
-        uploads = [self._upload(path, n, message.job_id) for n, path in enumerate(message.images)]
-        components = _components(result_buttons(message))
         chunks = split_text(message.text)
+        last_part = len(chunks) - 1
+        # Read (and shrink) the pictures before posting anything: one that cannot be sent
+        # fails the message before its first part, not after.
+        uploads = ([self._upload(path, n, message.job_id) for n, path in enumerate(message.images)]
+                   if last_part not in skip_parts else [])
+        components = _components(result_buttons(message))
+        name = key or _message_key(message)
         ids: list[str] = []
         use_webhook = self._interaction_usable(target)
-        for index, chunk in enumerate(chunks):
-            last = index == len(chunks) - 1
+        for part, chunk in enumerate(chunks):
+            if part in skip_parts:
+                continue
+            last = part == last_part
             payload: dict[str, Any] = {"content": chunk, "allowed_mentions": {"parse": []}}
             if last and components:
                 payload["components"] = components
             files = uploads if last else []
+            message_id: str | None = None
             if use_webhook:
                 try:
-                    ids.append(self._followup(target, payload, files, message))
-                    continue
+                    message_id = self._followup(target, payload, files, message)
                 except _Refused as exc:
                     if not exc.token_dead:
                         raise
                     log.info("interaction token of chat %s is dead (%s); posting to the channel",
                              target.chat_id, exc)
                     use_webhook = False
-            ids.append(self._channel_message(target, payload, files, reply=not ids))
+            if message_id is None:
+                message_id = self._channel_message(target, payload, files, reply=part == 0,
+                                                   nonce=message_nonce(name, part))
+            ids.append(message_id)
+            if on_part is not None:
+                on_part(part, message_id)
         return ids
 
     def progress(self, target: DeliveryTarget, text: str) -> None:
@@ -288,7 +342,10 @@ class DiscordDeliverer:
         return str(data["id"])
 
     def _channel_message(self, target: DeliveryTarget, payload: dict[str, Any],
-                         files: list[_Upload], *, reply: bool) -> str:
+                         files: list[_Upload], *, reply: bool, nonce: str) -> str:
+        # A repeated nonce (a re-driven job re-sending a part it could not record) gets the
+        # message made the first time, within Discord's nonce window (a few minutes).
+        payload = {**payload, "nonce": nonce, "enforce_nonce": True}
         if reply and target.reply_to and target.reply_to.isdigit():
             payload = {**payload, "message_reference": {"message_id": target.reply_to,
                                                         "fail_if_not_exists": False}}

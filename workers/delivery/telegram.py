@@ -18,6 +18,11 @@ Telegram's limits, and what this module does about them (never fail on them):
   within a worker process; a 429 answer's ``parameters.retry_after`` becomes
   ``DeliveryError(retry_after=...)`` so the job waits without blocking other chats.
 
+Each part (one Telegram message; an album's pictures together, as one call makes them) is
+reported to the runner as soon as Telegram accepted it, so a deferred or re-driven job never
+re-sends what was recorded. Telegram has no idempotency key: a worker dying inside the one
+call that posts a part, after Telegram accepted it, posts that part again on the next attempt.
+
 Lengths are counted in UTF-16 code units, as Telegram counts them.
 """
 
@@ -28,7 +33,8 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Set as AbstractSet
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +68,9 @@ PRIVATE_CHAT_INTERVAL_SECONDS = 1.0
 GROUP_CHAT_INTERVAL_SECONDS = 3.0
 #: How long a job waits after a network error or a 5xx before trying again.
 TRANSIENT_RETRY_SECONDS = 5.0
-#: Once part of a message is posted, a 429 up to this long is waited out in place: deferring
-#: the job would post the parts already sent a second time.
+#: Once part of a message is posted, a 429 up to this long is waited out in place (the rest of
+#: the message follows without a trip through the queue); a longer one defers the job, which
+#: resumes at the first part not posted.
 INLINE_RETRY_MAX_SECONDS = 15.0
 BUTTONS_PER_ROW = 3
 PROGRESS_DONE_TEXT = "✅ Done."
@@ -177,6 +184,36 @@ def _photo(path: str) -> _Photo:
             scale *= 0.7
 
 
+@dataclass(slots=True)
+class _Parts:
+    """Which part of a message comes next; the parts posted before are skipped."""
+
+    skip: AbstractSet[int]
+    on_part: Callable[[int, str], None] | None
+    next: int = 0
+    ids: list[str] = field(default_factory=list)
+
+    @property
+    def started(self) -> bool:
+        """Some part of the message is out (now or on an earlier attempt)."""
+        return self.next > 0
+
+    def due(self, count: int = 1) -> bool:
+        """Whether the call posting the next ``count`` parts is to be made; a call whose first
+        part was posted before is passed over (one call posts all of its parts or none)."""
+        if self.next in self.skip:
+            self.next += count
+            return False
+        return True
+
+    def posted(self, message_ids: list[str]) -> None:
+        for message_id in message_ids:
+            self.ids.append(message_id)
+            if self.on_part is not None:
+                self.on_part(self.next, message_id)
+            self.next += 1
+
+
 def _pace(chat_id: str) -> None:
     """Keep to about one message a second per chat (one per 3 s in groups) in this process."""
     interval = GROUP_CHAT_INTERVAL_SECONDS if chat_id.startswith("-") else (
@@ -264,8 +301,17 @@ class TelegramDeliverer:
 
     # -- RemoteDeliverer -----------------------------------------------------------------------
 
-    def send(self, target: DeliveryTarget, message: OutboundMessage) -> list[str]:
-        """Post ``message`` (maybe as several Telegram messages); returns their message ids."""
+    def send(self, target: DeliveryTarget, message: OutboundMessage, *,
+             skip_parts: AbstractSet[int] = frozenset(),
+             on_part: Callable[[int, str], None] | None = None,
+             key: str | None = None) -> list[str]:
+        """Post ``message`` (maybe as several Telegram messages, its parts); returns the ids of
+        the messages this call posted.
+
+        Parts in ``skip_parts`` were posted before and are left out; each part posted is
+        reported to ``on_part(part, message_id)`` before the next is sent. ``key`` is unused:
+        Telegram has no idempotency key.
+        """
         chat_id = target.chat_id
         common: dict[str, Any] = {"chat_id": chat_id}
         if target.thread_id:
@@ -275,25 +321,26 @@ class TelegramDeliverer:
             common["reply_parameters"] = {"message_id": int(reply_to),
                                           "allow_sending_without_reply": True}
         keyboard = _keyboard(message)
-        ids: list[str] = []
+        parts = _Parts(skip_parts, on_part)
         with self._client() as client:
             texts = split_text(message.text) if message.text.strip() else []
             if message.images:
                 caption, texts = self._caption(message.text)
                 self._send_pictures(client, common, message.images, caption,
-                                    None if texts else keyboard, ids)
+                                    None if texts else keyboard, parts)
                 if keyboard and not texts and len(message.images) > 1:
                     texts = ["👆 Reroll, vary or rate these:"]
             for number, text in enumerate(texts):
                 last = number == len(texts) - 1
-                _pace(chat_id)
-                sent = self._call_part(client, "sendMessage", {
-                    **common, "text": text, "reply_markup": keyboard if last else None}, None,
-                    started=bool(ids))
-                ids.append(str(sent["message_id"]))
+                if parts.due():
+                    _pace(chat_id)
+                    sent = self._call_part(client, "sendMessage", {
+                        **common, "text": text, "reply_markup": keyboard if last else None},
+                        None, started=parts.started)
+                    parts.posted([str(sent["message_id"])])
                 common.pop("reply_parameters", None)  # only the first part answers the request
             self._finish_progress(client, target, message)
-        return ids
+        return parts.ids
 
     def progress(self, target: DeliveryTarget, text: str) -> None:
         """Edit the job's progress message (the adapter's "queued" reply) to ``text``."""
@@ -316,26 +363,30 @@ class TelegramDeliverer:
 
     def _send_pictures(self, client: httpx.Client, common: dict[str, Any],
                        images: tuple[str, ...], caption: str,
-                       keyboard: dict[str, Any] | None, ids: list[str]) -> None:
-        """Post the pictures (photo, or media groups of up to 10), appending to ``ids``."""
-        photos = [_photo(path) for path in images]
-        for start in range(0, len(photos), MEDIA_GROUP_MAX_ITEMS):
-            chunk = photos[start:start + MEDIA_GROUP_MAX_ITEMS]
+                       keyboard: dict[str, Any] | None, parts: _Parts) -> None:
+        """Post the pictures (photo, or media groups of up to 10), one part per picture."""
+        for start in range(0, len(images), MEDIA_GROUP_MAX_ITEMS):
+            paths = images[start:start + MEDIA_GROUP_MAX_ITEMS]
+            if not parts.due(len(paths)):
+                common.pop("reply_parameters", None)
+                continue
+            chunk = [_photo(path) for path in paths]
             chunk_caption = caption if start == 0 else None
             _pace(common["chat_id"])
             if len(chunk) == 1:
                 sent = self._call_part(client, "sendPhoto", {
                     **common, "caption": chunk_caption, "reply_markup": keyboard,
-                }, {"photo": (chunk[0].name, chunk[0].data, chunk[0].mime)}, started=bool(ids))
-                ids.append(str(sent["message_id"]))
+                }, {"photo": (chunk[0].name, chunk[0].data, chunk[0].mime)},
+                    started=parts.started)
+                parts.posted([str(sent["message_id"])])
             else:
                 media = [{"type": "photo", "media": f"attach://photo{n}",
                           **({"caption": chunk_caption} if n == 0 and chunk_caption else {})}
                          for n in range(len(chunk))]
                 files = {f"photo{n}": (p.name, p.data, p.mime) for n, p in enumerate(chunk)}
                 sent = self._call_part(client, "sendMediaGroup", {**common, "media": media},
-                                       files, started=bool(ids))
-                ids += [str(m["message_id"]) for m in sent]
+                                       files, started=parts.started)
+                parts.posted([str(m["message_id"]) for m in sent])
             common.pop("reply_parameters", None)
 
     def _edit(self, client: httpx.Client, chat_id: str, message_id: str, text: str) -> None:
