@@ -17,9 +17,10 @@ from telegram import Bot, Update
 
 from bots.telegram import _payloads as payloads
 from bots.telegram import doctor
+from core.actions import buttons_for
 from core.errors import DeliveryError
 from core.events import ChannelKind
-from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
+from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from tests._stack import free_port
 from tests.fake_telegram import FakeTelegram
@@ -46,8 +47,10 @@ def _settings(fake: FakeTelegram, **extra: Any) -> Settings:
 
 
 def _result(text: str, job: str = "abcdef012345", images: tuple[str, ...] = ()) -> OutboundMessage:
+    """A result with the buttons core puts on it (core/actions.py decides; Telegram lays out)."""
     return OutboundMessage(MessageKind.RESULT, text, images=images, job_id=job,
-                           buttons=(Button("reroll", "🔁 Again", job),))
+                           buttons=buttons_for(job, kind="image" if images else "text",
+                                               intent="imagine" if images else "write"))
 
 
 def _png(path: Path, size: tuple[int, int] = (64, 64), noise: bool = False) -> str:

@@ -431,15 +431,6 @@ class Store:
             )
             yield s if rows_changed(result) else None
 
-    def fail_unclaimed(self, job_id: str, reason: str) -> bool:
-        """Fail a job that is not running (e.g. it could never be published)."""
-        now = utcnow()
-        with self.session() as s:
-            result = s.execute(
-                update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
-                .values(state=JobState.FAILED, failure_reason=reason, finished_at=now,
-                        updated_at=now))
-            return bool(rows_changed(result))
 
     def jobs_to_redrive(self, *, stale_after: float, republish_after: float,
                         lost_before: datetime | None = None, limit: int = 100) -> Sequence[Job]:
@@ -480,6 +471,9 @@ class Store:
                 select(Job)
                 .where(Job.state == JobState.QUEUED, Job.started_at.is_(None),
                        Job.created_at < made_before, Job.platform.in_(list(platforms)),
+                       # A story's pictures are waited for by the story, which the person
+                       # hears about; one note per picture would be noise.
+                       Job.intent != "scene",
                        Job.params[DELAY_NOTICE_PARAM].as_string().is_(None))
                 .order_by(Job.created_at)
                 .limit(limit)
