@@ -1,9 +1,12 @@
 """Running one job in a worker: claim, heartbeat, generate, store artifacts, deliver.
 
-Guarantees (see DESIGN.md, "From intent to thread", step 4):
+Guarantees (see DESIGN.md, "Request flow", step 4, and README "How it holds together"):
 
-* A redelivered task never posts twice: the claim is a guarded UPDATE, and the delivery commits
-  in the same transaction as the ``delivered`` state, fenced on the claim's attempt number.
+* A redelivered task runs once: the claim is a guarded UPDATE fenced on the attempt number, and
+  a job generates once (its outbox is kept). On the local platform the delivery commits in the
+  same transaction as the ``delivered`` state, so it posts exactly once; remote platforms post
+  part by part, each part recorded as soon as it is out, so a crash can repeat at most the one
+  part in flight (and not that one on Discord channels, whose creates carry a nonce).
 * A worker killed mid-job (SIGKILL, out of memory) leaves a ``running`` job whose heartbeat goes
   stale; the bot's redriver publishes it again and the next worker takes it over.
 * A job that has killed ``job_max_attempts`` workers is failed with a reason, not retried forever.
