@@ -21,13 +21,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import warnings
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
 from telegram import BotCommand, Message, ReplyParameters, Update
 from telegram.constants import ChatMemberStatus, ChatType
-from telegram.error import TelegramError
+from telegram.error import RetryAfter, TelegramError
 from telegram.ext import (
     Application,
     CallbackQueryHandler,
@@ -66,6 +68,11 @@ COMMAND_DESCRIPTION_MAX_CHARS = 256
 #: A callback query is answered at once; core gets this long to supply the toast's text
 #: ("Thanks, noted.") before the answer goes out without it.
 CALLBACK_TOAST_WAIT_SECONDS = 1.5
+#: A chat in a flood wait (a 429 seen here or by a worker, shared through the store) gets no
+#: reply until it ends; a wait this short is waited out (asyncio.sleep), a longer one drops the
+#: replies (status messages are cosmetic; results come from the workers once the wait is over).
+FLOOD_WAIT_WAIT_OUT_SECONDS = 3.0
+FLOOD_WAIT_PLATFORM = "telegram"
 
 
 def bot_commands() -> list[BotCommand]:
@@ -298,6 +305,15 @@ class TelegramAdapter:
                     replies: Sequence[OutboundMessage], *,
                     reply_to_message_id: int | None = None) -> None:
         """Post core's immediate replies; a status reply becomes the job's progress message."""
+        if not replies:
+            return
+        left = await asyncio.to_thread(self._flood_wait_left, str(where.chat.id))
+        if 0 < left <= FLOOD_WAIT_WAIT_OUT_SECONDS:
+            await asyncio.sleep(left)
+        elif left > 0:
+            log.info("chat %s is in a flood wait for %.1f s more: %d replies not sent",
+                     where.chat.id, left, len(replies))
+            return
         for reply in replies:
             try:
                 if reply.delete_message_id:
@@ -323,7 +339,16 @@ class TelegramAdapter:
                         reply_parameters=ReplyParameters(reply_to_message_id,
                                                          allow_sending_without_reply=True)
                         if reply_to_message_id and number == 0 else None)
-            except (TelegramError, OSError) as exc:  # blocked, rate limited: the job still runs
+            except RetryAfter as exc:  # the chat's flood wait: nobody calls it until it ends
+                with warnings.catch_warnings():  # PTB 22.2+: int now, timedelta later
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    wait = exc.retry_after
+                seconds = wait.total_seconds() if isinstance(wait, timedelta) else float(wait)
+                await asyncio.to_thread(self._hold_chat, str(where.chat.id), seconds)
+                log.warning("chat %s in a flood wait for %.0f s: the rest of the replies not "
+                            "sent", where.chat.id, seconds)
+                return
+            except (TelegramError, OSError) as exc:  # blocked: the job still runs
                 log.warning("reply in chat %s not sent: %s", where.chat.id, exc)
                 continue
             if reply.kind is MessageKind.STATUS and reply.job_id and sent is not None:
@@ -342,6 +367,23 @@ class TelegramAdapter:
                                                       Artifact.path == str(path)).limit(1))
         if used is None:
             path.unlink(missing_ok=True)
+
+    def _flood_wait_left(self, chat_id: str) -> float:
+        """Seconds left of the chat's flood wait (0: free); a store that cannot say holds
+        nothing."""
+        try:
+            until = self.store.chat_free_at(FLOOD_WAIT_PLATFORM, chat_id)
+        except Exception as exc:
+            log.info("flood wait of chat %s not read: %s", chat_id, exc)
+            return 0.0
+        return max(0.0, (until - datetime.now(UTC)).total_seconds()) if until else 0.0
+
+    def _hold_chat(self, chat_id: str, seconds: float) -> None:
+        try:
+            self.store.hold_chat(FLOOD_WAIT_PLATFORM, chat_id,
+                                 datetime.now(UTC) + timedelta(seconds=seconds))
+        except Exception as exc:
+            log.warning("flood wait of chat %s not recorded: %s", chat_id, exc)
 
     def _remember_progress(self, job_id: str, message_id: int) -> None:
         """The worker edits this message as the job moves ("Drawing…", "Done")."""

@@ -32,6 +32,7 @@ from core.store.models import (
     Job,
     JobState,
     LocalMessage,
+    RateLimit,
     User,
 )
 
@@ -510,6 +511,34 @@ class Store:
                 select(func.count()).select_from(Job).where(
                     Job.state.in_([JobState.QUEUED, JobState.RUNNING]), Job.kind == job.kind,
                     Job.created_at < job.created_at)) or 0)
+
+    # -- rate limits --------------------------------------------------------------------------
+
+    def hold_chat(self, platform: str, chat_id: str, until: datetime) -> None:
+        """Nobody is to call ``chat_id`` on ``platform`` before ``until`` (a flood wait); a
+        later deadline already recorded is kept. One upsert, on SQLite and PostgreSQL."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect: Any = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        statement = dialect.insert(RateLimit).values(platform=platform, chat_id=str(chat_id),
+                                             until=until.astimezone(UTC))
+        statement = statement.on_conflict_do_update(
+            index_elements=[RateLimit.platform, RateLimit.chat_id],
+            set_={"until": statement.excluded.until},
+            where=RateLimit.until < statement.excluded.until)
+        with self.session() as s:
+            s.execute(statement)
+
+    def chat_free_at(self, platform: str, chat_id: str) -> datetime | None:
+        """When ``chat_id`` may be called again, or None when it is not held now."""
+        with self.session() as s:
+            until = s.scalar(select(RateLimit.until).where(
+                RateLimit.platform == platform, RateLimit.chat_id == str(chat_id)))
+        if until is None:
+            return None
+        if until.tzinfo is None:  # SQLite keeps no offset; every time stored is UTC
+            until = until.replace(tzinfo=UTC)
+        return until if until > utcnow() else None
 
     # -- delivered messages and feedback ------------------------------------------------------
 

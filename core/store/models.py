@@ -36,6 +36,7 @@ __all__ = [
     "LinkCode",
     "LocalMessage",
     "Profile",
+    "RateLimit",
     "User",
 ]
 
@@ -224,3 +225,14 @@ class LocalMessage(Base):
     attachments: Mapped[dict[str, Any]] = mapped_column(default=dict)
     reply_to: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime]
+
+
+class RateLimit(Base):
+    """A chat a platform asked to leave alone until ``until`` (a Telegram 429's flood wait);
+    shared by the bot and every worker, so that none of them calls the chat before then."""
+
+    __tablename__ = "rate_limits"
+
+    platform: Mapped[str] = mapped_column(String(32), primary_key=True)
+    chat_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    until: Mapped[datetime]

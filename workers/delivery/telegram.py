@@ -16,7 +16,10 @@ Telegram's limits, and what this module does about them (never fail on them):
 * ``callback_data`` is at most 64 bytes: buttons carry ``action:job_id`` only;
 * about one message a second per chat and 20 a minute per group: sends to one chat are paced
   within a worker process; a 429 answer's ``parameters.retry_after`` becomes
-  ``DeliveryError(retry_after=...)`` so the job waits without blocking other chats.
+  ``DeliveryError(retry_after=...)`` so the job waits without blocking other chats. The
+  deadline is also recorded in the store (``Store.hold_chat``), which the bot and every worker
+  share: until it passes no call goes to that chat (a send raises ``DeliveryError`` with the
+  time left, a progress edit is skipped).
 
 Each part (one Telegram message; an album's pictures together, as one call makes them) is
 reported to the runner as soon as Telegram accepted it, so a deferred or re-driven job never
@@ -32,9 +35,12 @@ import io
 import json
 import logging
 import threading
+import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Set as AbstractSet
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +49,7 @@ import httpx
 from core.errors import DeliveryError
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
+from core.store import Store, utcnow
 
 __all__ = [
     "CAPTION_MAX_CHARS",
@@ -76,8 +83,33 @@ BUTTONS_PER_ROW = 3
 PROGRESS_DONE_TEXT = "✅ Done."
 PROGRESS_FAILED_TEXT = "❌ That didn't work; see below."
 
+#: The platform name flood waits are recorded under in the store (``rate_limits``).
+FLOOD_WAIT_PLATFORM = "telegram"
+#: How many finished progress messages a process remembers (each is edited to "Done" once).
+FINISHED_PROGRESS_KEPT = 4096
+
 _last_send_at: dict[str, float] = {}
 _pacing_lock = threading.Lock()
+_stores: dict[tuple[int, str], Store] = {}
+_finished_progress: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+
+
+def _shared_store(settings: Settings) -> Store | None:
+    """The database of ``settings`` (the one this worker's jobs live in), where flood waits
+    are shared; one per process and URL. None when there is none yet: this never creates an
+    embedded database (a deliverer made with default settings, in a test, keeps to itself)."""
+    if settings.database_url:
+        url = settings.database_url
+    else:
+        path = settings.data_dir.expanduser().resolve() / "musespark.db"
+        if not path.exists():
+            return None
+        url = f"sqlite:///{path}"
+    key = (os.getpid(), url)  # connections must not cross a fork
+    with _pacing_lock:
+        if key not in _stores:
+            _stores[key] = Store(url)
+        return _stores[key]
 
 
 def _utf16_len(text: str) -> int:
@@ -230,15 +262,45 @@ class TelegramDeliverer:
     """Posts outbound messages to a Telegram chat; see the module docstring for the limits.
 
     Args:
-        settings: reads ``telegram_token`` and ``telegram_api_url``.
+        settings: reads ``telegram_token`` and ``telegram_api_url``, and the database URL
+            for the shared flood waits when no ``store`` is given.
         transport: an httpx transport to use instead of the network (tests).
+        store: where chats' flood-wait deadlines are shared with the bot and other workers.
     """
 
-    def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(self, settings: Settings, *, transport: httpx.BaseTransport | None = None,
+                 store: Store | None = None) -> None:
         token = settings.telegram_token.get_secret_value() if settings.telegram_token else ""
         self._token = token
         self._base = f"{settings.telegram_api_url.rstrip('/')}/bot{token}"
         self._transport = transport
+        self._settings = settings
+        self.store = store
+
+    # -- flood waits shared through the store ---------------------------------------------------
+
+    def _flood_store(self) -> Store | None:
+        return self.store if self.store is not None else _shared_store(self._settings)
+
+    def held_for(self, chat_id: str) -> float:
+        """Seconds left of a flood wait on ``chat_id`` (0: free). Best effort: a store that
+        cannot answer holds nothing."""
+        try:
+            store = self._flood_store()
+            until = store.chat_free_at(FLOOD_WAIT_PLATFORM, chat_id) if store else None
+        except Exception as exc:
+            log.info("flood wait of chat %s not read: %s", chat_id, exc)
+            return 0.0
+        return max(0.0, (until - utcnow()).total_seconds()) if until else 0.0
+
+    def _hold(self, chat_id: str, seconds: float) -> None:
+        try:
+            store = self._flood_store()
+            if store is not None:
+                store.hold_chat(FLOOD_WAIT_PLATFORM, chat_id,
+                                utcnow() + timedelta(seconds=seconds))
+        except Exception as exc:
+            log.warning("flood wait of chat %s not recorded: %s", chat_id, exc)
 
     # -- the Bot API ----------------------------------------------------------------------------
 
@@ -250,6 +312,12 @@ class TelegramDeliverer:
         """One Bot API call. Returns ``result``; raises DeliveryError as the module says."""
         if not self._token:
             raise DeliveryError("MUSESPARK_TELEGRAM_TOKEN is not set on this worker", final=True)
+        chat_id = str(params["chat_id"]) if params.get("chat_id") is not None else None
+        if chat_id is not None:
+            left = self.held_for(chat_id)
+            if left > 0:
+                raise DeliveryError(f"Telegram {method}: chat {chat_id} is in a flood wait "
+                                    f"for {left:.1f} s more", retry_after=left)
         try:
             if files:
                 form = {k: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
@@ -272,6 +340,8 @@ class TelegramDeliverer:
         parameters = body.get("parameters") or {}
         if code == 429:
             retry_after = float(parameters.get("retry_after") or TRANSIENT_RETRY_SECONDS)
+            if chat_id is not None:
+                self._hold(chat_id, retry_after)
             raise DeliveryError(f"Telegram {method}: {description}", retry_after=retry_after)
         if code >= 500:
             raise DeliveryError(f"Telegram {method}: {description}",
@@ -345,7 +415,7 @@ class TelegramDeliverer:
     def progress(self, target: DeliveryTarget, text: str) -> None:
         """Edit the job's progress message (the adapter's "queued" reply) to ``text``."""
         message_id = target.extra.get("progress_message_id")
-        if not message_id:
+        if not message_id or self.held_for(target.chat_id) > 0:  # cosmetic: skipped in a wait
             return
         with self._client() as client:
             self._edit(client, target.chat_id, str(message_id), text)
@@ -400,12 +470,24 @@ class TelegramDeliverer:
 
     def _finish_progress(self, client: httpx.Client, target: DeliveryTarget,
                          message: OutboundMessage) -> None:
-        """Best effort: the progress message says the job is over once its result is out."""
+        """Best effort: the progress message says the job is over once its result is out.
+
+        Edited once per text (not once per message of a result of several): this process
+        remembers the progress messages it finished."""
         message_id = target.extra.get("progress_message_id")
         if not message_id or message.kind not in (MessageKind.RESULT, MessageKind.ERROR):
             return
         text = PROGRESS_DONE_TEXT if message.kind is MessageKind.RESULT else PROGRESS_FAILED_TEXT
+        key = (target.chat_id, str(message_id), text)
+        with _pacing_lock:
+            if key in _finished_progress:
+                return
         try:
             self._edit(client, target.chat_id, str(message_id), text)
         except DeliveryError as exc:
             log.info("progress message %s not edited: %s", message_id, exc)
+            return
+        with _pacing_lock:
+            _finished_progress[key] = None
+            while len(_finished_progress) > FINISHED_PROGRESS_KEPT:
+                _finished_progress.popitem(last=False)
