@@ -182,7 +182,8 @@ def test_remix_draws_from_an_uploaded_picture_and_forget_erases_it(stack: Stack,
                                                                    tmp_path: Path) -> None:
     chat = stack.chat()
     source = _png(tmp_path / "mine.png")
-    job_id = _status_job(chat.say(f"/remix {source} as a watercolor"))
+    # No style named, so two takes in two styles (naming one gives one take in it).
+    job_id = _status_job(chat.say(f"/remix {source} on a stormy night"))
     shown = chat.wait(lambda ms: len(_results(ms)) >= 2, timeout=RESULT_TIMEOUT_SECONDS)
     job = stack.job(job_id)
     assert job.intent == "remix" and job.params["takes"]["of"] == 2
