@@ -52,8 +52,11 @@ VARIATION_SEED_STEP = 7919
 REFINE_SEED_STEP = 104729
 #: "upscale" renders the same picture (prompt, seed, style) again at this many times the side.
 UPSCALE_FACTOR = 2
-#: Chars per token for budgeting structured output (JSON keys and quotes included).
-CHARS_PER_TOKEN = 3.0
+#: Chars per token for budgeting structured output. The schema bounds every string, so the
+#: budget only has to cover the worst case (a token per character: "Fox-Fox-Apex" runs near
+#: two characters a token on SmolLM2); the grammar ends the JSON well before it. A budget that
+#: ran out first would cut the JSON off and fall back to a one-scene story.
+CHARS_PER_TOKEN = 1.0
 #: Tokens a structured answer needs beyond its text (keys, quotes, brackets) per item.
 JSON_TOKENS_PER_ITEM = 12
 #: The job kind each job-making intent runs as (refinements take their parent's kind).

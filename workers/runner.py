@@ -214,7 +214,8 @@ def _refined_prompt(store: Store, job: Job, settings: Settings) -> tuple[str, fl
     messages = cocreation.rewrite_messages([root], instructions, refine["instruction"])
     result = _text_generator(settings).generate_json(
         messages, cocreation.Rewrite.model_json_schema(),
-        max_new_tokens=round(cocreation.REWRITE_MAX_CHARS / 3) + 24, seed=job.seed,
+        # One token per character at worst (see core/orchestrator.py CHARS_PER_TOKEN).
+        max_new_tokens=cocreation.REWRITE_MAX_CHARS + 24, seed=job.seed,
         temperature=TEXT_TEMPERATURE)
     rewrite = cocreation.rewrite_or_fallback(result.text, job.prompt, refine["instruction"])
     return rewrite.prompt, cocreation.REFINE_STRENGTH[rewrite.change]
