@@ -45,6 +45,9 @@ IDEA_PROMPT_MAX_CHARS = 200
 REWRITE_MAX_CHARS = 300
 #: Image-to-image strength for a refinement, by how big a change the instruction asks for.
 REFINE_STRENGTH = {"small": 0.45, "medium": 0.6, "big": 0.8}
+#: A JSON-schema pattern for model text: it starts with a letter or digit and holds no line
+#: breaks (the grammar then cannot produce an empty-looking "\n" scene).
+STARTS_WITH_A_WORD = r"^[\w“\"'¿¡(][^\n\r\\]*$"
 #: Below this many letters a model's answer counts as empty.
 MEANINGFUL_CHARS = 3
 
@@ -84,9 +87,15 @@ def story_schema(scenes: int, scene_max_chars: int) -> dict[str, Any]:
     """:class:`StoryPlan`'s JSON schema with exactly ``scenes`` scenes of bounded length."""
     schema = StoryPlan.model_json_schema()
     scene = schema["$defs"]["Scene"]["properties"]
-    scene["text"].update(minLength=1, maxLength=scene_max_chars)
-    scene["picture"].update(minLength=1, maxLength=min(scene_max_chars, PICTURE_MAX_CHARS))
+    # Words, not "\n": a small model happily writes an escaped newline as a whole scene.
+    scene["text"].update(minLength=min(12, scene_max_chars), maxLength=scene_max_chars,
+                         pattern=STARTS_WITH_A_WORD)
+    scene["picture"].update(minLength=3, maxLength=min(scene_max_chars, PICTURE_MAX_CHARS),
+                            pattern=STARTS_WITH_A_WORD)
+    schema["properties"]["title"]["pattern"] = STARTS_WITH_A_WORD
     schema["properties"]["scenes"].update(minItems=scenes, maxItems=scenes)
+    # A title no longer than a scene: short scenes (tests, quick stories) keep it quick too.
+    schema["properties"]["title"]["maxLength"] = min(TITLE_MAX_CHARS, max(20, scene_max_chars))
     return schema
 
 

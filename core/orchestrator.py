@@ -387,7 +387,7 @@ class Orchestrator:
                 rng=self.rng, learning=self.settings.learning, fixed=style)
             chars = self.settings.story_scene_max_chars
             per_scene = (chars + min(chars, cocreation.PICTURE_MAX_CHARS)) / CHARS_PER_TOKEN
-            budget = (cocreation.TITLE_MAX_CHARS / CHARS_PER_TOKEN
+            budget = (min(cocreation.TITLE_MAX_CHARS, max(20, chars)) / CHARS_PER_TOKEN
                       + scenes * (per_scene + JSON_TOKENS_PER_ITEM) + JSON_TOKENS_PER_ITEM)
             return {"story": {"scenes": scenes}, "picture_taste": picture_taste,
                     "max_new_tokens": round(budget)}

@@ -259,8 +259,9 @@ def test_unclear_free_text_goes_to_the_model_which_routes_it_or_asks(stack: Stac
 
 def test_a_worker_killed_while_a_story_draws_its_second_picture_posts_one_whole_story(
         make_stack) -> None:
-    # Slow pictures (many steps) so the kill lands inside the second scene's render.
-    stack = make_stack(MUSESPARK_IMAGE_STEPS="60")
+    # Slow pictures (many steps: about 2 s each on an idle CPU) so the kill lands inside the
+    # second scene's render.
+    stack = make_stack(MUSESPARK_IMAGE_STEPS="400")
     first = stack.start_worker()
     chat = stack.chat()
     story_id = _status_job(chat.say("/story a lantern that wanted to be the moon --scenes 4"))
@@ -271,7 +272,7 @@ def test_a_worker_killed_while_a_story_draws_its_second_picture_posts_one_whole_
             break
         assert time.monotonic() < deadline, [s.state for s in scenes]
         time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(0.3)
     assert stack.job(scenes[1].id).state == "running", "scene 2 finished before the kill"
     first.kill_hard()
     stack.start_worker()
