@@ -138,8 +138,6 @@ def _thread_history(store: Store, job: Job) -> tuple[list[str], list[dict[str, s
     Only jobs made by replying to a result (``params["thread"]``) continue one; a reroll or a
     variation has a parent too, but starts afresh.
     """
-    from sqlalchemy import select
-
     ids: list[str] = []
     turns: list[dict[str, str]] = []
     current = job
@@ -303,10 +301,7 @@ def _variation_source(store: Store, job: Job) -> Path | None:
     wanted = job.params.get("vary_from") or job.params.get("refine")
     if not wanted:
         return None
-    with store.session() as s:
-        images = [a.path for a in s.scalars(select(Artifact).where(
-            Artifact.job_id == wanted["job_id"], Artifact.kind == "image")
-            .order_by(Artifact.position)) if a.path]
+    images = [a.path for a in store.artifacts(wanted["job_id"], "image") if a.path]
     if not images:
         return None  # the parent's files are gone: a fresh draw of the same prompt and style
     path = Path(images[min(int(wanted.get("position", 0)), len(images) - 1)])
@@ -656,6 +651,7 @@ def _run_story(store: Store, claim: Claim, job: Job, settings: Settings) -> str:
             return "lost"
         _publish_later(job, settings, settings.story_poll_seconds)
         return "waiting"
+    _process.pop(f"shown:{job.id}", None)  # the story is whole: forget its progress count
     messages = _compose_story(store, job, plan, scenes)
     if not store.save_outcome(claim, model=str(plan["model"]),
                               outbox=[m.to_dict() for m in messages], artifacts=[]):
