@@ -136,7 +136,10 @@ def group_chat() -> int:
 def job_for(stack: Stack, chat: int, message_id: int, suffix: str = "",
             timeout: float = 30) -> Job:
     """The job made for a person's message (its idempotency key is chat:message)."""
-    key = f"telegram:{chat}:{message_id}{suffix}"
+    return wait_job_with_key(stack, f"telegram:{chat}:{message_id}{suffix}", timeout)
+
+
+def wait_job_with_key(stack: Stack, key: str, timeout: float = 30) -> Job:
     deadline = time.monotonic() + timeout
     while True:
         with stack.runtime.store.session() as s:

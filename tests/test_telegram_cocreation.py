@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,17 @@ from core.intents import COMMANDS
 from core.store import Artifact, Job
 from tests._stack import Stack
 from tests.fake_telegram import Call, FakeTelegram
-from tests.test_telegram import BotThread, from_worker, needs_image_pipeline
+from tests.test_telegram import (
+    BotThread,
+    callback_data,
+    from_worker,
+    group_chat,
+    jobs_with_key_prefix,
+    needs_image_pipeline,
+    private_chat,
+    wait_feedback,
+    wait_job_with_key,
+)
 
 #: Generous: the worker runs on CPU, often next to other test runs.
 RESULT_TIMEOUT_SECONDS = 300
@@ -59,36 +68,12 @@ def tg(fake: FakeTelegram, tmp_path_factory: pytest.TempPathFactory,
         stack.close()
 
 
-_chat_ids = iter(range(7001, 8000))
-_group_ids = iter(range(-1002000000101, -1002000000999, -1))
-
-
-def private_chat() -> int:
-    return next(_chat_ids)
-
-
-def group_chat() -> int:
-    return next(_group_ids)
-
-
 # -- helpers ---------------------------------------------------------------------------------------
-
-
-def wait_job_with_key(stack: Stack, key: str, timeout: float = 60) -> Job:
-    deadline = time.monotonic() + timeout
-    while True:
-        with stack.runtime.store.session() as s:
-            job = s.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
-        if job is not None:
-            return job
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no job for {key}")
-        time.sleep(0.1)
 
 
 def job_for(stack: Stack, chat: int, message_id: int, suffix: str = "") -> Job:
     """The job made for a person's message (its idempotency key is chat:message)."""
-    return wait_job_with_key(stack, f"telegram:{chat}:{message_id}{suffix}")
+    return wait_job_with_key(stack, f"telegram:{chat}:{message_id}{suffix}", timeout=60)
 
 
 def jobs_for(stack: Stack, chat: int, message_id: int) -> list[Job]:
@@ -99,20 +84,10 @@ def jobs_for(stack: Stack, chat: int, message_id: int) -> list[Job]:
                   key=lambda j: j.idempotency_key)
 
 
-def jobs_with_key_prefix(stack: Stack, prefix: str) -> list[Job]:
-    with stack.runtime.store.session() as s:
-        return list(s.scalars(select(Job).where(Job.idempotency_key.like(prefix + "%"))).all())
-
-
 def children(stack: Stack, parent_id: str) -> list[Job]:
     with stack.runtime.store.session() as s:
         return list(s.scalars(select(Job).where(Job.parent_job_id == parent_id)
                               .order_by(Job.idempotency_key)).all())
-
-
-def callback_data(call: Call) -> list[str]:
-    markup = call.params.get("reply_markup") or {}
-    return [b["callback_data"] for row in markup.get("inline_keyboard", []) for b in row]
 
 
 def delivered(stack: Stack, *jobs: Job) -> list[Job]:
@@ -138,17 +113,6 @@ def recipe_in_png(path: str | Path) -> dict[str, Any]:
 
 def image_paths(stack: Stack, job_id: str) -> list[str]:
     return [a.path or "" for a in stack.runtime.store.artifacts(job_id, "image")]
-
-
-def wait_feedback(stack: Stack, job_id: str, count: int, timeout: float = 30) -> list[Any]:
-    deadline = time.monotonic() + timeout
-    while True:
-        rows = list(stack.runtime.store.feedback_for_job(job_id))
-        if len(rows) >= count:
-            return rows
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{len(rows)} feedback rows for {job_id}, wanted {count}: {rows}")
-        time.sleep(0.1)
 
 
 def png(width: int = 128, height: int = 96) -> bytes:
