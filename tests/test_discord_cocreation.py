@@ -12,7 +12,6 @@ import asyncio
 import io
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,27 +36,14 @@ from tests.fake_discord import (
     FakeDiscord,
     button_payload,
     modal_submit_payload,
-    serving,
     slash_payload,
 )
-from tests.test_discord_adapter import REQUESTER, logged_in, until
+# The fake Discord and the SQLite runtime are the adapter tests' own fixtures.
+from tests.test_discord_adapter import REQUESTER, fake, logged_in, runtime, until  # noqa: F401
 from workers.delivery.discord import MESSAGE_MAX_CHARS, DiscordDeliverer
 
 DEADLINE_SECONDS = 3.0  # Discord's: an interaction unanswered by then is gone (404/10062)
 EPHEMERAL = 64
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeDiscord]:
-    with serving() as server:
-        yield server
-
-
-@pytest.fixture
-def runtime(tmp_path: Path) -> Iterator[BotRuntime]:
-    settings = Settings(_env_file=None, data_dir=tmp_path / "data")  # type: ignore[call-arg]
-    with BotRuntime(settings, redrive=False) as rt:
-        yield rt
 
 
 def token_calls(fake: FakeDiscord, payload: dict[str, Any]) -> list[Call]:
