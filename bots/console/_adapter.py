@@ -115,10 +115,13 @@ class ConsoleChat:
                     channel=self.channel, custom_id=f"{value}:{self._job_of(int(target))}",
                     message_id=target)
             else:
-                change = {"removed" if words[0] == "/unreact" else "added": frozenset([value])}
+                emoji = frozenset([value])
+                removing = words[0] == "/unreact"
                 event = ReactionChanged(platform=PLATFORM, event_id=f"react:{number}",
                                         actor=self.user, channel=self.channel,
-                                        message_id=target, **change)
+                                        message_id=target,
+                                        added=frozenset() if removing else emoji,
+                                        removed=emoji if removing else frozenset())
             return self.orchestrator.handle(event)
         except UserInputError as exc:
             return [OutboundMessage(MessageKind.ERROR, exc.user_message)]
@@ -169,7 +172,7 @@ class ConsoleChat:
         A request's other jobs (its second take, a story's pictures, the job a message was
         understood as) derive their idempotency keys from the first job's, so they count too.
         """
-        pending = set()
+        pending: set[str] = set()
         for job_id in self._jobs:
             job = self.store.get_job(job_id)
             if job is not None:

@@ -160,11 +160,12 @@ class TelegramAdapter:
         if message is None or message.from_user is None:
             return
         if message.chat.type == ChatType.PRIVATE:
-            text: str | None = message.text or message.caption or ""
+            text = message.text or message.caption or ""
         else:
-            text = addressed_text(message, context.bot.id, context.bot.username)
-            if text is None:
+            addressed = addressed_text(message, context.bot.id, context.bot.username)
+            if addressed is None:
                 return
+            text = addressed
         await self._handle_message(message_event(update, text), message, context)
 
     async def on_remix(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
