@@ -57,12 +57,17 @@ class ConsoleChat:
     store: Store
     chat_id: str = "local"
     user: Actor = field(default_factory=lambda: Actor("you", "You"))
+    #: The community the chat belongs to; None: the chat is its own (a direct chat). The web
+    #: playground's tabs are chats of one community, so they see one gallery and one taste.
+    community: str | None = None
     _seen: int = 0
     _jobs: set[str] = field(default_factory=set)
 
     @property
     def channel(self) -> Channel:
-        return Channel(self.chat_id, ChannelKind.DIRECT)
+        if self.community is None:
+            return Channel(self.chat_id, ChannelKind.DIRECT)
+        return Channel(self.chat_id, ChannelKind.GROUP, guild_id=self.community)
 
     def _post_user(self, text: str) -> int:
         return self.store.add_local_message(chat_id=self.chat_id, author=self.user.id,

@@ -40,6 +40,7 @@ class CommandRunner(Protocol):
     async def run_remix(self, interaction: discord.Interaction[Any], image: discord.Attachment,
                         args: dict[str, Any]) -> None: ...
 
+
 __all__ = ["IMAGE_STYLES", "WRITE_MODES", "command_names", "register_commands"]
 
 DESCRIPTION_MAX_CHARS = 100
@@ -136,11 +137,11 @@ def register_commands(tree: app_commands.CommandTree[Any], client: CommandRunner
 
 
 def _simple_command(name: str, client: CommandRunner) -> app_commands.Command[Any, Any, None]:
-    """``/help`` and ``/profile`` take nothing; other intents core adds (``/settings``,
+    """``/help``, ``/profile`` and ``/web`` take nothing; other intents core adds (``/settings``,
     ``/forget``, ...) take their instruction as one optional ``text`` option."""
     kind, line = COMMANDS[name]
     description = line[:DESCRIPTION_MAX_CHARS] or name
-    if kind in (IntentKind.HELP, IntentKind.PROFILE):
+    if kind in (IntentKind.HELP, IntentKind.PROFILE, IntentKind.WEB):
         async def bare(interaction: discord.Interaction[Any]) -> None:
             await client.run_command(interaction, name, {})
         return app_commands.Command(name=name, description=description, callback=bare)
