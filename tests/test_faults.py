@@ -10,7 +10,7 @@ one twice (the nonce returns the first message); Telegram has no idempotency key
 delivery can post that part twice: those are counted and reported, and may not exceed the kills
 made during Telegram deliveries.
 
-``MUSESPARK_FAULT_KILLS`` sets the number of kills (default 8 in the suite; the issue's run is
+``MUSESPARK_FAULT_KILLS`` sets the number of kills (default 6 in the suite; the issue's run is
 50: ``MUSESPARK_FAULT_KILLS=50 .venv/bin/python -m pytest tests/test_faults.py -s``).
 """
 
@@ -35,7 +35,7 @@ from tests.fake_discord import BOT_TOKEN, FakeDiscord
 from tests.fake_telegram import FakeTelegram
 from tests.test_telegram import BotThread, from_worker
 
-KILLS = int(os.environ.get("MUSESPARK_FAULT_KILLS", "8"))
+KILLS = int(os.environ.get("MUSESPARK_FAULT_KILLS", "6"))
 DRAIN_TIMEOUT_SECONDS = 300.0
 STALL_SECONDS = 2.0
 
