@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from core import metrics
 from core.errors import QueueUnavailableError
 from core.outbound import DeliveryTarget, MessageKind
 from core.queue import BROKER_FILE_MISSING, BrokerProbe, JobPublisher
@@ -152,6 +153,11 @@ def _redrive(store: Store, publisher: JobPublisher, settings: Settings, *,
                     and job.published_at is not None)
             log.info("re-sent job %s (state %s, attempt %d%s)", job.id, job.state,
                      job.attempts, ", lost by the broker" if lost else "")
+            reason = ("lost" if lost else "stale" if job.state == JobState.RUNNING
+                      else "unpublished" if job.published_at is None else "lost")
+            metrics.REDRIVES.labels(reason).inc()
+            if reason == "stale":
+                metrics.WORKER_DEATHS.inc()
             if lost:
                 lost_jobs += 1
                 if notifiers:

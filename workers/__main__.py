@@ -155,8 +155,23 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     settings = get_settings()
+    if settings.metrics_port:
+        from core.metrics import prepare_multiprocess
+
+        prepare_multiprocess()  # before anything imports prometheus_client (see core.metrics)
+    from celery.signals import worker_process_init, worker_process_shutdown
+
+    from workers import shutdown
     from workers.celery_app import app
 
+    shutdown.install_main(settings.worker_stop_grace_seconds)
+    worker_process_init.connect(shutdown.install_child, weak=False)
+    worker_process_shutdown.connect(_forget_pool_process, weak=False)
+    metrics_server = None
+    if settings.metrics_port:
+        from core.metrics import serve_worker_metrics
+
+        metrics_server = serve_worker_metrics(settings)
     if args.parent_pid is not None:
         from celery.signals import worker_process_init
 
@@ -166,8 +181,23 @@ def main(argv: list[str] | None = None) -> None:
                    "--pool", "prefork", "--loglevel", args.loglevel, "--hostname", args.name]
     if settings.embedded_broker:
         worker_argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
-    app.worker_main(worker_argv)
+    try:
+        app.worker_main(worker_argv)
+    finally:
+        if metrics_server is not None:
+            from core.metrics import cleanup_multiprocess
+
+            metrics_server.shutdown()
+            cleanup_multiprocess()
     sys.exit(0)
+
+
+def _forget_pool_process(pid: int | None = None, **_: Any) -> None:
+    """A ``worker_process_shutdown`` receiver: an ending pool process's live gauges go."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from core.metrics import mark_process_dead
+
+        mark_process_dead(pid or os.getpid())
 
 
 if __name__ == "__main__":
