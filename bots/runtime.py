@@ -34,7 +34,7 @@ class BotRuntime:
         if serve_metrics and self.settings.metrics_port:
             from core.metrics import serve_bot_metrics
 
-            self._metrics_server = serve_bot_metrics(self.settings)
+            self._metrics_server = serve_bot_metrics(self.settings, self.store)
 
     def close(self) -> None:
         if self._metrics_server is not None:

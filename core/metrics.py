@@ -14,7 +14,8 @@ label.
 Metric names (all prefixed ``musespark_``):
 
 * ``queue_depth{queue,broker}``: messages waiting (Redis list length, RabbitMQ message
-  count, rows of the embedded SQLite transport); bot only.
+  count, rows of the embedded SQLite transport); bot only, like ``oldest_waiting_job_seconds``
+  and ``jobs{state}`` (last hour), read from the store.
 * ``job_queue_wait_seconds{kind,model}``, ``job_run_seconds{kind,model}``: histograms.
 * ``results_total{platform,outcome,reason}``: outcome ``delivered`` or ``failed``.
 * ``rate_limited_total{platform}``, ``retry_wait_seconds{platform}``: 429s and the waits asked.
@@ -49,6 +50,7 @@ from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
     from core.settings import Settings
+    from core.store import Store
 
 __all__ = [
     "FAILURE_REASONS",
@@ -56,6 +58,7 @@ __all__ = [
     "JOBS_HANDED_BACK",
     "JOB_QUEUE_WAIT",
     "JOB_RUN",
+    "JobsCollector",
     "MODELS_RESIDENT",
     "MODEL_LOAD",
     "QueueDepthCollector",
@@ -109,6 +112,8 @@ REDRIVES = Counter(
     "musespark_redrives",
     "Jobs the redriver published again: unpublished (broker was down), stale (worker died), "
     "lost (queued but never started).", ["reason"])
+for _reason in ("unpublished", "stale", "lost"):
+    REDRIVES.labels(_reason)  # shown as 0 before the first one, so rate() works from the start
 WORKER_DEATHS = Counter(
     "musespark_worker_deaths",
     "Running jobs whose worker stopped proving it was alive (heartbeat went stale).")
@@ -231,14 +236,46 @@ class QueueDepthCollector(Collector):
         yield up
 
 
-def serve_bot_metrics(settings: Settings) -> Any:
+class JobsCollector(Collector):
+    """Jobs from the store at each scrape: ``musespark_oldest_waiting_job_seconds`` (the queued
+    job that has waited longest; 0 when none waits) and ``musespark_jobs{state}`` (jobs created
+    or changed in the last hour, by state)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        from core.status import RECENT_WINDOW, jobs_by_state, oldest_waiting
+        from core.store import utcnow
+
+        oldest = GaugeMetricFamily("musespark_oldest_waiting_job_seconds",
+                                   "How long the queued job that has waited longest has waited.")
+        states = GaugeMetricFamily("musespark_jobs",
+                                   "Jobs created or changed in the last hour, by state.",
+                                   labels=["state"])
+        try:
+            waiting = oldest_waiting(self.store)
+            counts = jobs_by_state(self.store, utcnow() - RECENT_WINDOW)
+        except Exception as exc:
+            log.warning("job gauges: store unreachable: %s", exc)
+            return
+        oldest.add_metric([], waiting["waiting_seconds"] if waiting else 0.0)
+        for state, count in counts.items():
+            states.add_metric([state], count)
+        yield oldest
+        yield states
+
+
+def serve_bot_metrics(settings: Settings, store: Store) -> Any:
     """Serve ``/metrics`` for the bot process on ``settings.metrics_port`` (None when unset):
-    this process's metrics and the queue depth. Returns the server (``shutdown()`` stops it)."""
+    this process's metrics, the queue depth and the job gauges. Returns the server
+    (``shutdown()`` stops it)."""
     if not settings.metrics_port:
         return None
     registry = CollectorRegistry()
     registry.register(REGISTRY)  # a registry is a collector too
     registry.register(QueueDepthCollector(settings))
+    registry.register(JobsCollector(store))
     server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_addr,
                                         registry=registry)
     log.info("metrics on http://%s:%d/metrics", settings.metrics_addr, settings.metrics_port)
