@@ -4,8 +4,8 @@ The bot process serves its own registry (``/metrics`` on ``MUSESPARK_METRICS_POR
 queue depth read from the broker at scrape time. A worker is a Celery prefork pool: the jobs
 run in child processes, so workers use prometheus-client's multiprocess mode. Its directory
 (``PROMETHEUS_MULTIPROC_DIR``) must be set before ``prometheus_client`` is first imported in
-the worker's main process, which is why :func:`prepare_multiprocess` exists and why this module
-is imported lazily by code that may run in a worker's main process before that.
+the worker's main process (importing this module imports it), so ``workers/__main__.py`` sets
+it first and imports this module only after.
 
 Labels are kept bounded: ``kind`` is text or image, ``model`` the model's name, ``platform`` a
 platform name, ``reason`` one of :data:`FAILURE_REASONS`. A person's id or a prompt never is a
@@ -31,10 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -67,11 +64,9 @@ __all__ = [
     "RESULTS",
     "RETRY_WAIT",
     "WORKER_DEATHS",
-    "cleanup_multiprocess",
     "mark_process_dead",
     "model_loaded",
     "rate_limited",
-    "prepare_multiprocess",
     "queue_depths",
     "serve_bot_metrics",
     "serve_worker_metrics",
@@ -280,30 +275,6 @@ def serve_bot_metrics(settings: Settings, store: Store) -> Any:
                                         registry=registry)
     log.info("metrics on http://%s:%d/metrics", settings.metrics_addr, settings.metrics_port)
     return server
-
-
-def prepare_multiprocess() -> Path:
-    """Give this worker (main process and pool) a fresh multiprocess directory.
-
-    Call before ``prometheus_client`` is imported anywhere in the process (see module doc):
-    set in the environment, it is inherited by the pool processes Celery forks. An operator's
-    own ``PROMETHEUS_MULTIPROC_DIR`` is used as it is and never emptied.
-    """
-    given = os.environ.get(MULTIPROC_ENV)
-    if given:
-        path = Path(given)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    path = Path(tempfile.mkdtemp(prefix="musespark-metrics-"))
-    os.environ[MULTIPROC_ENV] = str(path)
-    os.environ["MUSESPARK_METRICS_OWN_DIR"] = "1"
-    return path
-
-
-def cleanup_multiprocess() -> None:
-    """Remove the directory :func:`prepare_multiprocess` made (not an operator's own)."""
-    if os.environ.pop("MUSESPARK_METRICS_OWN_DIR", None):
-        shutil.rmtree(os.environ.get(MULTIPROC_ENV, ""), ignore_errors=True)
 
 
 def serve_worker_metrics(settings: Settings) -> Any:
