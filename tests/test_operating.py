@@ -7,6 +7,7 @@ The bot is a real ``musespark bot`` process serving Telegram against the fake Bo
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,10 +18,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 from prometheus_client.parser import text_string_to_metric_families
 
+from bots.runtime import BotRuntime
 from core.queue import QUEUE_FOR_KIND
-from core.store import Job
+from core.store import Job, JobState
 from tests._stack import REPO, Stack, free_port, postgres_reachable, redis_reachable
 from tests.fake_telegram import FakeTelegram
 
@@ -200,37 +203,107 @@ def test_sigterm_past_the_grace_hands_the_job_back_and_it_is_posted_once(
     time.sleep(0.3)  # inside the render
     stopped_at = time.monotonic()
     first.process.send_signal(signal.SIGTERM)
-    assert first.process.wait(timeout=30) == 0, first.log()[-3000:]
-    assert time.monotonic() - stopped_at < 20
+    assert first.process.wait(timeout=60) == 0, first.log()[-3000:]
+    assert time.monotonic() - stopped_at < 30
     job = stack.job(job_id)
     assert job.state == "queued", (job.state, first.log()[-2000:])
     assert job.attempts == 0, "a scale-down is not counted as a crash"
     assert "handed back" in first.log()
     assert _results(stack, chat.chat_id, job_id) == [], "nothing was posted by the stopped one"
+    # The next worker need not draw 400 steps to show who posts it (a loaded test machine).
+    with stack.runtime.store.session() as s:
+        s.execute(update(Job).where(Job.id == job_id).values(
+            params={**job.params, "steps": 2}))
     stack.start_worker()
     done = stack.wait_job(job_id, ("delivered", "failed"), timeout=RESULT_TIMEOUT_SECONDS)
     assert done.state == "delivered", done.failure_reason
+    assert done.attempts == 1
     time.sleep(1.5)  # a second post would land now
     assert _results(stack, chat.chat_id, job_id) == [job_id]
 
 
-def test_sigterm_within_the_grace_finishes_the_job_and_takes_no_new_one(
+def test_sigterm_while_a_job_runs_finishes_it_and_takes_no_new_one(
         distributed: list[Stack], tmp_path: Path, model_cache: Path) -> None:
     stack = Stack.create("distributed", tmp_path / "stack", model_cache,
-                         MUSESPARK_IMAGE_STEPS="200", MUSESPARK_IMAGE_TAKES="1")
+                         MUSESPARK_IMAGE_STEPS="2", MUSESPARK_IMAGE_TAKES="1")
     distributed.append(stack)
     first = stack.start_worker()
     chat = stack.chat()
-    running_id = _status_job(chat.say("/imagine a fox in the snow"))
-    waiting_id = _status_job(chat.say("/imagine an owl at night"))
-    _running(stack, running_id)
-    first.process.send_signal(signal.SIGTERM)
+    # The test holds the first job's row, so the worker that took it is stuck in its claim
+    # for as long as the test likes: the stop signal surely comes while the job is taken.
+    import psycopg
+
+    lock = psycopg.connect(stack.env["MUSESPARK_DATABASE_URL"].replace("+psycopg", ""))
+    try:
+        running_id = _status_job(chat.say("/imagine a fox in the snow"))
+        lock.execute("SELECT id FROM jobs WHERE id = %s FOR UPDATE", (running_id,))
+        waiting_id = _status_job(chat.say("/imagine an owl at night"))
+        wait_for(lambda: "received" in first.log(), what="the worker to take the job")
+        first.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "taking no new job" in first.log(), 30, "the stop to begin")
+        time.sleep(1.0)
+        assert first.process.poll() is None, "the worker left its job"
+    finally:
+        lock.rollback()
+        lock.close()
     assert first.process.wait(timeout=RESULT_TIMEOUT_SECONDS) == 0, first.log()[-3000:]
     assert stack.job(running_id).state == "delivered", first.log()[-2000:]
-    assert stack.job(waiting_id).state == "queued", "a stopping worker took a new job"
+    waiting = stack.job(waiting_id)
+    assert (waiting.state, waiting.attempts) == ("queued", 0), "a stopping worker took a new job"
     assert "handed back" not in first.log()
     stack.start_worker()
     stack.wait_job(waiting_id, ("delivered",), timeout=RESULT_TIMEOUT_SECONDS)
     time.sleep(1.5)
     assert _results(stack, chat.chat_id, running_id) == [running_id]
     assert _results(stack, chat.chat_id, waiting_id) == [waiting_id]
+
+
+def test_status_shows_queues_workers_jobs_and_failures(tmp_path: Path,
+                                                       model_cache: Path) -> None:
+    # The embedded deployment with no worker: the jobs' states are set the way workers set
+    # them (a claim with its heartbeat, a failure), so the screen has something in each part.
+    stack = Stack.create("embedded", tmp_path / "stack", model_cache, MUSESPARK_IMAGE_TAKES="1",
+                         MUSESPARK_JOB_STALE_AFTER_SECONDS="600")
+    stack._runtime = BotRuntime(stack.settings, redrive=False)  # nothing is re-sent meanwhile
+    try:
+        chat = stack.chat()
+        first, second, third = (_status_job(chat.say(f"/imagine a lighthouse {n}"))
+                                for n in range(3))
+        store = stack.runtime.store
+        claim = store.claim(first, worker="gpu-7:4242", stale_after=30, max_attempts=3)
+        assert claim is not None
+        failed = store.claim(third, worker="gpu-7:4242", stale_after=30, max_attempts=3)
+        assert failed is not None
+        with store.finishing(failed, JobState.FAILED, reason="The model ran out of memory."):
+            pass
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MUSESPARK_")}
+        env.update(stack.env, PYTHONPATH=str(REPO))
+        shown = subprocess.run([sys.executable, "-m", "bots.cli", "status", "--json"],
+                               env=env, capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        status = json.loads(shown.stdout)
+        assert status["broker"] == "embedded"
+        assert status["queue_depths"] == {"gpu.text": 0, "gpu.image": 3}  # nobody consumed
+        assert [(w["name"], [j["job_id"] for j in w["running"]]) for w in status["workers"]] == [
+            ("gpu-7:4242", [first])]
+        assert status["jobs_by_state"] == {"queued": 1, "running": 1, "delivered": 0,
+                                               "failed": 1, "cancelled": 0}
+        assert status["oldest_waiting"]["job_id"] == second
+        assert status["failures_by_reason"] == {"The model ran out of memory.": 1}
+        screen = subprocess.run([sys.executable, "-m", "bots.cli", "status"],
+                                env={**env, "COLUMNS": "200"},
+                                capture_output=True, text=True, timeout=120)
+        assert screen.returncode == 0, screen.stderr
+        for text in ("gpu.image", "gpu-7:4242", first, second, "ran out of memory"):
+            assert text in screen.stdout, text
+    finally:
+        stack.close()
+
+
+def test_status_says_what_is_wrong_with_a_database_it_cannot_read(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUSESPARK_")}
+    env.update(MUSESPARK_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(REPO))
+    shown = subprocess.run([sys.executable, "-m", "bots.cli", "status"], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 2
+    assert "run `musespark db upgrade`" in shown.stderr and "Traceback" not in shown.stderr
