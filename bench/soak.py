@@ -22,6 +22,7 @@ bound (``--rss-bound-mib`` above the warm-up figure).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -47,7 +48,9 @@ from tests.fake_discord import (  # noqa: E402
 from tests.fake_telegram import FakeTelegram  # noqa: E402
 
 WORKER_AGENT = "MuseSpark-worker"
-READY_TIMEOUT_SECONDS = 120.0
+READY_TIMEOUT_SECONDS = 300.0
+#: Request numbers of the warm-up requests (not counted).
+WARM_UP_BASE = 10_000_000
 WARM_UP_SHARE = 0.1
 PROMPT = re.compile(r"soak-(\d+)\b")
 
@@ -100,6 +103,8 @@ def main() -> int:
                         help="allowed bot memory growth from warm-up to the end")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="run in DIR and keep the bot's and workers' logs there")
     args = parser.parse_args()
     for problem in (redis_reachable(), postgres_reachable()):
         if problem:
@@ -109,8 +114,11 @@ def main() -> int:
     people = [("telegram" if n % 2 == 0 else "discord", 5000 + n) for n in range(args.people)]
     model_cache = Path(os.environ.get("MUSESPARK_TEST_MODEL_CACHE")
                        or tempfile.mkdtemp(prefix="soak-models-"))
-    with tempfile.TemporaryDirectory(prefix="soak-") as tmp, FakeTelegram() as telegram, \
-            FakeDiscord() as discord:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with (contextlib.nullcontext(str(args.keep)) if args.keep
+          else tempfile.TemporaryDirectory(prefix="soak-")) as tmp, \
+            FakeTelegram() as telegram, FakeDiscord() as discord:
         stack = Stack.create(
             "distributed", Path(tmp) / "stack", model_cache,
             MUSESPARK_TELEGRAM_TOKEN=telegram.token, MUSESPARK_TELEGRAM_API_URL=telegram.url,
@@ -135,6 +143,29 @@ def main() -> int:
             tokens: dict[str, int] = {}
             sent: dict[int, float] = {}
             results = Results(telegram, discord, tokens)
+
+            def send(number: int, platform: str, person: int) -> None:
+                assert bot is not None and bot.stdin is not None
+                prompt = f"soak-{number} a lighthouse at dusk"
+                if platform == "telegram":
+                    telegram.push(telegram.text_update(person, f"/imagine {prompt}",
+                                                       user_id=person))
+                else:
+                    payload = slash_payload(discord, "imagine", {"prompt": prompt},
+                                            user_id=str(900000000000000000 + person))
+                    tokens[payload["token"]] = number
+                    bot.stdin.write(json.dumps(payload).encode() + b"\n")
+                    bot.stdin.flush()
+
+            # Warm-up, not counted: both workers load the model and both platforms answer.
+            warm_ups = [WARM_UP_BASE + n for n in range(2 * len(workers))]
+            for n, number in enumerate(warm_ups):
+                send(number, people[n % 2][0], people[n % 2][1])
+            deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+            while not set(warm_ups) <= set(results.collect()):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the warm-up requests got no result; see the logs")
+                time.sleep(0.5)
             kills = 0
             stop_killing = threading.Event()
 
@@ -155,30 +186,22 @@ def main() -> int:
                 due = began + number / args.rate
                 time.sleep(max(0.0, due - time.monotonic()))
                 platform, person = rng.choice(people)
-                prompt = f"soak-{number} a lighthouse at dusk"
-                if platform == "telegram":
-                    telegram.push(telegram.text_update(person, f"/imagine {prompt}",
-                                                       user_id=person))
-                else:
-                    payload = slash_payload(discord, "imagine", {"prompt": prompt},
-                                            user_id=str(900000000000000000 + person))
-                    tokens[payload["token"]] = number
-                    bot.stdin.write(json.dumps(payload).encode() + b"\n")
-                    bot.stdin.flush()
+                send(number, platform, person)
                 sent[number] = time.monotonic()
                 if number == warm_at:
                     rss["warm"] = rss_mib(bot.pid)
             sending_took = time.monotonic() - began
             deadline = time.monotonic() + args.drain_timeout
             while time.monotonic() < deadline:
-                if len(results.collect()) >= args.requests:
+                if len(set(results.collect()) & set(sent)) >= args.requests:
                     break
                 time.sleep(1.0)
             stop_killing.set()
             time.sleep(3.0)  # a duplicate post would land now
             rss["end"] = rss_mib(bot.pid)
             found = results.collect()
-            latency = [min(found[n]) - sent[n] for n in found if n in sent]
+            found = {n: times for n, times in found.items() if n in sent}
+            latency = [min(found[n]) - sent[n] for n in found]
             delivered = len(found)
             duplicated = sum(1 for times in found.values() if len(times) > 1)
             figures = {
