@@ -43,6 +43,7 @@ from core.actions import ACTION_PATTERN, QUIET_ACTIONS
 from core.errors import UserInputError
 from core.events import Channel, ChannelKind, CommandInvoked, CommandSource, Event, MessageReceived
 from core.intents import Intent, parse_command
+from core.limits import DISCORD, truncate
 from core.orchestrator import Orchestrator
 from core.outbound import MessageKind, OutboundMessage
 from core.store import Store
@@ -52,14 +53,14 @@ __all__ = ["MuseSparkDiscord", "ResultButton"]
 
 log = logging.getLogger(__name__)
 
-MESSAGE_MAX_CHARS = 2000
+MESSAGE_MAX_CHARS = DISCORD.message_chars
 INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
 #: Discord's limit on a modal text input's value.
 MODAL_INPUT_MAX_CHARS = 4000
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= MESSAGE_MAX_CHARS else text[: MESSAGE_MAX_CHARS - 1] + "…"
+    return truncate(text, MESSAGE_MAX_CHARS, DISCORD.units)
 
 
 def _private(reply: OutboundMessage) -> bool:
