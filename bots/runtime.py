@@ -25,8 +25,8 @@ class BotRuntime:
         self.store.upgrade()
         self.publisher = CeleryPublisher(self.settings)
         self.orchestrator = Orchestrator(self.store, self.publisher, self.settings)
-        # People whose request waits (the broker lost it, or it is slow to start) are told in
-        # the local chat; Telegram and Discord have no notifier yet, so they are told nothing.
+        # People whose request waits (the broker lost it, or it is slow to start) are told: in
+        # the local chat here; the Telegram and Discord adapters add theirs when they connect.
         notifiers = {"local": local_delay_notifier(self.store)}
         self.redriver = (Redriver(self.store, self.publisher, self.settings, notifiers=notifiers)
                          .start() if redrive else None)

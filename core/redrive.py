@@ -297,6 +297,14 @@ class Redriver:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redriver", daemon=True)
 
+    def tell_through(self, platform: str, notifier: DelayNotifier | None) -> None:
+        """Tell ``platform``'s people of delays through ``notifier`` (None: stop telling them;
+        an adapter registers its notifier when it connects and removes it when it stops)."""
+        if notifier is None:
+            self._notifiers.pop(platform, None)
+        else:
+            self._notifiers[platform] = notifier
+
     def round(self) -> int:
         """One round (what the thread does each interval); returns how many jobs were sent."""
         if self._watch.check():
