@@ -34,6 +34,8 @@ from core.intents import (
     parse_text,
 )
 from core.learning import TasteService
+from core.policy import Policy, is_admin_here
+from core.safety import DEFAULT_POLICY
 from core import taste
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.queue import JobPublisher
@@ -63,6 +65,8 @@ JSON_TOKENS_PER_ITEM = 12
 _JOB_KIND = {IntentKind.IMAGINE: "image", IntentKind.REMIX: "image", IntentKind.WRITE: "text",
              IntentKind.STORY: "text", IntentKind.BRAINSTORM: "text",
              IntentKind.UNDERSTAND: "text"}
+#: The reaction by which an admin or a moderator reports (and hides) a result.
+REPORT_EMOJI = "🚩"
 _STATUS_VERB = {IntentKind.IMAGINE: "Drawing", IntentKind.WRITE: "Writing",
                 IntentKind.REMIX: "Remixing your picture", IntentKind.REFINE: "Refining",
                 IntentKind.BRAINSTORM: "Thinking up ideas for",
@@ -83,6 +87,11 @@ class Origin:
     user_id: int
     community_id: int | None
     target: DeliveryTarget
+    #: The channel is age-restricted (see core/safety.py: where safety may be off).
+    nsfw: bool = False
+    #: The safety policy the request was already admitted under (quota counted, prompt
+    #: checked); None: :meth:`Orchestrator.submit` admits it.
+    admitted: str | None = None
 
 
 def _info(text: str, **kw: Any) -> OutboundMessage:
@@ -102,6 +111,7 @@ class Orchestrator:
         self.publisher = publisher
         self.settings = settings
         self.taste = TasteService(store)
+        self.policy = Policy(store, settings)
         self.rng = rng or random.Random()
 
     def handle(self, event: Event) -> list[OutboundMessage]:
@@ -233,13 +243,15 @@ class Orchestrator:
             interaction_token=getattr(event, "interaction_token", None))
         return Origin(event.platform, f"{event.platform}:{event.event_id}",
                       self.store.ensure_user(event.platform, event.actor),
-                      self.store.ensure_community(event.platform, event.channel), target)
+                      self.store.ensure_community(event.platform, event.channel), target,
+                      nsfw=event.channel.nsfw)
 
     @staticmethod
     def origin_of(job: Job, *, key: str) -> Origin:
         """Answers go where ``job``'s did (its progress message, its interaction)."""
         return Origin(job.platform, key, job.user_id, job.community_id,
-                      DeliveryTarget.from_dict(job.delivery))
+                      DeliveryTarget.from_dict(job.delivery),
+                      admitted=str(job.params.get("safety") or DEFAULT_POLICY))
 
     # -- the person's view of their taste -------------------------------------------------------
 
@@ -262,7 +274,14 @@ class Orchestrator:
         words = text.split()
         user_id = self.store.ensure_user(event.platform, event.actor)
         usage = ("Settings: /settings learning off (or on) for you; in a group, admins can set "
-                 "/settings emoji 🎉 positive (or negative, neutral).")
+                 "/settings emoji 🎉 positive (or negative, neutral), /settings safety "
+                 "strict|standard|off, /settings blockword add|remove WORD, /settings quota, "
+                 "and read /settings audit.")
+        if words and words[0] in ("safety", "blockword", "quota", "audit"):
+            community_id = self.store.ensure_community(event.platform, event.channel)
+            return _info(self.policy.command(words, actor=event.actor, channel=event.channel,
+                                             platform=event.platform, user_id=user_id,
+                                             community_id=community_id), reply_to=reply_to)
         if len(words) == 2 and words[0] == "learning" and words[1] in ("on", "off"):
             self.taste.set_opt_out(user_id, words[1] == "off")
             if words[1] == "off":
@@ -318,6 +337,9 @@ class Orchestrator:
         styles; follow-ups render one. ``kind`` overrides the intent's job kind (refinements).
         """
         kind = kind or _JOB_KIND[intent.kind]
+        safety_policy = origin.admitted or self.policy.admit(
+            prompt=intent.prompt, user_id=origin.user_id, community_id=origin.community_id,
+            platform=origin.platform, nsfw=origin.nsfw)
         seed = intent.options.get("seed", secrets.randbits(SEED_BITS))
         fixed = _fixed_choices(kind, intent.options, intent.prompt)
         if keep_style and parent is not None and parent.params.get("taste"):
@@ -345,6 +367,7 @@ class Orchestrator:
                 params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
                                                         * params.pop("length_factor")))
             params["taste"] = record
+            params["safety"] = safety_policy
             if len(chosen) > 1:
                 params["takes"] = {"index": index, "of": len(chosen), "siblings": [
                     other.values for j, (other, _) in enumerate(chosen) if j != index]}
@@ -372,6 +395,8 @@ class Orchestrator:
                 path = str(intent.options["image"])
                 self.store.add_input(job.id, path, Path(path).read_bytes())
             jobs.append(job)
+        if origin.admitted is None:
+            self.policy.count_request(origin.user_id, origin.community_id)
         return [self._publish(jobs, intent, origin)]
 
     def _piece_params(self, origin: Origin, intent: Intent,
@@ -483,6 +508,9 @@ class Orchestrator:
                                       user_id=None, value=emoji, delta=change, **common)
             return []
         user_id = self.store.ensure_user(event.platform, event.actor)
+        if REPORT_EMOJI in event.added and (is_admin_here(event.actor, event.channel)
+                                            or event.actor.is_moderator):
+            return self._report(event, shown[0], user_id)
         # A person's reaction is on or off: the log's state, not the event id, makes a replay a
         # no-op (Discord's reaction events carry no id), and the key names the reaction itself.
         reaction = f"{event.platform}:{event.channel.chat_id}:{event.message_id}:{user_id}"
@@ -491,6 +519,25 @@ class Orchestrator:
             self.taste.record(event_key=f"{reaction}:{emoji}:{'add' if delta > 0 else 'remove'}",
                               user_id=user_id, value=emoji, delta=delta, toggle=True, **common)
         return []
+
+    def _report(self, event: ReactionChanged, job: Job, user_id: int) -> list[OutboundMessage]:
+        """An admin's or moderator's 🚩: the result is hidden (the bot's messages showing it are
+        deleted), the report goes to the audit log, and it counts as strong negative feedback."""
+        found = self.store.find_delivered(event.platform, event.channel.chat_id,
+                                          event.message_id)
+        shown = self.store.delivered_message_ids(found.job_id, found.position) if found else []
+        recorded = self.taste.record(
+            event_key=f"{event.platform}:{event.channel.chat_id}:{event.message_id}:{user_id}:"
+                      "report", job_id=job.id, user_id=user_id, platform=event.platform,
+            chat_id=event.channel.chat_id, message_id=event.message_id, kind="button",
+            value="report", delta=1, occurred_at=event.occurred_at)
+        if recorded is not None or not self.policy.reported(job.id, user_id):
+            self.policy.audit(community_id=job.community_id, kind="report",
+                              actor_user_id=user_id, subject_user_id=job.user_id,
+                              job_id=job.id, detail={"hidden_messages": len(shown)})
+        return [*(_info("", ephemeral=True, delete_message_id=message_id) for message_id in shown),
+                _info("Reported: I removed that result and told this community's admins.",
+                      ephemeral=True)]
 
     def _reactions_cleared(self, event: ReactionsCleared) -> list[OutboundMessage]:
         """Remove-all / remove-emoji: every actor's standing matching reactions are undone.

@@ -29,6 +29,7 @@ from sqlalchemy import select
 
 from core import actions, cocreation, taste, understanding
 from core.errors import (
+    ContentBlockedError,
     DeliveryError,
     ModelUnavailableError,
     MuseSparkError,
@@ -253,6 +254,7 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
         result = generator.generate(expanded, n=int(job.params.get("count", 1)),
                                     seed=job.seed, steps=steps,
                                     guidance=guidance, width=width, height=height)
+    _check_pictures(job, result.images, settings, store)
     folder = settings.artifacts_dir / job.id
     folder.mkdir(parents=True, exist_ok=True)
     artifacts, paths = [], []
@@ -287,6 +289,29 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
     return _Outcome(result.model_name, [message], artifacts,
                     {"refine": {**job.params["refine"], "prompt": prompt}}
                     if job.params.get("refine") else {})
+
+
+def _check_pictures(job: Job, images: list[PIL.Image.Image], settings: Settings,
+                    store: Store | None) -> None:
+    """Refuse pictures the community's safety policy does not allow: nothing is kept or
+    posted, the person is told why, and the admins' audit log records it."""
+    from core.safety import DEFAULT_POLICY
+    from workers.safety import blocked_class
+
+    policy = str(job.params.get("safety") or DEFAULT_POLICY)
+    blocked = blocked_class(images, policy, settings.picture_detector)
+    if blocked is None:
+        return
+    log.warning("job %s: picture blocked by the %s safety policy (%s)", job.id, policy, blocked)
+    if store is not None:
+        from core.policy import Policy
+
+        Policy(store, settings).audit(community_id=job.community_id, kind="blocked_picture",
+                                      subject_user_id=job.user_id, job_id=job.id,
+                                      detail={"policy": policy, "detected": blocked})
+    raise ContentBlockedError(
+        f"I drew this, but the picture came out in a way this community's safety setting "
+        f"({policy}) doesn't allow, so I didn't post it. Try asking differently.")
 
 
 def _variation_source(store: Store, job: Job) -> Path | None:
@@ -700,7 +725,7 @@ def _ensure_scenes(store: Store, job: Job, plan: dict[str, Any],
     for number, scene in enumerate(scenes, start=1):
         params: dict[str, Any] = taste.generation_params("image", choice)
         params.update(count=1, steps=settings.image_steps, size=settings.image_size,
-                      taste=record, part_of=job.id,
+                      taste=record, part_of=job.id, safety=job.params.get("safety"),
                       story={"id": job.id, "title": plan["title"], "scene": number,
                              "of": len(scenes), "text": scene["text"]})
         prompt = f"{scene['picture']}, from the story “{plan['title']}”"

@@ -53,6 +53,7 @@ from bots.telegram._payloads import (
 from core.events import Event, ReactionChanged
 from core.errors import UserInputError
 from core.intents import COMMANDS, parse_text
+from core.orchestrator import REPORT_EMOJI
 from core.outbound import MessageKind, OutboundMessage
 from core.store import Artifact
 from core.uploads import UPLOAD_MAX_BYTES, keep_upload
@@ -262,7 +263,21 @@ class TelegramAdapter:
             return
         if event.counts is not None:
             event = await asyncio.to_thread(self._with_vanished_counts, event)
-        await asyncio.to_thread(self.orchestrator.handle, event)
+        if REPORT_EMOJI in event.added:  # a report counts only from the chat's admins
+            if event.actor.id.startswith("chat:"):  # an anonymous admin, reacting as the chat
+                event = dataclasses.replace(event, actor=dataclasses.replace(
+                    event.actor, is_admin=True))
+            else:
+                event = await self._with_admin_flag(event, context)
+        replies = await asyncio.to_thread(self.orchestrator.handle, event)
+        for reply in replies:  # only a report's deletions are carried out
+            if reply.delete_message_id:
+                try:
+                    await context.bot.delete_message(int(event.channel.chat_id),
+                                                     int(reply.delete_message_id))
+                except TelegramError as exc:
+                    log.warning("could not delete message %s: %s", reply.delete_message_id,
+                                exc)
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("Telegram update failed: %s", context.error, exc_info=context.error)

@@ -19,7 +19,17 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event, func, select, update
+from sqlalchemy import (
+    CursorResult,
+    Engine,
+    Result,
+    create_engine,
+    delete,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -362,6 +372,13 @@ class Store:
                         attempts=Job.attempts - 1, worker=None, updated_at=utcnow()))
             return due if rows_changed(result) else None
 
+    def delivered_message_ids(self, job_id: str, position: int) -> list[str]:
+        """The platform messages posted for one outbox position (all parts), in order."""
+        with self.session() as s:
+            return list(s.scalars(select(DeliveredMessage.message_id).where(
+                DeliveredMessage.job_id == job_id, DeliveredMessage.position == position)
+                .order_by(DeliveredMessage.part, DeliveredMessage.id)).all())
+
     def delivered_positions(self, job_id: str) -> set[int]:
         """Positions of a job's outbox of which at least one part was posted."""
         with self.session() as s:
@@ -592,6 +609,11 @@ class Store:
             return s.scalars(select(LocalMessage).where(
                 LocalMessage.chat_id == chat_id, LocalMessage.id > after_id)
                 .order_by(LocalMessage.id)).all()
+
+    def delete_local_message(self, message_id: int) -> bool:
+        with self.session() as s:
+            return bool(rows_changed(s.execute(
+                delete(LocalMessage).where(LocalMessage.id == message_id))))
 
     def local_message(self, message_id: int) -> LocalMessage | None:
         with self.session() as s:
