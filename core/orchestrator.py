@@ -35,6 +35,7 @@ from core.intents import (
 )
 from core.learning import TasteService
 from core.policy import Policy, is_admin_here
+from core.privacy import Privacy
 from core.safety import DEFAULT_POLICY
 from core import taste
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
@@ -112,6 +113,7 @@ class Orchestrator:
         self.settings = settings
         self.taste = TasteService(store)
         self.policy = Policy(store, settings)
+        self.privacy = Privacy(store, settings, self.taste)
         self.rng = rng or random.Random()
 
     def handle(self, event: Event) -> list[OutboundMessage]:
@@ -162,6 +164,8 @@ class Orchestrator:
             return [self._forget(event, intent.prompt, reply_to)]
         if intent.kind is IntentKind.LINK:
             return [self._link(event, intent.prompt, reply_to)]
+        if intent.kind is IntentKind.MYDATA:
+            return [self._mydata(event, reply_to)]
         origin = self.origin(event, reply_to)
         if intent.kind is IntentKind.REFINE:
             if replied is None or replied[0].intent == "understand":
@@ -302,10 +306,14 @@ class Orchestrator:
         return _info(usage, reply_to=reply_to)
 
     def _forget(self, event: Event, text: str, reply_to: str | None) -> OutboundMessage:
+        what, _, code = text.strip().lower().partition(" ")
+        if what == "everything":
+            return self._forget_everything(event, code.strip(), reply_to)
         what = text.strip().lower()
         if what not in ("feedback", "uploads"):
             return _info("Send /forget feedback to erase your reactions and what I learned "
-                         "from them, or /forget uploads to erase the pictures you sent me.",
+                         "from them, /forget uploads to erase the pictures you sent me, or "
+                         "/forget everything to erase all I keep about you.",
                          reply_to=reply_to)
         user_id = self.store.ensure_user(event.platform, event.actor)
         if what == "uploads":
@@ -314,6 +322,35 @@ class Orchestrator:
         erased = self.taste.forget_feedback(user_id)
         return _info(f"Done: erased {erased} reaction(s) and button press(es) of yours and "
                      "rebuilt every profile they had touched.", reply_to=reply_to)
+
+    def _forget_everything(self, event: Event, code: str,
+                           reply_to: str | None) -> OutboundMessage:
+        """Two steps, so that no typo erases everything: ``/forget everything`` answers with a
+        code, and ``/forget everything CODE`` (within 10 minutes) erases."""
+        user_id = self.store.ensure_user(event.platform, event.actor)
+        if not code:
+            requests, feedback = self.privacy.what_is_kept(user_id)
+            new = self.privacy.ask_to_forget(user_id)
+            return _info(
+                f"This erases everything I keep about you, on every platform you linked: "
+                f"{requests} request(s) with their results and files, your uploads, "
+                f"{feedback} reaction(s) and button press(es), your taste profile and links. "
+                f"It cannot be undone. To go ahead, send /forget everything {new} within 10 "
+                "minutes.", reply_to=reply_to)
+        if not self.privacy.confirmed(user_id, code):
+            return _error("That confirmation code is wrong or expired, so I erased nothing. "
+                          "Send /forget everything for a new one.", reply_to=reply_to)
+        return _info(self.privacy.forget_everything(user_id).describe(), reply_to=reply_to)
+
+    def _mydata(self, event: Event, reply_to: str | None) -> OutboundMessage:
+        user_id = self.store.ensure_user(event.platform, event.actor)
+        path, requests, files = self.privacy.export(user_id)
+        text = (f"Everything I keep about you: {requests} request(s) with their results, "
+                f"{files} file(s), your reactions and your taste profile, in one zip "
+                "(data.json and files/).")
+        if event.platform == "local":
+            text += f" It is at {path}"
+        return _info(text, ephemeral=True, files=(str(path),), reply_to=reply_to)
 
     def _link(self, event: Event, code: str, reply_to: str | None) -> OutboundMessage:
         user_id = self.store.ensure_user(event.platform, event.actor)

@@ -304,6 +304,23 @@ class MuseSparkDiscord(discord.Client):
             if reply.delete_message_id:
                 await self._delete_result(interaction, reply.delete_message_id)
             text = _clip(reply.text)
+            if reply.files:  # for this person only (/mydata): ephemeral, then deleted here
+                files = [discord.File(path) for path in reply.files]
+                try:
+                    if original_pending and original_private:
+                        await interaction.edit_original_response(content=text,
+                                                                 attachments=files)
+                    else:
+                        if original_pending:
+                            await interaction.delete_original_response()
+                        await interaction.followup.send(text, files=files, ephemeral=True)
+                    original_pending = False
+                finally:
+                    for file in files:
+                        file.close()
+                    for path in reply.files:
+                        Path(path).unlink(missing_ok=True)
+                continue
             if original_pending:
                 original_pending = False
                 if _private(reply) and not original_private:

@@ -268,7 +268,8 @@ class TelegramAdapter:
                 event = dataclasses.replace(event, actor=dataclasses.replace(
                     event.actor, is_admin=True))
             else:
-                event = await self._with_admin_flag(event, context)
+                flagged = await self._with_admin_flag(event, context)
+                event = flagged if isinstance(flagged, ReactionChanged) else event
         replies = await asyncio.to_thread(self.orchestrator.handle, event)
         for reply in replies:  # only a report's deletions are carried out
             if reply.delete_message_id:
@@ -314,7 +315,36 @@ class TelegramAdapter:
     async def _handle_message(self, event: Event, message: Message,
                               context: ContextTypes.DEFAULT_TYPE) -> None:
         replies = await asyncio.to_thread(self.orchestrator.handle, event)
-        await self._send(context, message, replies, reply_to_message_id=message.message_id)
+        private = [r for r in replies if r.files]
+        for reply in private:
+            await self._send_privately(context, message, reply)
+        await self._send(context, message, [r for r in replies if not r.files],
+                         reply_to_message_id=message.message_id)
+
+    async def _send_privately(self, context: ContextTypes.DEFAULT_TYPE, message: Message,
+                              reply: OutboundMessage) -> None:
+        """Files meant for one person (``/mydata``) go to their private chat with the bot, never
+        to a group; Telegram lets a bot write there only after the person started it. The
+        files are deleted once sent (or refused): the person has them now."""
+        assert message.from_user is not None
+        in_group = message.chat.type != ChatType.PRIVATE
+        try:
+            for path in reply.files:
+                with open(path, "rb") as document:
+                    await context.bot.send_document(message.from_user.id, document,
+                                                    caption=reply.text[:CAPTION_MAX_CHARS],
+                                                    filename=Path(path).name)
+            note = "I sent it to you in our private chat." if in_group else None
+        except TelegramError as exc:
+            log.info("private file to %s not sent: %s", message.from_user.id, exc)
+            note = (f"I can't write to you privately yet: open a chat with @"
+                    f"{context.bot.username}, press Start, then send /mydata there.")
+        finally:
+            for path in reply.files:
+                Path(path).unlink(missing_ok=True)
+        if note:
+            await self._send(context, message, [OutboundMessage(MessageKind.INFO, note)],
+                             reply_to_message_id=message.message_id)
 
     async def _send(self, context: ContextTypes.DEFAULT_TYPE, where: Message,
                     replies: Sequence[OutboundMessage], *,

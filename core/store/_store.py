@@ -82,6 +82,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # Deleted rows are overwritten, not left in free pages: /forget must not leave a copy in
+    # the database file.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 
@@ -106,6 +109,20 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def forget_cached_ids(self) -> None:
+        """Drop the cached user and community ids (after rows were deleted: /forget)."""
+        self._user_ids.clear()
+        self._community_ids.clear()
+
+    def compact(self) -> None:
+        """After erasing: on SQLite, fold the write-ahead log (which keeps old page images)
+        back into the database file (whose freed pages ``secure_delete`` zeroed). PostgreSQL
+        reclaims deleted rows with (auto)vacuum."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- schema -------------------------------------------------------------------------------
 
