@@ -152,9 +152,13 @@ class Privacy:
             local_authors = [pid for platform, pid in identities if platform == "local"]
             typed = list(s.scalars(select(LocalMessage.id).where(
                 LocalMessage.author.in_(local_authors))).all())
-            s.execute(delete(LocalMessage).where(or_(
+            # Blanked, not deleted: a message's number is what people refer to, and SQLite
+            # would hand a deleted last number to the next message.
+            s.execute(update(LocalMessage).where(or_(
                 LocalMessage.id.in_(typed), LocalMessage.reply_to.in_(typed),
-                LocalMessage.job_id.in_(job_ids))))
+                LocalMessage.job_id.in_(job_ids))).values(
+                author="forgotten", job_id=None, text="(forgotten)", attachments={},
+                reply_to=None))
             # Someone else's follow-up of their result is someone else's request now.
             s.execute(update(Job).where(Job.parent_job_id.in_(job_ids))
                       .values(parent_job_id=None))

@@ -176,7 +176,8 @@ def test_a_report_hides_the_result_logs_it_and_counts_against_it(stack: Stack) -
     result = [m for m in shown if m.kind == "result"][0]
     answer = said(chat, f"/react {result.id} 🚩")
     assert "Reported" in answer.text
-    assert stack.runtime.store.local_message(result.id) is None
+    removed = stack.runtime.store.local_message(result.id)
+    assert removed is not None and removed.kind == "removed" and not removed.job_id
     assert [r.job_id for r in audit(stack, "report", job.id)] == [job.id]
     feedback = list(stack.runtime.store.feedback_for_job(job.id))
     assert [(f.value, f.weight) for f in feedback] == [("report", -3.0)]

@@ -517,6 +517,10 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
                               artifacts=outcome.artifacts, params=outcome.params):
         log.info("job %s no longer ours (attempt %d); dropping its result", job_id,
                  claim.attempt)
+        if store.get_job(job_id) is None:  # its person was forgotten while it ran
+            import shutil
+
+            shutil.rmtree(settings.artifacts_dir / job_id, ignore_errors=True)
         return "lost"
     if job.params.get("part_of"):
         # A story's picture: kept, not posted; the story posts it in its place.

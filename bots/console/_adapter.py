@@ -72,7 +72,7 @@ class ConsoleChat:
         for reply in replies:
             if reply.delete_message_id:  # 🗑️ or a report: the result leaves the chat
                 if reply.delete_message_id.isdigit():
-                    self.store.delete_local_message(int(reply.delete_message_id))
+                    self.store.remove_local_message(int(reply.delete_message_id))
                 continue
             if reply.job_id:
                 self._jobs.add(reply.job_id)

@@ -24,7 +24,6 @@ from sqlalchemy import (
     Engine,
     Result,
     create_engine,
-    delete,
     event,
     func,
     select,
@@ -627,10 +626,13 @@ class Store:
                 LocalMessage.chat_id == chat_id, LocalMessage.id > after_id)
                 .order_by(LocalMessage.id)).all()
 
-    def delete_local_message(self, message_id: int) -> bool:
+    def remove_local_message(self, message_id: int) -> bool:
+        """Take a message out of the local chat (🗑️, a report). The row stays, emptied: its
+        number must not go to the next message (SQLite reuses a deleted last row id)."""
         with self.session() as s:
             return bool(rows_changed(s.execute(
-                delete(LocalMessage).where(LocalMessage.id == message_id))))
+                update(LocalMessage).where(LocalMessage.id == message_id)
+                .values(kind="removed", text="(removed)", job_id=None, attachments={}))))
 
     def local_message(self, message_id: int) -> LocalMessage | None:
         with self.session() as s:
