@@ -41,6 +41,7 @@ __all__ = [
     "RateLimit",
     "RequestLog",
     "User",
+    "WebSignIn",
 ]
 
 
@@ -291,3 +292,18 @@ class Confirmation(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
     purpose: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime]
+
+
+class WebSignIn(Base):
+    """A /web sign-in link's one-time nonce: who and which community it lets in, and whether
+    it was used. The link itself is signed and expires (core/web_access.py); this row makes it
+    work once."""
+
+    __tablename__ = "web_sign_ins"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    community_id: Mapped[int] = mapped_column(ForeignKey("communities.id", ondelete="CASCADE"))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime]
+    used_at: Mapped[datetime | None] = mapped_column(nullable=True)
