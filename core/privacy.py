@@ -44,6 +44,7 @@ from core.store.models import (
     Profile,
     RateLimit,
     RequestLog,
+    WebSignIn,
 )
 
 __all__ = ["CONFIRM_TTL", "Forgotten", "Privacy", "RetentionSweeper", "Purged"]
@@ -168,6 +169,7 @@ class Privacy:
             s.execute(delete(RequestLog).where(RequestLog.user_id.in_(ids)))
             s.execute(delete(Confirmation).where(Confirmation.user_id.in_(ids)))
             s.execute(delete(LinkCode).where(LinkCode.user_id.in_(ids)))
+            s.execute(delete(WebSignIn).where(WebSignIn.user_id.in_(ids)))
             s.execute(delete(Profile).where(Profile.subject == "person",
                                             Profile.subject_id.in_(ids + [person])))
             s.execute(delete(Job).where(Job.id.in_(job_ids)))

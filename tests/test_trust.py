@@ -80,7 +80,9 @@ def audit(stack: Stack, kind: str, job_id: str | None = None) -> list[AuditEvent
 
 
 def test_quota_defaults_overrides_and_the_limit_reached() -> None:
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    settings = Settings(_env_file=None, **{  # type: ignore[call-arg]
+        name: defaults[name] for name in defaults if name.startswith("quota_")})
     assert Quotas.of(settings) == Quotas(20, 100, 300, 0)
     assert Quotas.of(settings, {"person_hourly": 5, "bogus": 3}).person_hourly == 5
     quotas = Quotas(2, 5, 10, 0)
