@@ -442,6 +442,7 @@ class Orchestrator:
                 # A reply to a result: the worker gives the model the earlier turns as context.
                 params["thread"] = True
             job, created = self.store.create_job(
+                requester=self.taste.person_of(origin.user_id),
                 idempotency_key=f"{origin.key}{key_suffix}" + (f":take{index + 1}" if index else ""),
                 kind=kind, intent=intent.kind.value, user_id=origin.user_id,
                 community_id=origin.community_id, parent_job_id=parent.id if parent else None,
@@ -493,7 +494,16 @@ class Orchestrator:
     def _publish(self, jobs: list[Job], intent: Intent, origin: Origin) -> OutboundMessage:
         """Publish ``jobs`` (the redriver retries what fails) and say what is happening."""
         reply_to = origin.target.reply_to
+        cap = self.settings.fair_share_inflight
+        held = 0
         for job in jobs:
+            if cap and job.requester is not None and self.store.in_flight(
+                    job.requester, job.kind, excluding=job.id) >= cap:
+                # Fair share: the person's earlier jobs run first; this one is published when
+                # one of them finishes (workers/runner.py, or the redriver's safety net).
+                self.store.hold(job.id)
+                held += 1
+                continue
             try:
                 self.publisher.publish(job.id, job.kind, job.params)
             except QueueUnavailableError as exc:
@@ -503,6 +513,8 @@ class Orchestrator:
             self.store.mark_published(job.id)
         ahead = self.store.queue_position(jobs[0])
         queue_note = f", {ahead} ahead of you" if ahead else ""
+        if held:
+            queue_note = ", after your earlier requests: it starts when one of them is done"
         prompt = _shorten(intent.prompt)
         if intent.kind is IntentKind.STORY:
             scenes = jobs[0].params["story"]["scenes"]

@@ -136,6 +136,11 @@ def _redrive(store: Store, publisher: JobPublisher, settings: Settings, *,
     (``lost``: of those, the jobs the broker had lost); ``complete`` is False when the broker
     failed or the round's batch budget ran out."""
     published = lost_jobs = 0
+    if settings.fair_share_inflight:
+        # Safety net for fair share: a person with room and held jobs (the worker that should
+        # have released the next one died) gets it released; it is published below.
+        for requester, kind in store.held_requesters():
+            store.release_next(requester, kind, settings.fair_share_inflight)
     for _ in range(MAX_BATCHES_PER_ROUND):
         jobs = store.jobs_to_redrive(stale_after=settings.job_stale_after_seconds,
                                      republish_after=REPUBLISH_QUEUED_AFTER_SECONDS,

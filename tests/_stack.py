@@ -165,6 +165,9 @@ class Stack:
             "MUSESPARK_QUOTA_PERSON_HOURLY": "0",
             "MUSESPARK_QUOTA_PERSON_DAILY": "0",
             "MUSESPARK_QUOTA_COMMUNITY_HOURLY": "0",
+            # First come, first served, as the tests expect; tests/test_fairness.py turns
+            # fair share on.
+            "MUSESPARK_FAIR_SHARE_INFLIGHT": "0",
             # NudeNet for real, plus one stand-in finding only the strict policy refuses.
             "MUSESPARK_PICTURE_DETECTOR": "tests.picture_stand_in:detect",
         }

@@ -462,6 +462,32 @@ def _post_outbox(store: Store, claim: Claim, job: Job, target: DeliveryTarget,
 def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
     """Run one job if it is ours to run. Returns what happened, for logs and tests.
 
+    A job that is done makes room for its person's next job held back for fair share
+    (``MUSESPARK_FAIR_SHARE_INFLIGHT``), which is published now.
+    """
+    outcome = _execute_job(job_id, store=store, settings=settings)
+    if outcome in ("delivered", "failed") and settings.fair_share_inflight:
+        _release_next(store, job_id, settings)
+    return outcome
+
+
+def _release_next(store: Store, job_id: str, settings: Settings) -> None:
+    job = store.get_job(job_id)
+    if job is None or job.requester is None:
+        return
+    released = store.release_next(job.requester, job.kind, settings.fair_share_inflight)
+    if released is None:
+        return
+    try:
+        _publisher(settings).publish(released.id, released.kind, released.params)
+        store.mark_published(released.id)
+    except QueueUnavailableError:
+        log.info("job %s released but not published; the redriver will", released.id)
+
+
+def _execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
+    """Run one job if it is ours to run. Returns what happened, for logs and tests.
+
     A job generates once: its result (artifacts and the messages to post) is kept with the job,
     so a delivery interrupted by a rate limit or a crash resumes without generating again.
     """

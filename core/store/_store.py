@@ -482,7 +482,7 @@ class Store:
             return s.scalars(
                 select(Job)
                 .where(
-                    ((Job.state == JobState.QUEUED)
+                    ((Job.state == JobState.QUEUED) & Job.held.is_(False)
                      & (Job.published_at.is_(None) | (Job.published_at < old_publish)))
                     # A deferred job whose due time passed long ago lost its countdown
                     # message (the worker holding it died): send it again.
@@ -538,12 +538,58 @@ class Store:
         return job
 
     def queue_position(self, job: Job) -> int:
-        """How many jobs of the same kind were queued before this one and wait still."""
+        """How many jobs of the same kind were queued before this one and wait still (jobs
+        held back for fair share are not in the queue)."""
         with self.session() as s:
             return int(s.scalar(
                 select(func.count()).select_from(Job).where(
                     Job.state.in_([JobState.QUEUED, JobState.RUNNING]), Job.kind == job.kind,
-                    Job.created_at < job.created_at)) or 0)
+                    Job.held.is_(False), Job.created_at < job.created_at)) or 0)
+
+    # -- fair share ---------------------------------------------------------------------------
+
+    def in_flight(self, requester: int, kind: str, *, excluding: str | None = None) -> int:
+        """A person's jobs of one kind in the queue or running (not held back): one query on
+        ``ix_jobs_requester_state``."""
+        with self.session() as s:
+            query = select(func.count()).select_from(Job).where(
+                Job.requester == requester, Job.kind == kind,
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING]), Job.held.is_(False))
+            if excluding is not None:
+                query = query.where(Job.id != excluding)
+            return int(s.scalar(query) or 0)
+
+    def hold(self, job_id: str) -> None:
+        """Keep a queued job back (not published) until its person has room (fair share)."""
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.QUEUED)
+                      .values(held=True, updated_at=utcnow()))
+
+    def release_next(self, requester: int, kind: str, cap: int) -> Job | None:
+        """The person's oldest held job of ``kind``, released (to be published now), when they
+        have fewer than ``cap`` jobs of that kind in flight; else None."""
+        if self.in_flight(requester, kind) >= cap:
+            return None
+        with self.session() as s:
+            job = s.scalar(select(Job).where(
+                Job.requester == requester, Job.kind == kind, Job.held.is_(True),
+                Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1))
+            if job is None:
+                return None
+            released = s.execute(update(Job).where(Job.id == job.id, Job.held.is_(True))
+                                 .values(held=False, published_at=None, updated_at=utcnow()))
+            if not rows_changed(released):
+                return None
+            job.held = False
+            return job
+
+    def held_requesters(self) -> list[tuple[int, str]]:
+        """(person, kind) pairs that have jobs held back."""
+        with self.session() as s:
+            return [(int(r), str(k)) for r, k in s.execute(
+                select(Job.requester, Job.kind).where(
+                    Job.held.is_(True), Job.state == JobState.QUEUED,
+                    Job.requester.is_not(None)).distinct()) if r is not None]
 
     # -- rate limits --------------------------------------------------------------------------
 
