@@ -53,6 +53,7 @@ from core.events import (
     ReactionChanged,
 )
 from core.intents import Intent, parse_command
+from core.limits import DISCORD, truncate
 from core.orchestrator import REPORT_EMOJI, Orchestrator
 from core.outbound import MessageKind, OutboundMessage
 from core.store import Store
@@ -62,14 +63,14 @@ __all__ = ["MuseSparkDiscord", "ResultButton"]
 
 log = logging.getLogger(__name__)
 
-MESSAGE_MAX_CHARS = 2000
+MESSAGE_MAX_CHARS = DISCORD.message_chars
 INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
 #: Discord's limit on a modal text input's value.
 MODAL_INPUT_MAX_CHARS = 4000
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= MESSAGE_MAX_CHARS else text[: MESSAGE_MAX_CHARS - 1] + "…"
+    return truncate(text, MESSAGE_MAX_CHARS, DISCORD.units)
 
 
 def _private(reply: OutboundMessage) -> bool:

@@ -53,6 +53,7 @@ from bots.telegram._payloads import (
 from core.events import Event, ReactionChanged
 from core.errors import UserInputError
 from core.intents import COMMANDS, parse_text
+from core.limits import TELEGRAM, split_text
 from core.orchestrator import REPORT_EMOJI
 from core.outbound import MessageKind, OutboundMessage
 from core.store import Artifact
@@ -62,8 +63,8 @@ __all__ = ["TelegramAdapter", "bot_commands"]
 
 log = logging.getLogger(__name__)
 
-MESSAGE_MAX_CHARS = 4096
-CAPTION_MAX_CHARS = 1024
+MESSAGE_MAX_CHARS = TELEGRAM.message_chars
+CAPTION_MAX_CHARS = TELEGRAM.caption_chars or 0
 CALLBACK_ANSWER_MAX_CHARS = 200
 COMMAND_DESCRIPTION_MAX_CHARS = 256
 #: A callback query is answered at once; core gets this long to supply the toast's text
@@ -391,7 +392,8 @@ class TelegramAdapter:
                 text = reply.text
                 thread = where.message_thread_id if where.is_topic_message else None
                 for number, path in enumerate(reply.images):  # e.g. the /profile chart
-                    caption = text[:CAPTION_MAX_CHARS] if number == 0 else None
+                    caption = (split_text(text, CAPTION_MAX_CHARS, TELEGRAM.units)[0] or None
+                               if number == 0 else None)
                     with open(path, "rb") as picture:
                         sent = await context.bot.send_photo(
                             where.chat.id, picture, caption=caption, message_thread_id=thread,
@@ -399,10 +401,11 @@ class TelegramAdapter:
                                                              allow_sending_without_reply=True)
                             if reply_to_message_id and number == 0 else None)
                     if caption:
-                        text, reply_to_message_id = text[len(caption):], None
-                for number, start in enumerate(range(0, len(text), MESSAGE_MAX_CHARS)):
+                        text, reply_to_message_id = text.strip()[len(caption):], None
+                pieces = split_text(text, MESSAGE_MAX_CHARS, TELEGRAM.units) if text.strip() else []
+                for number, piece in enumerate(pieces):
                     sent = await context.bot.send_message(
-                        where.chat.id, text[start:start + MESSAGE_MAX_CHARS],
+                        where.chat.id, piece,
                         message_thread_id=thread,
                         reply_parameters=ReplyParameters(reply_to_message_id,
                                                          allow_sending_without_reply=True)
