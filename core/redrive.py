@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from core import metrics
 from core.errors import QueueUnavailableError
 from core.outbound import DeliveryTarget, MessageKind
 from core.queue import BROKER_FILE_MISSING, BrokerProbe, JobPublisher
@@ -162,6 +163,11 @@ def _redrive(store: Store, publisher: JobPublisher, settings: Settings, *,
                     and job.published_at is not None)
             log.info("re-sent job %s (state %s, attempt %d%s)", job.id, job.state,
                      job.attempts, ", lost by the broker" if lost else "")
+            reason = ("lost" if lost else "stale" if job.state == JobState.RUNNING
+                      else "unpublished" if job.published_at is None else "lost")
+            metrics.REDRIVES.labels(reason).inc()
+            if reason == "stale":
+                metrics.WORKER_DEATHS.inc()
             if lost:
                 lost_jobs += 1
                 if notifiers:
@@ -295,6 +301,14 @@ class Redriver:
         self._interval = settings.redrive_interval_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redriver", daemon=True)
+
+    def tell_through(self, platform: str, notifier: DelayNotifier | None) -> None:
+        """Tell ``platform``'s people of delays through ``notifier`` (None: stop telling them;
+        an adapter registers its notifier when it connects and removes it when it stops)."""
+        if notifier is None:
+            self._notifiers.pop(platform, None)
+        else:
+            self._notifiers[platform] = notifier
 
     def round(self) -> int:
         """One round (what the thread does each interval); returns how many jobs were sent."""

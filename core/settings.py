@@ -133,6 +133,16 @@ class Settings(BaseSettings):
         default="nudenet", description="The picture safety detector workers run: nudenet "
         "(NudeNet's ONNX model, CPU, offline), or module:function returning NudeNet-style "
         "detections for a PIL image.")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Serve Prometheus metrics at http://METRICS_ADDR:PORT/metrics (bot and "
+        "workers; give each process on one host its own port). Unset: no metrics server.")
+    metrics_addr: str = Field(default="0.0.0.0", description="Address the metrics server binds.")
+    worker_stop_grace_seconds: float = Field(
+        default=600.0, gt=0,
+        description="After SIGTERM a worker takes no new job and lets the running one finish "
+        "for this long; then it hands the job back to the queue (unposted) and exits. Keep the "
+        "orchestrator's kill grace (Kubernetes terminationGracePeriodSeconds) above it.")
     telegram_token: SecretStr | None = None
     telegram_api_url: str = "https://api.telegram.org"
     telegram_webhook_url: str | None = Field(

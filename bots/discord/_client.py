@@ -55,7 +55,8 @@ from core.events import (
 from core.intents import Intent, parse_command
 from core.limits import DISCORD, truncate
 from core.orchestrator import REPORT_EMOJI, Orchestrator
-from core.outbound import MessageKind, OutboundMessage
+from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
+from core.redrive import DelayNotice, DelayNotifier, Redriver
 from core.store import Store
 from core.uploads import UPLOAD_MAX_BYTES, keep_upload
 
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 
 MESSAGE_MAX_CHARS = DISCORD.message_chars
 INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
+#: How long a delay notice may take to post (it runs in the redriver's thread).
+DELAY_NOTICE_TIMEOUT_SECONDS = 30.0
 #: Discord's limit on a modal text input's value.
 MODAL_INPUT_MAX_CHARS = 4000
 
@@ -130,19 +133,44 @@ class MuseSparkDiscord(discord.Client):
     """discord.py client that turns interactions and reactions into core events."""
 
     def __init__(self, orchestrator: Orchestrator, store: Store, *, mention_mode: bool = False,
-                 max_prompt_chars: int = 2000, **options: Any) -> None:
+                 max_prompt_chars: int = 2000, redriver: Redriver | None = None,
+                 **options: Any) -> None:
         # Prompts are echoed back: never let one ping @everyone or a role.
         options.setdefault("allowed_mentions", discord.AllowedMentions.none())
         super().__init__(intents=build_intents(mention_mode), **options)
         self.orchestrator, self.store = orchestrator, store
         self.mention_mode, self.max_prompt_chars = mention_mode, max_prompt_chars
         self._parent_nsfw: dict[int, bool] = {}
+        self.redriver = redriver
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
         register_commands(self.tree, self)
 
     async def setup_hook(self) -> None:
         self.add_dynamic_items(ResultButton)
+        if self.redriver is not None:
+            self.redriver.tell_through(PLATFORM, self._delay_notifier())
+
+    async def close(self) -> None:
+        if self.redriver is not None:
+            self.redriver.tell_through(PLATFORM, None)
+        await super().close()
+
+    def _delay_notifier(self) -> DelayNotifier:
+        """Tells a person, from the redriver's thread, that their request waits: a reply in
+        its channel on this client's event loop (mentions off, as for every message)."""
+        loop = asyncio.get_running_loop()
+
+        def tell(notice: DelayNotice) -> None:
+            target = DeliveryTarget.from_dict(notice.job.delivery)
+            channel = self.get_partial_messageable(int(target.thread_id or target.chat_id))
+            reference = (channel.get_partial_message(int(target.reply_to))
+                         if target.reply_to and target.reply_to.isdigit() else None)
+            sending = channel.send(_clip(notice.text), reference=reference,  # type: ignore[arg-type]
+                                   mention_author=False)
+            asyncio.run_coroutine_threadsafe(sending, loop).result(DELAY_NOTICE_TIMEOUT_SECONDS)
+
+        return tell
 
     async def nsfw(self, channel: Any | None) -> bool:
         """Whether ``channel`` is age-restricted; for a thread, whether its parent channel is,
