@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from core.orchestrator import Orchestrator
+from core.privacy import RetentionSweeper
 from core.queue import CeleryPublisher
 from core.redrive import Redriver, local_delay_notifier
 from core.settings import Settings, get_settings
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 class BotRuntime:
     """Opens the store (migrating it), the publisher and the redriver; ``close()`` undoes it."""
 
-    def __init__(self, settings: Settings | None = None, *, redrive: bool = True) -> None:
+    def __init__(self, settings: Settings | None = None, *, redrive: bool = True,
+                 serve_metrics: bool = True) -> None:
         self.settings = settings or get_settings()
         self.store = Store(self.settings.resolved_database_url)
         self.store.upgrade()
@@ -29,10 +31,23 @@ class BotRuntime:
         notifiers = {"local": local_delay_notifier(self.store)}
         self.redriver = (Redriver(self.store, self.publisher, self.settings, notifiers=notifiers)
                          .start() if redrive else None)
+        # Results and uploads past MUSESPARK_RETENTION_DAYS are erased by the bot, hourly.
+        self.retention = (RetentionSweeper(self.orchestrator.privacy, self.settings).start()
+                          if redrive and self.settings.retention_days > 0 else None)
+        self._metrics_server = None
+        if serve_metrics and self.settings.metrics_port:
+            from core.metrics import serve_bot_metrics
+
+            self._metrics_server = serve_bot_metrics(self.settings, self.store)
 
     def close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         if self.redriver is not None:
             self.redriver.stop()
+        if self.retention is not None:
+            self.retention.stop()
         self.publisher.close()
         self.store.dispose()
 

@@ -59,6 +59,7 @@ import httpx
 from core import limits
 from core.errors import DeliveryError
 from core.limits import DISCORD
+from core.metrics import rate_limited
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 
@@ -350,7 +351,9 @@ class DiscordDeliverer:
             raise DeliveryError(f"Discord unreachable: {type(exc).__name__}: {exc}",
                                 retry_after=SERVER_ERROR_RETRY_SECONDS) from exc
         if response.status_code == 429:
-            raise DeliveryError("Discord rate limit", retry_after=_retry_after(response))
+            wait = _retry_after(response)
+            rate_limited("discord", wait)
+            raise DeliveryError("Discord rate limit", retry_after=wait)
         if response.status_code >= 500:
             raise DeliveryError(f"Discord answered {response.status_code}",
                                 retry_after=SERVER_ERROR_RETRY_SECONDS)

@@ -49,6 +49,7 @@ import httpx
 from core import limits
 from core.errors import DeliveryError
 from core.limits import TELEGRAM
+from core.metrics import rate_limited
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Store, utcnow
@@ -289,6 +290,7 @@ class TelegramDeliverer:
         parameters = body.get("parameters") or {}
         if code == 429:
             retry_after = float(parameters.get("retry_after") or TRANSIENT_RETRY_SECONDS)
+            rate_limited("telegram", retry_after)
             if chat_id is not None:
                 self._hold(chat_id, retry_after)
             raise DeliveryError(f"Telegram {method}: {description}", retry_after=retry_after)
