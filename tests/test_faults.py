@@ -33,11 +33,17 @@ import pytest
 from sqlalchemy import select
 
 from core.events import Actor, Channel, ChannelKind, MessageReceived
-from core.store import Job
+from core.store import Job, utcnow
 from tests._stack import Stack, Worker, free_port, postgres_reachable, redis_reachable
 from tests.fake_discord import BOT_TOKEN, FakeDiscord
 from tests.fake_telegram import FakeTelegram
-from tests.test_broker_loss import ANSWERED_WITHIN_SECONDS, PrivateRedis, _pause
+from tests.test_broker_loss import (
+    ALL_ANSWERED_TIMEOUT_SECONDS,
+    ANSWERED_WITHIN_SECONDS,
+    PrivateRedis,
+    _pause,
+    _utc,
+)
 from tests.test_telegram import BotThread, from_worker
 
 KILLS = int(os.environ.get("MUSESPARK_FAULT_KILLS", "6"))
@@ -215,14 +221,21 @@ def test_a_redis_restart_with_requests_queued_and_in_flight_answers_each_once_an
                     traffic.ask("discord" if number % 2 else "telegram")
                 server.crash()
                 server.start()  # same port, new run_id, empty
-                back = time.monotonic()
+                back_at = utcnow()
             finally:
                 _pause(pids, signal.SIGCONT)
-            counts = traffic.drain(timeout=ANSWERED_WITHIN_SECONDS)
-            waited = time.monotonic() - back - STALL_SECONDS - 1
-            summary = f"{len(counts)} requests, answered after {waited:.1f} s: {counts}"
-            print(summary)
+            counts = traffic.drain(timeout=ALL_ANSWERED_TIMEOUT_SECONDS)
+            jobs = [traffic.job_of(*request) for request in traffic.requests[2:]]
+            summary = (f"{len(counts)} requests: {counts}; states "
+                       f"{[(j.id, j.state, j.attempts) for j in jobs]}")
             assert all(n == 1 for n in counts.values()), summary
-            assert waited < ANSWERED_WITHIN_SECONDS, summary
+            # Within 30 s of the broker's return, not counting the time spent drawing (one
+            # worker draws them one by one, and a loaded CPU makes even tiny pictures slow).
+            generating = sum((_utc(j.finished_at) - _utc(j.started_at)).total_seconds()
+                             for j in jobs)
+            until_last = (max(_utc(j.finished_at) for j in jobs) - back_at).total_seconds()
+            print(f"{summary}; answered {until_last:.1f} s after the broker came back, "
+                  f"{generating:.1f} s of it drawing")
+            assert until_last - generating < ANSWERED_WITHIN_SECONDS, summary
     finally:
         server.stop()
