@@ -293,6 +293,16 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
                               str(args.path)])
 
 
+def _provenance(command: str) -> Callable[[argparse.Namespace], int]:
+    """``musespark trust …`` and ``musespark verify``: exec'd like ``models tiny``, since they
+    run c2pa and the watermark decoder (worker code the bot side never imports); that module
+    parses their arguments, ``--help`` included."""
+    def run(args: argparse.Namespace) -> int:
+        os.execv(sys.executable, [sys.executable, "-m", "workers.provenance", command,
+                                  *args.rest])
+    return run
+
+
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     from core.export import export_feedback
     from core.store import Store
@@ -352,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  "at PATH, for demos and tests without a download.")
     tiny.add_argument("path", type=Path)
     tiny.set_defaults(func=cmd_models_tiny)
+    for name, about in (("trust", "signing keys for the pictures' provenance: trust init"),
+                        ("verify", "say where a picture comes from: verify FILE")):
+        provenance = sub.add_parser(name, help=about, add_help=False)
+        provenance.set_defaults(func=_provenance(name), rest=[])
+
     feedback = sub.add_parser("feedback", help="feedback data")
     feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
     export = feedback_sub.add_parser(

@@ -261,8 +261,18 @@ class Orchestrator:
     def _settings(self, event: Event, text: str, reply_to: str | None) -> OutboundMessage:
         words = text.split()
         user_id = self.store.ensure_user(event.platform, event.actor)
-        usage = ("Settings: /settings learning off (or on) for you; in a group, admins can set "
-                 "/settings emoji 🎉 positive (or negative, neutral).")
+        usage = ("Settings: /settings learning off (or on) for you; /settings credit on (or "
+                 "off) to be named as creator in your pictures' signed provenance; in a group, "
+                 "admins can set /settings emoji 🎉 positive (or negative, neutral).")
+        if len(words) == 2 and words[0] == "credit" and words[1] in ("on", "off"):
+            self.store.set_credit(self.taste.identities_of(user_id), words[1] == "on")
+            if words[1] == "on":
+                return _info("Done: your next pictures name you (as "
+                             f"“{event.actor.display_name or event.actor.id}”) as their creator "
+                             "in their signed provenance (C2PA), and /verify shows it. Pictures "
+                             "already made stay as they are.", reply_to=reply_to)
+            return _info("Done: your next pictures no longer name you; their provenance says "
+                         "only that MuseSpark made them.", reply_to=reply_to)
         if len(words) == 2 and words[0] == "learning" and words[1] in ("on", "off"):
             self.taste.set_opt_out(user_id, words[1] == "off")
             if words[1] == "off":

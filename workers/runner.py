@@ -38,6 +38,7 @@ from core.errors import (
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Artifact, Claim, DeliveredMessage, Job, JobState, Store, content_hash, utcnow
+from workers import provenance
 from workers.delivery import RemoteDeliverer, TransactionalDeliverer, get_deliverer
 
 __all__ = ["execute_job", "worker_name"]
@@ -256,7 +257,9 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
     folder = settings.artifacts_dir / job.id
     folder.mkdir(parents=True, exist_ok=True)
     artifacts, paths = [], []
+    creator = store.credit_name(job.user_id) if store is not None else None
     for position, image in enumerate(result.images):
+        image, watermark_note = provenance.watermark(image, job.id)
         recipe: dict[str, Any] = {
             "job_id": job.id, "prompt": prompt, "expanded_prompt": expanded,
             "seed": result.seed, "position": position, "model": result.model_name,
@@ -270,7 +273,11 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
             recipe["variation_of"] = {**job.params["vary_from"], "path": str(source),
                                       "strength": job.params.get("variation_strength")}
         recipe.update(extra_recipe)
+        recipe["provenance"] = {"c2pa": "signed manifest (c2pa.created, trainedAlgorithmicMedia)",
+                                "watermark": watermark_note, "credited": creator is not None}
         path = save_png(image, folder / f"{position + 1}.png", recipe)
+        provenance.stamp(path, settings, job_id=job.id, model=result.model_name,
+                         seed=result.seed, creator=creator, source=source)
         paths.append(str(path))
         artifacts.append(Artifact(job_id=job.id, kind="image", position=position, path=str(path),
                                   content_hash=content_hash(Path(path).read_bytes()),
