@@ -55,6 +55,8 @@ class IntentKind(enum.StrEnum):
     SETTINGS = "settings"
     FORGET = "forget"
     LINK = "link"
+    #: Where a picture comes from (reply to it, or attach it): a worker reads its provenance.
+    VERIFY = "verify"
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,8 @@ COMMANDS: dict[str, tuple[IntentKind, str]] = {
     "settings": (IntentKind.SETTINGS, "learning on|off for you; admins: emoji 🎉 positive|negative|neutral"),
     "forget": (IntentKind.FORGET, "/forget feedback erases your reactions and what I learned from them"),
     "link": (IntentKind.LINK, "link your identities on two platforms: /link, then /link CODE on the other"),
+    "verify": (IntentKind.VERIFY, "where a picture comes from: reply /verify to it, or send it "
+                                  "with the caption /verify"),
 }
 
 #: Commands that exist for adapters but are not offered to people: a Discord "Refine" modal
@@ -102,7 +106,8 @@ HIDDEN_COMMANDS: dict[str, tuple[IntentKind, str]] = {
 }
 
 #: Intents whose argument is a free-form instruction rather than a creative prompt.
-_PLAIN_ARGUMENT_KINDS = frozenset({IntentKind.SETTINGS, IntentKind.FORGET, IntentKind.LINK})
+_PLAIN_ARGUMENT_KINDS = frozenset({IntentKind.SETTINGS, IntentKind.FORGET, IntentKind.LINK,
+                                   IntentKind.VERIFY})
 
 _COMMAND = re.compile(r"^/(?P<name>[A-Za-z0-9_]+)(?:@(?P<bot>[A-Za-z0-9_]+))?(?:\s+|$)(?P<rest>.*)$", re.S)
 
