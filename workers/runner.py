@@ -512,7 +512,8 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
 
 _PROGRESS = {"story": "✍️ Writing the story…", "brainstorm": "💡 Thinking up ideas…",
              "understand": "🤔 Reading your message…", "refine": "✏️ Refining…",
-             "remix": "🎨 Remixing your picture…"}
+             "remix": "🎨 Remixing your picture…",
+             "verify": "🔎 Checking where this picture comes from…"}
 
 
 def _generate(store: Store, job: Job, settings: Settings) -> _Outcome:
@@ -521,10 +522,40 @@ def _generate(store: Store, job: Job, settings: Settings) -> _Outcome:
         return _understand(store, job, settings)
     if job.intent == "brainstorm":
         return _brainstorm(job, settings)
+    if job.intent == "verify":
+        return _verify(store, job, settings)
     if job.kind == "text":
         thread, history = _thread_history(store, job)
         return _generate_text(job, settings, thread=thread, history=history)
     return _generate_image(job, settings, source=_variation_source(store, job), store=store)
+
+
+# -- /verify ---------------------------------------------------------------------------------
+
+
+def _verify(store: Store, job: Job, settings: Settings) -> _Outcome:
+    """Say where a picture comes from: its manifest, its watermark, what the store knows."""
+    asked = job.params["verify"]
+    if asked.get("path"):
+        path = Path(asked["path"])
+    else:
+        images = [a.path for a in store.artifacts(asked["job_id"], "image") if a.path]
+        path = Path(images[min(int(asked.get("position", 0)), len(images) - 1)]) if images \
+            else Path()
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise UserInputError("That picture is gone (erased with /forget, or lost), so there "
+                             "is nothing left to check; send the picture itself with the "
+                             "caption /verify.") from None
+    found = provenance.verify_bytes(data, str(asked.get("name") or path.name),
+                                    settings=settings, store=store)
+    message = OutboundMessage(MessageKind.RESULT, found.text(), job_id=job.id)
+    return _Outcome("provenance check", [message], [Artifact(
+        job_id=job.id, kind="text", position=0, text=found.text(),
+        content_hash=content_hash(found.text().encode()),
+        recipe={"job_id": job.id, "verified": str(path.name), "found_job": found.job_id,
+                "manifest": found.manifest.state or "none"}, created_at=utcnow())], {})
 
 
 # -- free text the rules could not place ----------------------------------------------------
