@@ -57,6 +57,8 @@ class IntentKind(enum.StrEnum):
     LINK = "link"
     #: Where a picture comes from (reply to it, or attach it): a worker reads its provenance.
     VERIFY = "verify"
+    #: A private sign-in link to the community's gallery and dashboard in a browser.
+    WEB = "web"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +99,7 @@ COMMANDS: dict[str, tuple[IntentKind, str]] = {
     "link": (IntentKind.LINK, "link your identities on two platforms: /link, then /link CODE on the other"),
     "verify": (IntentKind.VERIFY, "where a picture comes from: reply /verify to it, or send it "
                                   "with the caption /verify"),
+    "web": (IntentKind.WEB, "a private link to this community's gallery and dashboard in your browser"),
 }
 
 #: Commands that exist for adapters but are not offered to people: a Discord "Refine" modal
@@ -241,7 +244,7 @@ def parse_command(name: str, args: dict[str, Any], *, max_prompt_chars: int) -> 
         hint = f" Did you mean /{close[0]}?" if close else ""
         raise UnknownCommandError(f"I don't know the command /{name}.{hint} Send /help for the list.")
     kind = known[name][0]
-    if kind in (IntentKind.HELP, IntentKind.PROFILE):
+    if kind in (IntentKind.HELP, IntentKind.PROFILE, IntentKind.WEB):
         return Intent(kind)
     if kind in _PLAIN_ARGUMENT_KINDS:
         return Intent(kind, " ".join(str(args.get("prompt") or "").split())[:max_prompt_chars])

@@ -126,19 +126,25 @@ def test_pictures_are_signed_credited_on_request_and_variations_name_their_sourc
     assert "Creator: Ada Lovelace" in original.stdout
 
 
-def test_verify_says_when_there_is_nothing_to_find(prov_stack: Stack) -> None:
+def test_verify_says_when_there_is_nothing_to_find(prov_stack: Stack,
+                                                  monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """The exit codes of ``musespark verify`` (its module's ``main``, in this process)."""
+    from workers.provenance.__main__ import main as verify
+
     stack = prov_stack
+    for key, value in stack.env.items():
+        monkeypatch.setenv(key, value)
     plain = stack.root / "holiday.png"
     Image.effect_noise((400, 300), 40).convert("RGB").save(plain)
-    result = _verify_cli(stack, plain)
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "No MuseSpark provenance found in holiday.png" in result.stdout
+    assert verify(["verify", str(plain)]) == 1
+    assert "No MuseSpark provenance found in holiday.png" in capsys.readouterr().out
     notes = stack.root / "notes.png"
     notes.write_text("not a picture")
-    result = _verify_cli(stack, notes)
-    assert result.returncode == 2 and "not a picture I can read" in result.stderr
-    result = _verify_cli(stack, stack.root / "missing.png")
-    assert result.returncode == 2 and "Cannot read" in result.stderr
+    assert verify(["verify", str(notes)]) == 2
+    assert "not a picture I can read" in capsys.readouterr().err
+    assert verify(["verify", str(stack.root / "missing.png")]) == 2
+    assert "Cannot read" in capsys.readouterr().err
 
 
 def _start_worker(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
