@@ -156,8 +156,9 @@ def signing_cost(pictures: int) -> None:
             saved = signed = 0.0
             for seed in range(pictures):
                 path = Path(folder) / f"{side}-{seed}.png"
+                picture = _synthetic(side, seed)
                 started = time.perf_counter()
-                save_png(_synthetic(side, seed), path, {"job_id": "0" * 12})
+                save_png(picture, path, {"job_id": "0" * 12})
                 saved += time.perf_counter() - started
                 started = time.perf_counter()
                 sign_picture(path, material, job_id="0" * 12, model="bench", seed=seed)
