@@ -33,8 +33,7 @@ def prov_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPath
     """One deployment per backend whose demo pictures are big enough for the watermark."""
     _require_backend(request.param)
     stack = Stack.create(request.param, tmp_path_factory.mktemp(f"prov-{request.param}"),
-                         model_cache, MUSESPARK_IMAGE_SIZE="272", MUSESPARK_IMAGE_STEPS="1",
-                         MUSESPARK_IMAGE_TAKES="1")
+                         model_cache, MUSESPARK_IMAGE_SIZE="272", MUSESPARK_IMAGE_TAKES="1")
     try:
         stack.start_worker()
         yield stack

@@ -25,12 +25,14 @@ from tests.fake_discord import BOT_TOKEN, FakeDiscord, button_payload, serving, 
 from tests.fake_telegram import Call, FakeTelegram
 from tests.test_discord_adapter import REQUESTER, until
 from tests.test_telegram import (
-    RESULT_TIMEOUT_SECONDS,
     deployment,
     from_worker,
     job_for,
     private_chat,
 )
+
+
+RESULT_TIMEOUT_SECONDS = 300
 
 
 def _picture(side: int = 96) -> bytes:
