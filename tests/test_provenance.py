@@ -22,6 +22,7 @@ from bots.console import ConsoleChat, ShownMessage
 from core.events import Actor
 from tests._stack import REPO, Stack
 from tests.conftest import BACKENDS, _require_backend
+from workers.provenance import create_local_chain
 
 RESULT_TIMEOUT_SECONDS = 240
 TRAINED = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -166,9 +167,7 @@ def test_a_worker_without_a_usable_signing_key_refuses_to_start(tmp_path: Path,
     trust = stack.settings.trust_dir
     assert (trust / "signing.key").stat().st_mode & 0o777 == 0o600
     other = tmp_path / "other"
-    subprocess.run([sys.executable, "-m", "bots.cli", "trust", "init"], check=True,
-                   env=_env(stack, MUSESPARK_DATA_DIR=str(other)), cwd=tmp_path,
-                   capture_output=True, timeout=60)
+    create_local_chain(other / "trust")
     (trust / "signing.key").write_bytes((other / "trust" / "signing.key").read_bytes())
     wrong = _start_worker(_env(stack), tmp_path)
     assert wrong.returncode == 3 and "does not belong to the first certificate" in wrong.stderr
@@ -199,19 +198,23 @@ def test_a_worker_without_a_usable_signing_key_refuses_to_start(tmp_path: Path,
 
 
 def test_trust_init_keeps_an_existing_chain_and_force_keeps_the_old_root_trusted(
-        tmp_path: Path, model_cache: Path) -> None:
+        tmp_path: Path, model_cache: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """``musespark trust init`` (its module's ``main``, in this process; the command itself
+    runs in the test above)."""
+    from workers.provenance.__main__ import main as provenance
+
     stack = Stack.create("embedded", tmp_path / "stack", model_cache)
-    run = [sys.executable, "-m", "bots.cli", "trust", "init"]
-    first = subprocess.run(run, env=_env(stack), cwd=tmp_path, capture_output=True, text=True,
-                           timeout=60)
-    assert first.returncode == 0 and "Made a local root CA" in first.stdout, first.stderr
+    for name, value in stack.env.items():
+        monkeypatch.setenv(name, value)
+    assert provenance(["trust", "init"]) == 0
+    assert "Made a local root CA" in capsys.readouterr().out
     trust = stack.settings.trust_dir
     key = (trust / "signing.key").read_bytes()
-    again = subprocess.run(run, env=_env(stack), cwd=tmp_path, capture_output=True, text=True,
-                           timeout=60)
-    assert "already exists" in again.stdout and (trust / "signing.key").read_bytes() == key
-    subprocess.run([*run, "--force"], env=_env(stack), cwd=tmp_path, check=True,
-                   capture_output=True, timeout=60)
+    assert provenance(["trust", "init"]) == 0
+    assert "already exists" in capsys.readouterr().out
+    assert (trust / "signing.key").read_bytes() == key
+    assert provenance(["trust", "init", "--force"]) == 0
     assert (trust / "signing.key").read_bytes() != key
     assert (trust / "trust-anchors.pem").read_text().count("BEGIN CERTIFICATE") == 2
     assert trust.stat().st_mode & 0o777 == 0o700

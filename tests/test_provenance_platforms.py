@@ -117,18 +117,19 @@ def test_telegram_offers_the_original_file_and_verifies_what_it_is_sent(
 
 
 def test_discord_verifies_an_attached_picture_and_attaches_the_original(
-        make_stack: Any, tmp_path: Path) -> None:
+        tmp_path: Path, model_cache: Path) -> None:
     with serving() as discord_fake:
-        _discord_scenario(make_stack, discord_fake)
+        stack = Stack.create("embedded", tmp_path / "stack", model_cache,
+                             MUSESPARK_DISCORD_API_URL=discord_fake.api_url,
+                             MUSESPARK_DISCORD_TOKEN=BOT_TOKEN, MUSESPARK_IMAGE_TAKES="1")
+        try:
+            stack.start_worker()
+            _discord_scenario(stack, discord_fake)
+        finally:
+            stack.close()
 
 
-def _discord_scenario(make_stack: Any, fake: FakeDiscord) -> None:
-    stack: Stack = make_stack(MUSESPARK_DISCORD_API_URL=fake.api_url,
-                              MUSESPARK_DISCORD_TOKEN=BOT_TOKEN, MUSESPARK_IMAGE_TAKES="1")
-    if stack.backend != "embedded":
-        pytest.skip("Discord provenance runs on the embedded backend; tests/test_provenance.py "
-                    "covers both")
-    stack.start_worker()
+def _discord_scenario(stack: Stack, fake: FakeDiscord) -> None:
     store = stack.runtime.store
 
     async def job_from_edit(payload: dict[str, Any]) -> Job:
