@@ -55,6 +55,9 @@ class Actor:
     #: Admin of the community here (guild: Manage Server; group: chat administrator). Adapters
     #: that cannot tell leave it False; in direct chats everyone administers their own chat.
     is_admin: bool = False
+    #: Trusted to moderate here without being an admin (Discord: Manage Messages). With
+    #: ``is_admin`` it may report results (🚩), which hides them.
+    is_moderator: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,9 @@ class Channel:
     kind: ChannelKind = ChannelKind.DIRECT
     guild_id: str | None = None
     thread_id: str | None = None
+    #: Marked age-restricted by the platform (Discord "NSFW" channels; a thread inherits its
+    #: parent channel's flag). Only there may a Discord community switch safety ``off``.
+    nsfw: bool = False
 
     @property
     def community_id(self) -> str:

@@ -119,6 +119,8 @@ class FakeTelegram:
     can_read_all_group_messages: bool = False
     #: getChatMember answers: (chat_id, user_id) -> status ("administrator", "member", ...).
     members: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: Users who never started a private chat with the bot: it may not write to them (403).
+    unstarted: set[str] = field(default_factory=set)
     webhook_last_error: str | None = None
 
     def __post_init__(self) -> None:
@@ -705,6 +707,20 @@ class FakeTelegram:
         if _utf16_len(text) > MESSAGE_MAX_CHARS:
             raise ApiError(400, "Bad Request: message is too long")
         return self._new_message(call, text=text)
+
+    def _m_sendDocument(self, call: Call) -> Any:  # noqa: N802
+        self._check_caption(call.params.get("caption"))
+        data = call.files.get("document")
+        if data is None:
+            raise ApiError(400, "Bad Request: there is no document in the request")
+        if str(call.params["chat_id"]) in self.unstarted:
+            raise ApiError(403, "Forbidden: bot can't initiate conversation with a user")
+        content: dict[str, Any] = {"document": {"file_id": f"doc{len(data)}",
+                                                "file_unique_id": f"u{len(data)}",
+                                                "file_size": len(data)}}
+        if call.params.get("caption"):
+            content["caption"] = call.params["caption"]
+        return self._new_message(call, **content)
 
     def _m_sendPhoto(self, call: Call) -> Any:  # noqa: N802
         self._check_caption(call.params.get("caption"))

@@ -72,7 +72,7 @@ def test_playground_picture_arrives_live_with_both_takes(web: Stack, page_a: Pag
     page = page_a
     page.goto("/")
     page.evaluate("window.notReloaded = true")
-    box = page.get_by_label("Message")  # the input is labelled
+    box = page.get_by_label("Message", exact=True)  # the input is labelled
     box.fill(f"/imagine {PROMPT}")
     page.get_by_role("button", name="Send").click()
     # The request's status message and its live progress line (queued / drawing / done).
@@ -162,12 +162,11 @@ def test_dashboard_plot_changes_with_a_reaction(web: Stack, page_a: Page) -> Non
     assert "❤️" in page.locator("table[aria-label='Recent feedback']").first.inner_text()
 
 
-def test_another_tab_is_another_person_who_sees_the_gallery(web: Stack, browser: Browser,
-                                                            page_a: Page) -> None:
-    other = browser.new_context(base_url=web.settings.resolved_web_url)
+def test_another_tab_is_another_person_who_sees_the_gallery(web: Stack, page_a: Page) -> None:
+    page = page_a.context.new_page()  # a new tab of the same browser
     try:
-        page = other.new_page()
         page.goto("/")
+        assert "as=" in page.url  # the tab keeps its person in its address
         expect(page.locator("#chat .msg")).to_have_count(0)  # a chat of their own
         me = page.locator("header.top .muted").inner_text()
         assert me and me != page_a.locator("header.top .muted").inner_text()
@@ -178,8 +177,11 @@ def test_another_tab_is_another_person_who_sees_the_gallery(web: Stack, browser:
         # The community's taste is shared; their own has no feedback yet.
         assert _style_points(page) >= 2
         assert page.locator("#plot-person-image-style").get_attribute("data-points") == "0"
+        # The first tab is still the first person (its links carry them).
+        page_a.get_by_role("link", name="Playground").click()
+        expect(page_a.locator("#chat .msg-result img")).to_have_count(2)
     finally:
-        other.close()
+        page.close()
 
 
 def _web_link(web: Stack, guild: str, *, admin: bool) -> str:

@@ -29,6 +29,7 @@ from sqlalchemy import select
 
 from core import actions, cocreation, taste, understanding
 from core.errors import (
+    ContentBlockedError,
     DeliveryError,
     ModelUnavailableError,
     MuseSparkError,
@@ -39,9 +40,10 @@ from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Artifact, Claim, DeliveredMessage, Job, JobState, Store, content_hash, utcnow
 from workers import provenance
+from workers import shutdown
 from workers.delivery import RemoteDeliverer, TransactionalDeliverer, get_deliverer
 
-__all__ = ["execute_job", "worker_name"]
+__all__ = ["execute_job", "last_failure_cause", "worker_name"]
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +256,7 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
         result = generator.generate(expanded, n=int(job.params.get("count", 1)),
                                     seed=job.seed, steps=steps,
                                     guidance=guidance, width=width, height=height)
+    _check_pictures(job, result.images, settings, store)
     folder = settings.artifacts_dir / job.id
     folder.mkdir(parents=True, exist_ok=True)
     artifacts, paths = [], []
@@ -294,6 +297,29 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
     return _Outcome(result.model_name, [message], artifacts,
                     {"refine": {**job.params["refine"], "prompt": prompt}}
                     if job.params.get("refine") else {})
+
+
+def _check_pictures(job: Job, images: list[PIL.Image.Image], settings: Settings,
+                    store: Store | None) -> None:
+    """Refuse pictures the community's safety policy does not allow: nothing is kept or
+    posted, the person is told why, and the admins' audit log records it."""
+    from core.safety import DEFAULT_POLICY
+    from workers.safety import blocked_class
+
+    policy = str(job.params.get("safety") or DEFAULT_POLICY)
+    blocked = blocked_class(images, policy, settings.picture_detector)
+    if blocked is None:
+        return
+    log.warning("job %s: picture blocked by the %s safety policy (%s)", job.id, policy, blocked)
+    if store is not None:
+        from core.policy import Policy
+
+        Policy(store, settings).audit(community_id=job.community_id, kind="blocked_picture",
+                                      subject_user_id=job.user_id, job_id=job.id,
+                                      detail={"policy": policy, "detected": blocked})
+    raise ContentBlockedError(
+        f"I drew this, but the picture came out in a way this community's safety setting "
+        f"({policy}) doesn't allow, so I didn't post it. Try asking differently.")
 
 
 def _variation_source(store: Store, job: Job) -> Path | None:
@@ -353,11 +379,13 @@ def _record_transactionally(store: Store, claim: Claim, job: Job, state: JobStat
 
 
 def _fail(store: Store, claim: Claim, job: Job, reason: str, settings: Settings, *,
-          tell_person: bool = True) -> str:
+          tell_person: bool = True, cause: str = "error") -> str:
     """Fail the job with ``reason`` (stored, and shown to the person when we still can).
 
     A part of a piece (a story's picture) tells nobody: the piece's post says so in place.
+    ``cause`` is the failure's metric label (one of ``core.metrics.FAILURE_REASONS``).
     """
+    _process["failure_cause"] = cause
     if job.params.get("part_of"):
         with store.finishing(claim, JobState.FAILED, reason=reason) as session:
             if session is None:
@@ -382,6 +410,36 @@ def _fail(store: Store, claim: Claim, job: Job, reason: str, settings: Settings,
 
 def _deliver(store: Store, claim: Claim, job: Job, messages: list[OutboundMessage],
              settings: Settings) -> str:
+    with shutdown.shielded():  # a part cut off half sent could be posted twice
+        return _deliver_shielded(store, claim, job, messages, settings)
+
+
+def _hand_back(store: Store, claim: Claim, job: Job, settings: Settings) -> str:
+    """The worker is stopping and its grace period is over: give the unfinished job back.
+
+    Nothing was posted (posting is shielded); the outbox, if any, is kept, so the next worker
+    only posts. The attempt is returned: a scale-down is not a crash.
+    """
+    if store.defer(claim, 0) is None:
+        return "lost"
+    log.warning("job %s handed back: this worker is stopping", job.id)
+    from core.metrics import JOBS_HANDED_BACK
+
+    JOBS_HANDED_BACK.inc()
+    try:
+        _publisher(settings).publish(job.id, job.kind, job.params)
+    except QueueUnavailableError:
+        log.warning("job %s waits for the redriver: the broker is unreachable", job.id)
+    return "handed back"
+
+
+def last_failure_cause() -> str:
+    """Why the last job this process failed did so (a metric label), and forget it."""
+    return str(_process.pop("failure_cause", "error"))
+
+
+def _deliver_shielded(store: Store, claim: Claim, job: Job, messages: list[OutboundMessage],
+                      settings: Settings) -> str:
     deliverer = get_deliverer(job.platform, settings)
     if isinstance(deliverer, TransactionalDeliverer):
         ok = _record_transactionally(store, claim, job, JobState.DELIVERED, messages, deliverer,
@@ -402,7 +460,7 @@ def _deliver(store: Store, claim: Claim, job: Job, messages: list[OutboundMessag
         if exc.final or exc.retry_after is None:
             log.error("job %s: delivery refused for good: %s", job.id, exc)
             return _fail(store, claim, job, f"I could not post the result: {exc}", settings,
-                         tell_person=False)
+                         tell_person=False, cause="delivery_refused")
         due = store.defer(claim, exc.retry_after)
         if due is None:
             return "lost"
@@ -444,6 +502,32 @@ def _post_outbox(store: Store, claim: Claim, job: Job, target: DeliveryTarget,
 def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
     """Run one job if it is ours to run. Returns what happened, for logs and tests.
 
+    A job that is done makes room for its person's next job held back for fair share
+    (``MUSESPARK_FAIR_SHARE_INFLIGHT``), which is published now.
+    """
+    outcome = _execute_job(job_id, store=store, settings=settings)
+    if outcome in ("delivered", "failed") and settings.fair_share_inflight:
+        _release_next(store, job_id, settings)
+    return outcome
+
+
+def _release_next(store: Store, job_id: str, settings: Settings) -> None:
+    job = store.get_job(job_id)
+    if job is None or job.requester is None:
+        return
+    released = store.release_next(job.requester, job.kind, settings.fair_share_inflight)
+    if released is None:
+        return
+    try:
+        _publisher(settings).publish(released.id, released.kind, released.params)
+        store.mark_published(released.id)
+    except QueueUnavailableError:
+        log.info("job %s released but not published; the redriver will", released.id)
+
+
+def _execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
+    """Run one job if it is ours to run. Returns what happened, for logs and tests.
+
     A job generates once: its result (artifacts and the messages to post) is kept with the job,
     so a delivery interrupted by a rate limit or a crash resumes without generating again.
     """
@@ -459,7 +543,7 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
         log.error("job %s exhausted %d attempts", job_id, claim.attempt - 1)
         return _fail(store, claim, job, (
             f"This request stopped its worker {claim.attempt - 1} times (it may need more "
-            "memory than the machine has), so I gave up on it."), settings)
+            "memory than the machine has), so I gave up on it."), settings, cause="exhausted")
     if job.outbox is not None:
         messages = [OutboundMessage.from_dict(m) for m in job.outbox]
         log.info("job %s attempt %d: resuming delivery", job_id, claim.attempt)
@@ -470,20 +554,22 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
     _show_progress(job, settings, _PROGRESS.get(job.intent) or (
         "🎨 Drawing…" if job.kind == "image" else "✍️ Writing…"))
     try:
-        with _Heartbeat(store, claim, settings.job_heartbeat_seconds):
+        with _Heartbeat(store, claim, settings.job_heartbeat_seconds), shutdown.interruptible():
             if job.intent == "story":
                 return _run_story(store, claim, job, settings)
             outcome = _generate(store, job, settings)
+    except shutdown.HandBack:
+        return _hand_back(store, claim, job, settings)
     except UserInputError as exc:
-        return _fail(store, claim, job, exc.user_message, settings)
+        return _fail(store, claim, job, exc.user_message, settings, cause="user_input")
     except ModelUnavailableError as exc:
         log.error("job %s: model unavailable: %s", job_id, exc)
-        return _fail(store, claim, job, exc.user_message, settings)
+        return _fail(store, claim, job, exc.user_message, settings, cause="model_unavailable")
     except SoftTimeLimitExceeded:
         log.error("job %s hit its time limit after %.0f s", job_id, time.monotonic() - started)
         return _fail(store, claim, job, (
             "That took longer than this request is allowed to take, so I stopped it. "
-            "Try a shorter request or fewer images."), settings)
+            "Try a shorter request or fewer images."), settings, cause="time_limit")
     except MuseSparkError as exc:
         log.exception("job %s failed", job_id)
         return _fail(store, claim, job, exc.user_message, settings)
@@ -491,7 +577,7 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
         log.exception("job %s crashed", job_id)
         return _fail(store, claim, job, (
             f"Something broke while making this ({type(exc).__name__}). The operator can "
-            f"find job {job_id} in the worker log."), settings)
+            f"find job {job_id} in the worker log."), settings, cause="crash")
     log.info("job %s generated in %.1f s by %s", job_id, time.monotonic() - started,
              outcome.model)
     if not store.save_outcome(claim, model=outcome.model,
@@ -499,6 +585,10 @@ def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
                               artifacts=outcome.artifacts, params=outcome.params):
         log.info("job %s no longer ours (attempt %d); dropping its result", job_id,
                  claim.attempt)
+        if store.get_job(job_id) is None:  # its person was forgotten while it ran
+            import shutil
+
+            shutil.rmtree(settings.artifacts_dir / job_id, ignore_errors=True)
         return "lost"
     if job.params.get("part_of"):
         # A story's picture: kept, not posted; the story posts it in its place.
@@ -738,7 +828,7 @@ def _ensure_scenes(store: Store, job: Job, plan: dict[str, Any],
     for number, scene in enumerate(scenes, start=1):
         params: dict[str, Any] = taste.generation_params("image", choice)
         params.update(count=1, steps=settings.image_steps, size=settings.image_size,
-                      taste=record, part_of=job.id,
+                      taste=record, part_of=job.id, safety=job.params.get("safety"),
                       story={"id": job.id, "title": plan["title"], "scene": number,
                              "of": len(scenes), "text": scene["text"]})
         prompt = f"{scene['picture']}, from the story “{plan['title']}”"

@@ -75,11 +75,15 @@ class ConsoleChat:
 
     def _post_replies(self, replies: list[OutboundMessage], reply_to: int) -> None:
         for reply in replies:
+            if reply.delete_message_id:  # 🗑️ or a report: the result leaves the chat
+                if reply.delete_message_id.isdigit():
+                    self.store.remove_local_message(int(reply.delete_message_id))
+                continue
             if reply.job_id:
                 self._jobs.add(reply.job_id)
             self.store.add_local_message(
                 chat_id=self.chat_id, author="bot", job_id=reply.job_id, kind=reply.kind.value,
-                text=reply.text, attachments={"images": [*reply.images, *reply.files],
+                text=reply.text, attachments={"images": [*reply.images, *reply.originals],
                                               "buttons": []},
                 reply_to=reply_to)
 

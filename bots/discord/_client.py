@@ -19,6 +19,7 @@ Deadlines and limits this code is shaped by (Discord API v10, discord.py 2.7):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -31,6 +32,7 @@ from bots.discord._commands import register_commands
 from bots.discord._convert import (
     PLATFORM,
     actor_of,
+    channel_nsfw,
     channel_of_interaction,
     command_event,
     component_event,
@@ -41,10 +43,20 @@ from bots.discord._convert import (
 from bots.discord._setup import build_intents
 from core.actions import ACTION_PATTERN, QUIET_ACTIONS
 from core.errors import UserInputError
-from core.events import Channel, ChannelKind, CommandInvoked, CommandSource, Event, MessageReceived
+from core.events import (
+    Channel,
+    ChannelKind,
+    CommandInvoked,
+    CommandSource,
+    Event,
+    MessageReceived,
+    ReactionChanged,
+)
 from core.intents import Intent, parse_command
-from core.orchestrator import Orchestrator
-from core.outbound import MessageKind, OutboundMessage
+from core.limits import DISCORD, truncate
+from core.orchestrator import REPORT_EMOJI, Orchestrator
+from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
+from core.redrive import DelayNotice, DelayNotifier, Redriver
 from core.store import Store
 from core.uploads import UPLOAD_MAX_BYTES, keep_upload
 
@@ -52,14 +64,16 @@ __all__ = ["MuseSparkDiscord", "ResultButton"]
 
 log = logging.getLogger(__name__)
 
-MESSAGE_MAX_CHARS = 2000
+MESSAGE_MAX_CHARS = DISCORD.message_chars
 INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
+#: How long a delay notice may take to post (it runs in the redriver's thread).
+DELAY_NOTICE_TIMEOUT_SECONDS = 30.0
 #: Discord's limit on a modal text input's value.
 MODAL_INPUT_MAX_CHARS = 4000
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= MESSAGE_MAX_CHARS else text[: MESSAGE_MAX_CHARS - 1] + "…"
+    return truncate(text, MESSAGE_MAX_CHARS, DISCORD.units)
 
 
 def _private(reply: OutboundMessage) -> bool:
@@ -119,18 +133,90 @@ class MuseSparkDiscord(discord.Client):
     """discord.py client that turns interactions and reactions into core events."""
 
     def __init__(self, orchestrator: Orchestrator, store: Store, *, mention_mode: bool = False,
-                 max_prompt_chars: int = 2000, **options: Any) -> None:
+                 max_prompt_chars: int = 2000, redriver: Redriver | None = None,
+                 **options: Any) -> None:
         # Prompts are echoed back: never let one ping @everyone or a role.
         options.setdefault("allowed_mentions", discord.AllowedMentions.none())
         super().__init__(intents=build_intents(mention_mode), **options)
         self.orchestrator, self.store = orchestrator, store
         self.mention_mode, self.max_prompt_chars = mention_mode, max_prompt_chars
+        self._parent_nsfw: dict[int, bool] = {}
+        self.redriver = redriver
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
         register_commands(self.tree, self)
 
     async def setup_hook(self) -> None:
         self.add_dynamic_items(ResultButton)
+        if self.redriver is not None:
+            self.redriver.tell_through(PLATFORM, self._delay_notifier())
+
+    async def close(self) -> None:
+        if self.redriver is not None:
+            self.redriver.tell_through(PLATFORM, None)
+        await super().close()
+
+    def _delay_notifier(self) -> DelayNotifier:
+        """Tells a person, from the redriver's thread, that their request waits: a reply in
+        its channel on this client's event loop (mentions off, as for every message)."""
+        loop = asyncio.get_running_loop()
+
+        def tell(notice: DelayNotice) -> None:
+            target = DeliveryTarget.from_dict(notice.job.delivery)
+            channel = self.get_partial_messageable(int(target.thread_id or target.chat_id))
+            reference = (channel.get_partial_message(int(target.reply_to))
+                         if target.reply_to and target.reply_to.isdigit() else None)
+            sending = channel.send(_clip(notice.text), reference=reference,  # type: ignore[arg-type]
+                                   mention_author=False)
+            asyncio.run_coroutine_threadsafe(sending, loop).result(DELAY_NOTICE_TIMEOUT_SECONDS)
+
+        return tell
+
+    async def nsfw(self, channel: Any | None) -> bool:
+        """Whether ``channel`` is age-restricted; for a thread, whether its parent channel is,
+        asked of Discord (once per parent) when the parent is not in discord.py's cache."""
+        if not isinstance(channel, discord.Thread) or channel.parent is not None:
+            return channel_nsfw(channel)
+        known = self._parent_nsfw.get(channel.parent_id)
+        if known is None:
+            try:
+                parent = await self.fetch_channel(channel.parent_id)
+            except discord.HTTPException as exc:
+                log.info("parent channel %s of thread %s not fetched: %s", channel.parent_id,
+                         channel.id, exc)
+                return False
+            known = self._parent_nsfw[channel.parent_id] = channel_nsfw(parent)
+        return known
+
+    async def _reporter(self, payload: discord.RawReactionActionEvent,
+                        event: ReactionChanged) -> ReactionChanged:
+        """A 🚩 counts as a report only from an admin (Manage Server) or a moderator (Manage
+        Messages): the raw event's member carries no permissions, so they are asked of Discord
+        (the guild with its roles, and the member)."""
+        if payload.guild_id is None:
+            return event
+        try:
+            guild = self.get_guild(payload.guild_id) or await self.fetch_guild(payload.guild_id)
+            member = guild.get_member(payload.user_id) or await guild.fetch_member(
+                payload.user_id)
+        except discord.HTTPException as exc:
+            log.info("could not check the rights of reporter %s: %s", payload.user_id, exc)
+            return event
+        rights = member.guild_permissions
+        actor = dataclasses.replace(event.actor, is_admin=rights.manage_guild,
+                                    is_moderator=rights.manage_messages)
+        return dataclasses.replace(event, actor=actor)
+
+    async def _hide(self, channel_id: int, replies: list[OutboundMessage]) -> None:
+        """Delete the messages core says to delete (a reported result)."""
+        channel = self.get_partial_messageable(channel_id)
+        for reply in replies:
+            if not reply.delete_message_id:
+                continue
+            try:
+                await channel.get_partial_message(int(reply.delete_message_id)).delete()
+            except discord.HTTPException as exc:
+                log.warning("could not delete message %s: %s", reply.delete_message_id, exc)
 
     async def handle(self, event: Event) -> list[OutboundMessage]:
         """Core's ``handle`` in a thread (it does blocking database and broker I/O)."""
@@ -149,7 +235,8 @@ class MuseSparkDiscord(discord.Client):
             return
         private = not intent.makes_job
         await interaction.response.defer(thinking=True, ephemeral=private)
-        replies = await self.handle(command_event(interaction, name, args))
+        replies = await self.handle(command_event(interaction, name, args,
+                                                  nsfw=await self.nsfw(interaction.channel)))
         await self._answer(interaction, replies, original_pending=True, original_private=private)
 
     async def run_remix(self, interaction: discord.Interaction[Any], image: discord.Attachment,
@@ -189,8 +276,9 @@ class MuseSparkDiscord(discord.Client):
             return
         replies: list[OutboundMessage] = []
         try:
-            replies = await self.handle(command_event(interaction, command,
-                                                      {**args, "image": str(staged)}))
+            replies = await self.handle(command_event(
+                interaction, command, {**args, "image": str(staged)},
+                nsfw=await self.nsfw(interaction.channel)))
         finally:
             await asyncio.to_thread(self._drop_staged, staged, replies)
         await self._answer(interaction, replies, original_pending=True, original_private=False)
@@ -230,7 +318,8 @@ class MuseSparkDiscord(discord.Client):
         else:
             await interaction.response.defer(thinking=True)
             pending = True
-        replies = await self.handle(component_event(interaction, custom_id))
+        replies = await self.handle(component_event(
+            interaction, custom_id, nsfw=await self.nsfw(interaction.channel)))
         await self._answer(interaction, replies, original_pending=pending,
                            original_private=False)
 
@@ -248,7 +337,24 @@ class MuseSparkDiscord(discord.Client):
             if reply.delete_message_id:
                 await self._delete_result(interaction, reply.delete_message_id)
             text = _clip(reply.text)
-            files = [discord.File(path) for path in reply.files]  # originals, bytes intact
+            if reply.files:  # for this person only (/mydata): ephemeral, then deleted here
+                files = [discord.File(path) for path in reply.files]
+                try:
+                    if original_pending and original_private:
+                        await interaction.edit_original_response(content=text,
+                                                                 attachments=files)
+                    else:
+                        if original_pending:
+                            await interaction.delete_original_response()
+                        await interaction.followup.send(text, files=files, ephemeral=True)
+                    original_pending = False
+                finally:
+                    for file in files:
+                        file.close()
+                    for path in reply.files:
+                        Path(path).unlink(missing_ok=True)
+                continue
+            files = [discord.File(path) for path in reply.originals]  # kept, bytes intact
             if original_pending:
                 original_pending = False
                 if _private(reply) and not original_private:
@@ -303,8 +409,12 @@ class MuseSparkDiscord(discord.Client):
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
         if self._ours_to_ignore(payload.user_id, payload.message_author_id):
             return
-        # Replies dropped: reactions are silent feedback, also on messages that are not ours.
-        await self.handle(reaction_event(payload, channel=self.get_channel(payload.channel_id)))
+        # Replies dropped: reactions are silent feedback, also on messages that are not ours;
+        # only a report's deletions are carried out.
+        event = reaction_event(payload, channel=self.get_channel(payload.channel_id))
+        if REPORT_EMOJI in event.added:
+            event = await self._reporter(payload, event)
+        await self._hide(payload.channel_id, await self.handle(event))
 
     async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
         if self._ours_to_ignore(payload.user_id, None):
@@ -339,7 +449,7 @@ class MuseSparkDiscord(discord.Client):
                 else ChannelKind.GUILD_CHANNEL)
         channel = Channel(chat_id=str(message.channel.id), kind=kind, guild_id=guild_id,
                           thread_id=str(message.channel.id) if kind is ChannelKind.THREAD
-                          else None)
+                          else None, nsfw=await self.nsfw(message.channel))
         event = MessageReceived(platform=PLATFORM, event_id=f"message:{message.id}",
                                 actor=actor_of(message.author), channel=channel,
                                 occurred_at=message.created_at, text=text,
