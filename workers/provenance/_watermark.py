@@ -67,13 +67,18 @@ def _decode(bgr: np.ndarray, scales: tuple[int, int]) -> str:
     return bytes(decoder.decode(bgr, METHOD, scales=list(scales) + [0])).hex()
 
 
+#: Scaling a picture back up by more than this finds nothing the original size would not.
+MAX_UPSCALE = 2.0
+
+
 def _candidates(width: int, height: int) -> Iterable[tuple[int, int]]:
-    """The picture as it is, then scaled back to each side the models render (largest side)."""
+    """The picture as it is, then scaled back to each side the models render (largest side),
+    up to twice its size (a 50% resize; Telegram's 1280 px cap on a 2048 px picture)."""
     yield width, height
     for side in KNOWN_SIDES:
         scale = side / max(width, height)
         size = round(width * scale), round(height * scale)
-        if size != (width, height) and fits(*size):
+        if size != (width, height) and fits(*size) and scale <= MAX_UPSCALE:
             yield size
 
 
