@@ -108,6 +108,10 @@ class CommandInvoked(_EventBase):
     message_id: str | None = None
     reply_to: str | None = None
     interaction_token: str | None = None
+    #: What the platform's deliverer needs besides the token (Discord: the application id and
+    #: when the token expires), decided by the adapter when it makes the event, so a job's
+    #: delivery target is complete before the job is published.
+    delivery_extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -117,6 +121,7 @@ class ComponentActivated(_EventBase):
     custom_id: str
     message_id: str
     interaction_token: str | None = None
+    delivery_extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -246,7 +246,8 @@ class Orchestrator:
         target = DeliveryTarget(
             platform=event.platform, chat_id=event.channel.chat_id,
             thread_id=event.channel.thread_id, reply_to=reply_to,
-            interaction_token=getattr(event, "interaction_token", None))
+            interaction_token=getattr(event, "interaction_token", None),
+            extra=dict(getattr(event, "delivery_extra", None) or {}))
         return Origin(event.platform, f"{event.platform}:{event.event_id}",
                       self.store.ensure_user(event.platform, event.actor),
                       self.store.ensure_community(event.platform, event.channel), target,

@@ -16,7 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    BrowserType,
+    Page,
+    Playwright,
+    expect,
+    sync_playwright,
+)
 
 from bots.web import WebServer
 from core.events import Actor, Channel, ChannelKind, CommandInvoked
@@ -27,8 +35,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 RESULT_TIMEOUT_MS = 90_000
 PROMPT = "a red lighthouse at dusk"
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=(
-    "Debian's Chromium is missing: apt-get install chromium (.ci/run installs it)"))
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=(
+        "Debian's Chromium is missing: apt-get install chromium (.ci/run installs it)")),
+    # The browser flows on the embedded deployment only, sharing its worker (and the models it
+    # has loaded) with the other end-to-end modules.
+    pytest.mark.parametrize("stack", ["embedded"], indirect=True),
+]
 
 
 @pytest.fixture(scope="session")
@@ -37,24 +50,43 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
     return {**browser_type_launch_args, "executable_path": str(CHROMIUM)}
 
 
+# pytest-playwright's own playwright/browser fixtures live for the whole session. Its sync API
+# keeps an asyncio loop running in the main thread while they do, so every later module's
+# asyncio.run() (the Discord and Telegram tests) would fail: here they live for this module.
 @pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Stack]:
-    stack = Stack.create("embedded", tmp_path_factory.mktemp("web"), model_cache,
-                         MUSESPARK_WEB_PORT=str(free_port()))
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser_type(playwright: Playwright) -> BrowserType:
+    return playwright.chromium
+
+
+@pytest.fixture(scope="module")
+def browser(browser_type: BrowserType,
+            browser_type_launch_args: dict[str, Any]) -> Iterator[Browser]:
+    launched = browser_type.launch(**browser_type_launch_args)
+    yield launched
+    launched.close()
+
+
+@pytest.fixture(scope="module")
+def web(stack: Stack) -> Iterator[Stack]:
+    """The session's embedded deployment and its warm worker (see the module's mark), with
+    the web server on a free port in this process."""
+    stack.runtime.settings.web_port = free_port()
+    server = WebServer(stack.runtime).start()
     try:
-        stack.start_worker()
-        server = WebServer(stack.runtime).start()
-        try:
-            yield stack
-        finally:
-            server.stop()
+        yield stack
     finally:
-        stack.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
 def person_a(browser: Browser, web: Stack) -> Iterator[BrowserContext]:
-    context = browser.new_context(base_url=web.settings.resolved_web_url)
+    context = browser.new_context(base_url=web.runtime.settings.resolved_web_url)
     yield context
     context.close()
 
@@ -134,7 +166,7 @@ def test_gallery_finds_the_picture_with_its_recipe(web: Stack, page_a: Page) -> 
     assert first.status == 200 and "immutable" in first.headers["cache-control"]
     again = page.request.get(thumb, headers={"If-None-Match": first.headers["etag"]})
     assert again.status == 304
-    made = list((web.settings.resolved_data_dir / "thumbs").glob("*.webp"))
+    made = list((web.runtime.settings.resolved_data_dir / "thumbs").glob("*.webp"))
     before = {p: p.stat().st_mtime_ns for p in made}
     page.request.get(thumb)
     assert {p: p.stat().st_mtime_ns for p in made} == before and made
@@ -198,7 +230,7 @@ def _web_link(web: Stack, guild: str, *, admin: bool) -> str:
 
 def test_sign_in_link_works_once_expires_and_stays_in_its_community(
         web: Stack, browser: Browser) -> None:
-    base = web.settings.resolved_web_url
+    base = web.runtime.settings.resolved_web_url
     link = _web_link(web, "g-one", admin=True)
     other_link = _web_link(web, "g-two", admin=False)
     one = int(link.split("/c/")[1].split("/")[0])
@@ -252,3 +284,4 @@ def test_sign_in_link_works_once_expires_and_stays_in_its_community(
         settings.web_signin_ttl_seconds = saved
     forged = httpx.get(f"{base}/c/{one}/signin/not-a-token", follow_redirects=False)
     assert forged.status_code == 403 and "not valid" in forged.text
+

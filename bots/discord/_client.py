@@ -37,6 +37,7 @@ from bots.discord._convert import (
     command_event,
     component_event,
     interaction_actor,
+    interaction_extra,
     reaction_event,
     reactions_cleared_event,
 )
@@ -65,7 +66,6 @@ __all__ = ["MuseSparkDiscord", "ResultButton"]
 log = logging.getLogger(__name__)
 
 MESSAGE_MAX_CHARS = DISCORD.message_chars
-INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
 #: How long a delay notice may take to post (it runs in the redriver's thread).
 DELAY_NOTICE_TIMEOUT_SECONDS = 30.0
 #: Discord's limit on a modal text input's value.
@@ -123,7 +123,8 @@ class RefineModal(discord.ui.Modal, title="Refine this result"):
             channel=channel_of_interaction(interaction), occurred_at=interaction.created_at,
             name="refine", args={"prompt": str(self.instruction.value)},
             source=CommandSource.SLASH, reply_to=self.result_message_id,
-            message_id=self.result_message_id, interaction_token=interaction.token)
+            message_id=self.result_message_id, interaction_token=interaction.token,
+            delivery_extra=interaction_extra(interaction))
         replies = await self.client.handle(event)
         await self.client._answer(interaction, replies, original_pending=True,
                                   original_private=False)
@@ -357,8 +358,6 @@ class MuseSparkDiscord(discord.Client):
                     await interaction.followup.send(text, ephemeral=True)
                     continue
                 await interaction.edit_original_response(content=text)
-                if reply.job_id:
-                    await asyncio.to_thread(self._remember_interaction, interaction, reply.job_id)
                 continue
             await interaction.followup.send(text, ephemeral=_private(reply))
         if original_pending:  # a replayed event: core made nothing and has nothing to say
@@ -374,18 +373,6 @@ class MuseSparkDiscord(discord.Client):
                 await channel.get_partial_message(int(message_id)).delete()  # type: ignore[union-attr]
         except discord.HTTPException as exc:
             log.warning("could not delete message %s: %s", message_id, exc)
-
-    def _remember_interaction(self, interaction: discord.Interaction[Any], job_id: str) -> None:
-        """Keep what the worker needs to answer through this interaction (see module doc)."""
-        job = self.store.get_job(job_id)
-        if job is None:
-            return
-        extra = {**job.delivery.get("extra", {}),
-                 "application_id": str(interaction.application_id),
-                 "interaction_expires_at":
-                     interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_SECONDS,
-                 "attachment_size_limit": interaction.filesize_limit}
-        self.store.update_delivery(job_id, extra=extra)
 
     # -- reactions ----------------------------------------------------------------------------
 

@@ -104,6 +104,18 @@ def channel_of_interaction(interaction: discord.Interaction[Any],
     return _channel(interaction.channel_id, interaction.guild_id, interaction.channel, nsfw)
 
 
+#: How long an interaction token lets the bot answer (follow-ups, edits).
+INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
+
+
+def interaction_extra(interaction: discord.Interaction[Any]) -> dict[str, Any]:
+    """What a worker needs to answer through ``interaction`` besides its token."""
+    return {"application_id": str(interaction.application_id),
+            "interaction_expires_at":
+                interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_SECONDS,
+            "attachment_size_limit": interaction.filesize_limit}
+
+
 def command_event(interaction: discord.Interaction[Any], name: str,
                   args: dict[str, Any], *, nsfw: bool | None = None) -> CommandInvoked:
     """A slash command; ``event_id`` is the interaction id, so a replay makes no second job."""
@@ -111,7 +123,8 @@ def command_event(interaction: discord.Interaction[Any], name: str,
         platform=PLATFORM, event_id=str(interaction.id), actor=interaction_actor(interaction),
         channel=channel_of_interaction(interaction, nsfw), occurred_at=interaction.created_at,
         raw=interaction.data, name=name, args={k: v for k, v in args.items() if v is not None},
-        source=CommandSource.SLASH, interaction_token=interaction.token)
+        source=CommandSource.SLASH, interaction_token=interaction.token,
+        delivery_extra=interaction_extra(interaction))
 
 
 def component_event(interaction: discord.Interaction[Any], custom_id: str, *,
@@ -121,7 +134,7 @@ def component_event(interaction: discord.Interaction[Any], custom_id: str, *,
         platform=PLATFORM, event_id=str(interaction.id), actor=interaction_actor(interaction),
         channel=channel_of_interaction(interaction, nsfw), occurred_at=interaction.created_at,
         raw=interaction.data, custom_id=custom_id, message_id=message_id,
-        interaction_token=interaction.token)
+        interaction_token=interaction.token, delivery_extra=interaction_extra(interaction))
 
 
 def reaction_event(payload: discord.RawReactionActionEvent, *,

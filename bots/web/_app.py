@@ -551,9 +551,11 @@ def create_app(runtime: BotRuntime, *, playground: bool = True,
         finally:
             await web.hub.close()
 
+    # Behind an HTTPS address the session cookie (a sign-in) never travels in clear.
+    secure = runtime.settings.resolved_web_url.startswith("https://")
     middleware = [Middleware(SessionMiddleware, secret_key=web_secret(runtime.settings),
                              session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_SECONDS,
-                             same_site="lax", https_only=False)]
+                             same_site="lax", https_only=secure)]
     if allowed_hosts:
         # A page on another site that resolves its own name to 127.0.0.1 (DNS rebinding)
         # must not reach the open playground.
