@@ -226,9 +226,19 @@ def _web_server(runtime: BotRuntime) -> Iterator[WebServer | None]:
         yield None
         return
     from bots.web import WebServer
+    from core.errors import ConfigurationError
 
-    with WebServer(runtime) as web:
+    try:
+        web = WebServer(runtime).start()
+    except ConfigurationError as exc:  # the port is taken: the chat still works without it
+        log.warning("no web pages: %s", exc)
+        print(f"(no web pages: {exc})", file=sys.stderr, flush=True)
+        yield None
+        return
+    try:
         yield web
+    finally:
+        web.stop()
 
 
 def _serve_platforms(settings: Settings, platforms: list[str]) -> int:
