@@ -129,15 +129,19 @@ def _start_workers(settings: Settings, count: int, log_dir: Path,
                    workers: list[subprocess.Popen[bytes]]) -> None:
     """Start ``count`` worker processes into ``workers`` (given, so a failure midway still
     leaves every started one in the caller's hands). Each watches this process (``--parent-pid``)
-    and goes away by itself if ``run`` dies without stopping it."""
+    and goes away by itself if ``run`` dies without stopping it. With
+    ``MUSESPARK_METRICS_PORT`` set (this process serves it), worker N serves the port N above."""
     log_dir.mkdir(parents=True, exist_ok=True)
     for n in range(count):
+        env = dict(os.environ)
+        if settings.metrics_port:
+            env["MUSESPARK_METRICS_PORT"] = str(settings.metrics_port + n + 1)
         with open(log_dir / f"worker-{n + 1}.log", "ab") as log_file:
             workers.append(subprocess.Popen(
                 [sys.executable, "-m", "workers", "--concurrency", "1",
                  "--name", f"musespark-{n + 1}-{os.getpid()}@%h",
                  "--parent-pid", str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT))
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env))
 
 
 def _wait_all(workers: list[subprocess.Popen[bytes]], timeout: float,
@@ -222,9 +226,19 @@ def _web_server(runtime: BotRuntime) -> Iterator[WebServer | None]:
         yield None
         return
     from bots.web import WebServer
+    from core.errors import ConfigurationError
 
-    with WebServer(runtime) as web:
+    try:
+        web = WebServer(runtime).start()
+    except ConfigurationError as exc:  # the port is taken: the chat still works without it
+        log.warning("no web pages: %s", exc)
+        print(f"(no web pages: {exc})", file=sys.stderr, flush=True)
+        yield None
+        return
+    try:
         yield web
+    finally:
+        web.stop()
 
 
 def _serve_platforms(settings: Settings, platforms: list[str]) -> int:
