@@ -16,7 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    BrowserType,
+    Page,
+    Playwright,
+    expect,
+    sync_playwright,
+)
 
 from bots.web import WebServer
 from core.events import Actor, Channel, ChannelKind, CommandInvoked
@@ -40,6 +48,28 @@ pytestmark = [
 def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[str, Any]:
     """Playwright drives the system's Chromium; it never downloads a browser."""
     return {**browser_type_launch_args, "executable_path": str(CHROMIUM)}
+
+
+# pytest-playwright's own playwright/browser fixtures live for the whole session. Its sync API
+# keeps an asyncio loop running in the main thread while they do, so every later module's
+# asyncio.run() (the Discord and Telegram tests) would fail: here they live for this module.
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser_type(playwright: Playwright) -> BrowserType:
+    return playwright.chromium
+
+
+@pytest.fixture(scope="module")
+def browser(browser_type: BrowserType,
+            browser_type_launch_args: dict[str, Any]) -> Iterator[Browser]:
+    launched = browser_type.launch(**browser_type_launch_args)
+    yield launched
+    launched.close()
 
 
 @pytest.fixture(scope="module")
@@ -254,3 +284,4 @@ def test_sign_in_link_works_once_expires_and_stays_in_its_community(
         settings.web_signin_ttl_seconds = saved
     forged = httpx.get(f"{base}/c/{one}/signin/not-a-token", follow_redirects=False)
     assert forged.status_code == 403 and "not valid" in forged.text
+
