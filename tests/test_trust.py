@@ -312,3 +312,45 @@ def test_discord_safety_off_only_in_age_restricted_channels_and_mods_report(
 
     with serving() as fake:
         asyncio.run(scenario(fake))
+
+
+def test_discord_a_thread_is_age_restricted_when_its_parent_channel_is(
+        discord_runtime: BotRuntime) -> None:
+    """discord.py's Thread reads its parent from the guild cache, which the bot may not hold:
+    the client asks Discord for the parent channel (once) and goes by its flag."""
+    runtime = discord_runtime
+    restricted, plain = "1260000000000000001", "1260000000000000002"
+
+    async def scenario(fake: FakeDiscord) -> None:
+        for parent, nsfw in ((restricted, True), (plain, False)):
+            fake.channels[parent] = {"id": parent, "type": 0, "guild_id": GUILD_ID,
+                                     "name": f"parent-{nsfw}", "position": 0,
+                                     "permission_overwrites": [], "nsfw": nsfw,
+                                     "parent_id": None}
+        async with logged_in(runtime) as client:
+            async def in_thread_of(parent: str, thread: str) -> str:
+                payload = slash_payload(fake, "settings", {"text": "safety off"},
+                                        user_id="5001", permissions=MANAGE_GUILD,
+                                        channel_id=thread)
+                payload["channel"] = {
+                    "id": thread, "type": 11, "guild_id": GUILD_ID, "name": "a thread",
+                    "parent_id": parent, "owner_id": "5001", "last_message_id": None,
+                    "rate_limit_per_user": 0, "message_count": 0, "member_count": 1,
+                    "flags": 0, "thread_metadata": {
+                        "archived": False, "auto_archive_duration": 1440,
+                        "archive_timestamp": "2026-11-30T00:00:00+00:00", "locked": False}}
+                client._connection.parse_interaction_create(payload)
+                edit = (await until(lambda: [c for c in _token_calls(fake, payload)
+                                             if c.method in ("PATCH", "POST")
+                                             and "content" in (c.json or {})]))[0]
+                return str(edit.json["content"])
+
+            assert "age-restricted" in await in_thread_of(plain, "1260000000000000011")
+            assert "safety is now off" in await in_thread_of(restricted, "1260000000000000012")
+            assert "safety is now off" in await in_thread_of(restricted, "1260000000000000013")
+        asked = [c for c in fake.calls if c.method == "GET" and c.path.startswith("/channels/")]
+        assert sorted(c.path for c in asked) == sorted([f"/channels/{plain}",
+                                                        f"/channels/{restricted}"])  # once each
+
+    with serving() as fake:
+        asyncio.run(scenario(fake))
