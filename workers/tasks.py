@@ -9,6 +9,7 @@ from core.queue import TASK_FOR_KIND
 from core.settings import Settings, get_settings
 from core.store import Store
 from workers.celery_app import app
+from workers.batching import run_image_task
 from workers.runner import execute_job
 
 __all__ = ["run_image_job", "run_text_job"]
@@ -35,5 +36,6 @@ def run_text_job(job_id: str) -> str:
 
 @app.task(name=TASK_FOR_KIND["image"])
 def run_image_job(job_id: str) -> str:
+    """A picture job, rendered together with compatible queued ones (workers/batching.py)."""
     store, settings = _resources()
-    return execute_job(job_id, store=store, settings=settings)
+    return run_image_task(job_id, store=store, settings=settings)
