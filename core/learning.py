@@ -325,6 +325,30 @@ class TasteService:
             return {(p.subject, p.subject_id, p.kind): (p.stats, p.version)
                     for p in s.scalars(select(Profile)).all()}
 
+    def timeline(self, subject: str, subject_id: int, kind: str,
+                 ) -> list[tuple[FeedbackEvent, Job, taste.Posterior]]:
+        """How one profile moved: after each feedback row that changed it, oldest first, the
+        row, its job and the profile's stats then (the log replayed with its recorded weights,
+        as :meth:`rebuild` does, so the last entry equals the live profile)."""
+        with self.store.session() as s:
+            persons = {u.id: u.person for u in s.scalars(select(User)).all()}
+            jobs: dict[str, Job] = {}
+            stats: taste.Posterior = {}
+            out: list[tuple[FeedbackEvent, Job, taste.Posterior]] = []
+            for row in s.scalars(select(FeedbackEvent).order_by(FeedbackEvent.id)).all():
+                job = jobs.get(row.job_id) or s.get(Job, row.job_id)
+                if job is None:
+                    continue
+                jobs[job.id] = job
+                signal = _signal(row, job)
+                if signal is None or signal.kind != kind:
+                    continue
+                actor = persons.get(row.user_id) if row.user_id is not None else None
+                if (subject, subject_id, kind) in _targets(row, job, actor, signal.kind):
+                    stats = taste.apply_signal(stats, signal)
+                    out.append((row, job, stats))
+            return out
+
     # -- rebuilding and forgetting --------------------------------------------------------------
 
     def rebuild(self) -> dict[ProfileKey, tuple[taste.Posterior, int]]:

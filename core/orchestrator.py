@@ -152,6 +152,8 @@ class Orchestrator:
             return [self._forget(event, intent.prompt, reply_to)]
         if intent.kind is IntentKind.LINK:
             return [self._link(event, intent.prompt, reply_to)]
+        if intent.kind is IntentKind.WEB:
+            return [self._web(event, reply_to)]
         origin = self.origin(event, reply_to)
         if intent.kind is IntentKind.REFINE:
             if replied is None or replied[0].intent == "understand":
@@ -307,6 +309,28 @@ class Orchestrator:
                          reply_to=reply_to)
         return _error("That link code is unknown or expired. Send /link to get a new one.",
                       reply_to=reply_to)
+
+    def _web(self, event: Event, reply_to: str | None) -> OutboundMessage:
+        """A private, one-time sign-in link to this community's web pages (core/web_access)."""
+        from core.web_access import mint_signin
+
+        if event.platform == "local":
+            return _info(f"The playground, gallery and dashboard are at "
+                         f"{self.settings.resolved_web_url}/ (open on this machine).",
+                         reply_to=reply_to)
+        if not self.settings.web:
+            return _error("The web pages are switched off here (MUSESPARK_WEB=false).",
+                          ephemeral=True, reply_to=reply_to)
+        url = mint_signin(self.store, self.settings,
+                          user_id=self.store.ensure_user(event.platform, event.actor),
+                          community_id=self.store.ensure_community(event.platform,
+                                                                   event.channel),
+                          admin=event.actor.is_admin
+                          or event.channel.kind is ChannelKind.DIRECT)
+        minutes = max(1, round(self.settings.web_signin_ttl_seconds / 60))
+        return _info(f"Your private link to this community's gallery and dashboard (works "
+                     f"once, for {minutes} minutes; don't share it): {url}", ephemeral=True,
+                     reply_to=reply_to)
 
     def submit(self, origin: Origin, intent: Intent, *, parent: Job | None = None,
                key_suffix: str = "", keep_style: bool = False, thread: bool = False,

@@ -158,6 +158,26 @@ class Settings(BaseSettings):
         "MESSAGE_CONTENT intent (enable it in the Developer Portal); slash commands do not.",
     )
 
+    web: bool = Field(
+        default=True,
+        description="Serve the web pages (playground, gallery, dashboard) beside the chat "
+        "adapters. false: no web server.")
+    web_listen: str = Field(
+        default="127.0.0.1",
+        description="Address the web server binds. Anything but a loopback address needs "
+        "MUSESPARK_WEB_SECRET, and then serves signed-in communities only (no open playground).")
+    web_port: int = Field(default=8765, ge=1, le=65535, description="Port of the web server.")
+    web_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs sign-in links and session cookies. Unset: a random one per start "
+        "(links die with the process), allowed on a loopback address only.")
+    web_url: str | None = Field(
+        default=None,
+        description="Public base URL of the web pages, used in /web sign-in links (e.g. "
+        "https://muse.example.org). Unset: http://WEB_LISTEN:WEB_PORT.")
+    web_signin_ttl_seconds: float = Field(
+        default=600.0, gt=0, description="How long a /web sign-in link stays valid (once).")
+
     @cached_property
     def resolved_data_dir(self) -> Path:
         """The data dir as an absolute path, created on first use."""
@@ -180,6 +200,14 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return self.resolved_broker_url.startswith(EMBEDDED_BROKER_SCHEME + ":")
+
+    @property
+    def resolved_web_url(self) -> str:
+        """Where people reach the web pages (the base of /web links), without a trailing /."""
+        if self.web_url:
+            return self.web_url.rstrip("/")
+        host = f"[{self.web_listen}]" if ":" in self.web_listen else self.web_listen
+        return f"http://{host}:{self.web_port}"
 
     @property
     def artifacts_dir(self) -> Path:

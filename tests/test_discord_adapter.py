@@ -28,6 +28,7 @@ from tests.fake_discord import (
     APPLICATION_ID,
     BOT_TOKEN,
     CHANNEL_ID,
+    EVERYDAY_BITS,
     GUILD_ID,
     FakeDiscord,
     button_payload,
@@ -364,5 +365,34 @@ def test_a_replayed_reaction_or_clear_changes_nothing_while_a_new_one_counts(
             assert [d for d, _ in feedback()] == [1, -1, 1, -1, 1, -1]
             assert sum(w for _, w in feedback()) == pytest.approx(0.0)
             assert failures == []
+
+    asyncio.run(scenario())
+
+
+MANAGE_GUILD_BIT = 1 << 5
+
+
+def test_web_answers_privately_with_a_link_to_this_server_and_its_admin_flag(
+        fake: FakeDiscord, runtime: BotRuntime) -> None:
+    from core.events import Channel, ChannelKind
+    from core.web_access import redeem_signin
+
+    community = runtime.store.ensure_community(
+        "discord", Channel(CHANNEL_ID, ChannelKind.GUILD_CHANNEL, guild_id=GUILD_ID))
+
+    async def scenario() -> None:
+        async with logged_in(runtime) as client:
+            for permissions, admin in ((EVERYDAY_BITS, False),
+                                       (str(int(EVERYDAY_BITS) | MANAGE_GUILD_BIT), True)):
+                payload = slash_payload(fake, "web", {}, user_id=REQUESTER,
+                                        permissions=permissions)
+                client._connection.parse_interaction_create(payload)
+                calls = await until(lambda: len(_token_calls(fake, payload)) >= 2 and
+                                    _token_calls(fake, payload))
+                assert calls[0].json == {"type": 5, "data": {"flags": 64}}  # ephemeral
+                found = re.search(r"/c/(\d+)/signin/(\S+)", calls[1].json["content"])
+                assert found, calls[1].json
+                grant = redeem_signin(runtime.store, runtime.settings, int(found[1]), found[2])
+                assert (grant.community_id, grant.admin) == (community, admin)
 
     asyncio.run(scenario())

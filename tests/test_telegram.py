@@ -507,3 +507,42 @@ def test_the_core_flow_on_redis_and_postgresql(tmp_path: Path, model_cache: Path
         assert sorted((r.kind, r.value) for r in rows) == [("button", "down"),
                                                           ("reaction", "👍")]
         assert len(jobs_with_key_prefix(stack, f"telegram:{chat}:")) == 1
+
+
+# -- /web sign-in links ----------------------------------------------------------------------------
+
+
+def _redeem(stack: Stack, text: str) -> Any:
+    """The grant a sign-in link in ``text`` gives (core/web_access.py)."""
+    import re
+
+    from core.web_access import redeem_signin
+
+    found = re.search(r"/c/(\d+)/signin/(\S+)", text)
+    assert found, text
+    return redeem_signin(stack.runtime.store, stack.runtime.settings, int(found[1]), found[2])
+
+
+def test_web_in_a_group_sends_the_link_privately_with_the_admin_flag(
+        tg: Stack, fake: FakeTelegram) -> None:
+    from core.events import Channel, ChannelKind
+
+    group = group_chat()
+    admin, member, stranger = 7101, 7102, 7103
+    fake.members[(str(group), str(admin))] = "administrator"
+    community = tg.runtime.store.ensure_community(
+        "telegram", Channel(str(group), ChannelKind.GROUP))
+    for count, (user, is_admin) in enumerate(((admin, True), (member, False)), 1):
+        fake.push(fake.text_update(group, "/web", user_id=user))
+        (private,) = fake.wait_calls("sendMessage", chat_id=user)
+        grant = _redeem(tg, private.params["text"])
+        assert (grant.community_id, grant.admin) == (community, is_admin)
+        note = fake.wait_calls("sendMessage", chat_id=group, count=count)[-1]
+        assert "private message" in note.params["text"] and "/signin/" not in note.params["text"]
+    # Someone who never started a chat with the bot is told how, and the group sees no link.
+    fake.block_chat(stranger)
+    fake.push(fake.text_update(group, "/web", user_id=stranger))
+    note = fake.wait_calls("sendMessage", chat_id=group, count=3)[-1]
+    assert "can't write to you privately" in note.params["text"]
+    assert not any("/signin/" in c.params.get("text", "")
+                   for c in fake.calls("sendMessage", chat_id=group))

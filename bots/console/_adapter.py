@@ -57,12 +57,17 @@ class ConsoleChat:
     store: Store
     chat_id: str = "local"
     user: Actor = field(default_factory=lambda: Actor("you", "You"))
+    #: The community the chat belongs to; None: the chat is its own (a direct chat). The web
+    #: playground's tabs are chats of one community, so they see one gallery and one taste.
+    community: str | None = None
     _seen: int = 0
     _jobs: set[str] = field(default_factory=set)
 
     @property
     def channel(self) -> Channel:
-        return Channel(self.chat_id, ChannelKind.DIRECT)
+        if self.community is None:
+            return Channel(self.chat_id, ChannelKind.DIRECT)
+        return Channel(self.chat_id, ChannelKind.GROUP, guild_id=self.community)
 
     def _post_user(self, text: str) -> int:
         return self.store.add_local_message(chat_id=self.chat_id, author=self.user.id,
@@ -110,10 +115,13 @@ class ConsoleChat:
                     channel=self.channel, custom_id=f"{value}:{self._job_of(int(target))}",
                     message_id=target)
             else:
-                change = {"removed" if words[0] == "/unreact" else "added": frozenset([value])}
+                emoji = frozenset([value])
+                removing = words[0] == "/unreact"
                 event = ReactionChanged(platform=PLATFORM, event_id=f"react:{number}",
                                         actor=self.user, channel=self.channel,
-                                        message_id=target, **change)
+                                        message_id=target,
+                                        added=frozenset() if removing else emoji,
+                                        removed=emoji if removing else frozenset())
             return self.orchestrator.handle(event)
         except UserInputError as exc:
             return [OutboundMessage(MessageKind.ERROR, exc.user_message)]
@@ -164,7 +172,7 @@ class ConsoleChat:
         A request's other jobs (its second take, a story's pictures, the job a message was
         understood as) derive their idempotency keys from the first job's, so they count too.
         """
-        pending = set()
+        pending: set[str] = set()
         for job_id in self._jobs:
             job = self.store.get_job(job_id)
             if job is not None:

@@ -127,11 +127,11 @@ def register_commands(tree: app_commands.CommandTree[Any], client: MuseSparkDisc
 
 
 def _simple_command(name: str, client: MuseSparkDiscord) -> app_commands.Command[Any, Any, None]:
-    """``/help`` and ``/profile`` take nothing; other intents core adds (``/settings``,
+    """``/help``, ``/profile`` and ``/web`` take nothing; other intents core adds (``/settings``,
     ``/forget``, ...) take their instruction as one optional ``text`` option."""
     kind, line = COMMANDS[name]
     description = line[:DESCRIPTION_MAX_CHARS] or name
-    if kind in (IntentKind.HELP, IntentKind.PROFILE):
+    if kind in (IntentKind.HELP, IntentKind.PROFILE, IntentKind.WEB):
         async def bare(interaction: discord.Interaction[Any]) -> None:
             await client.run_command(interaction, name, {})
         return app_commands.Command(name=name, description=description, callback=bare)

@@ -123,10 +123,32 @@ class TelegramAdapter:
         if message is None or message.from_user is None or not message.text:
             return
         event: Event = message_event(update, _strip_bot_name(message.text, context.bot.username))
-        if message.chat.type != ChatType.PRIVATE and message.text.split()[0].split("@")[0] in (
-                "/settings",):
+        command = message.text.split()[0].split("@")[0]
+        if message.chat.type != ChatType.PRIVATE and command in ("/settings", "/web"):
             event = await self._with_admin_flag(event, context)
+        if message.chat.type != ChatType.PRIVATE and command == "/web":
+            await self._answer_privately(event, message, context)
+            return
         await self._handle_message(event, message, context)
+
+    async def _answer_privately(self, event: Event, message: Message,
+                                context: ContextTypes.DEFAULT_TYPE) -> None:
+        """``/web`` in a group: the sign-in link goes to the asker's private chat with the bot,
+        never to the group. Telegram lets a bot write to a person only after they started a
+        chat with it; until then the group is told how, without the link."""
+        assert message.from_user is not None
+        replies = await asyncio.to_thread(self.orchestrator.handle, event)
+        try:
+            for reply in replies:
+                await context.bot.send_message(message.from_user.id, reply.text)
+        except TelegramError as exc:
+            log.info("no private chat with %s: %s", message.from_user.id, exc)
+            note = (f"I can't write to you privately yet: open a chat with me "
+                    f"(@{context.bot.username}), press Start, then send /web here again.")
+        else:
+            note = "I sent you a private message with your link."
+        await self._send(context, message, [OutboundMessage(MessageKind.INFO, note)],
+                         reply_to_message_id=message.message_id)
 
     async def on_other_command(self, update: Update,
                                context: ContextTypes.DEFAULT_TYPE) -> None:
@@ -160,11 +182,12 @@ class TelegramAdapter:
         if message is None or message.from_user is None:
             return
         if message.chat.type == ChatType.PRIVATE:
-            text: str | None = message.text or message.caption or ""
+            text = message.text or message.caption or ""
         else:
-            text = addressed_text(message, context.bot.id, context.bot.username)
-            if text is None:
+            addressed = addressed_text(message, context.bot.id, context.bot.username)
+            if addressed is None:
                 return
+            text = addressed
         await self._handle_message(message_event(update, text), message, context)
 
     async def on_remix(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:

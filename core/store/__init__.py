@@ -10,6 +10,7 @@ from core.store.models import (
     JobState,
     LocalMessage,
     User,
+    WebSignIn,
 )
 
 __all__ = [
@@ -26,4 +27,5 @@ __all__ = [
     "content_hash",
     "rows_changed",
     "utcnow",
+    "WebSignIn",
 ]

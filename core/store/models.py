@@ -38,6 +38,7 @@ __all__ = [
     "Profile",
     "RateLimit",
     "User",
+    "WebSignIn",
 ]
 
 
@@ -236,3 +237,18 @@ class RateLimit(Base):
     platform: Mapped[str] = mapped_column(String(32), primary_key=True)
     chat_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     until: Mapped[datetime]
+
+
+class WebSignIn(Base):
+    """A /web sign-in link's one-time nonce: who and which community it lets in, and whether
+    it was used. The link itself is signed and expires (core/web_access.py); this row makes it
+    work once."""
+
+    __tablename__ = "web_sign_ins"
+
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    community_id: Mapped[int] = mapped_column(ForeignKey("communities.id", ondelete="CASCADE"))
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime]
+    used_at: Mapped[datetime | None] = mapped_column(nullable=True)

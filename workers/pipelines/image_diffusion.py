@@ -385,7 +385,7 @@ class DiffusionGenerator:
         return _Call([image.convert("RGB") for image in output.images], seconds)
 
     def round_size(self, pixels: int) -> int:
-        m = self.size_multiple
+        m = int(self.size_multiple)
         return max(m, int(round(pixels / m)) * m)
 
 
@@ -550,7 +550,7 @@ def _unavailable(spec: str | None, detail: str) -> ModelUnavailableError:
 # --------------------------------------------------------------------------------------------
 
 
-def save_png(image: PIL.Image.Image, path: Path, recipe: dict) -> Path:
+def save_png(image: PIL.Image.Image, path: Path, recipe: dict[str, Any]) -> Path:
     """Write ``image`` as PNG with ``recipe`` as JSON in the text chunk ``"musespark"``.
 
     The file appears atomically (temporary file in the same folder, then rename), so a reader
@@ -588,7 +588,7 @@ def save_png(image: PIL.Image.Image, path: Path, recipe: dict) -> Path:
     return path
 
 
-def read_png_recipe(path: Path) -> dict:
+def read_png_recipe(path: Path) -> dict[str, Any]:
     """The recipe stored by :func:`save_png`, or ``{}`` when the PNG has none.
 
     Raises:

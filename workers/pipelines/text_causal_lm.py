@@ -375,7 +375,8 @@ def _check_sampling(
 def _render_chat(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """The prompt text for a chat; base models without a chat template get a plain transcript."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return str(tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                 tokenize=False))
     lines = [f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages]
     return "\n".join(lines) + "\nassistant:"
 
