@@ -94,13 +94,14 @@ class _Pulled:
 def _queue() -> Any:
     """This process's own consumer channel on the picture queue (made after the fork)."""
     if _process.get("pid") != os.getpid():
-        from kombu import Queue
+        from kombu.entity import Queue
 
         from workers.celery_app import app
 
         connection = app.connection_for_read()
+        queue = Queue(QUEUE_FOR_KIND["image"])  # type: ignore[no-untyped-call]
         _process.update(pid=os.getpid(), connection=connection,
-                        queue=Queue(QUEUE_FOR_KIND["image"]).bind(connection.default_channel))
+                        queue=queue.bind(connection.default_channel))  # type: ignore[no-untyped-call]
     return _process["queue"]
 
 
@@ -112,7 +113,7 @@ def _estimate(generator: Any, asks: list[PictureAsk]) -> float:
     """Seconds a batch of ``asks`` may take: the model's measured cost of a call (or, before
     its warm-up, the pessimistic rate the time limits assume), with a safety factor."""
     pictures, steps = sum(ask.count for ask in asks), asks[0].steps
-    predicted = generator.predict_seconds(pictures, steps)
+    predicted = generator.predict_seconds(pictures, steps, asks[0].width, asks[0].height)
     if predicted is None:
         predicted = SLOWEST_SECONDS_PER_IMAGE_STEP * steps * pictures
     return float(BATCH_TIME_SAFETY * predicted)

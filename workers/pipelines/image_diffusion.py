@@ -303,11 +303,18 @@ class DiffusionGenerator:
         self.seconds_per_picture_step = per_step
         return one
 
-    def predict_seconds(self, pictures: int, steps: int) -> float | None:
-        """Seconds a call of ``pictures`` at ``steps`` should take (None before warm-up)."""
+    def predict_seconds(self, pictures: int, steps: int, width: int | None = None,
+                        height: int | None = None) -> float | None:
+        """Seconds a call of ``pictures`` at ``steps`` should take (None before warm-up).
+
+        The measured cost is at the default size; other sizes scale with their pixel count.
+        """
         if self.seconds_per_picture_step is None:
             return None
-        return pictures * (self.seconds_per_picture + steps * self.seconds_per_picture_step)
+        side = self.round_size(self.default_size)
+        scale = ((width or side) * (height or side)) / (side * side)
+        return pictures * scale * (self.seconds_per_picture
+                                   + steps * self.seconds_per_picture_step)
 
     def vary(
         self,
@@ -376,7 +383,8 @@ class DiffusionGenerator:
                     **inputs,
                 )
             seconds = time.perf_counter() - start
-            predicted = self.predict_seconds(len(prompt), steps)
+            predicted = self.predict_seconds(len(prompt), steps, inputs.get("width"),
+                                             inputs.get("height"))
             if predicted is not None and seconds > predicted:
                 # Slower than the model of its cost says (a busy machine): scale it up.
                 self.seconds_per_picture *= seconds / predicted

@@ -32,7 +32,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import openai
 
@@ -113,7 +113,7 @@ class ApiTextGenerator:
         text, tokens, usage = "", 0, None
         try:
             stream = self.client.chat.completions.create(
-                model=self.model, messages=messages,  # type: ignore[arg-type]
+                model=self.model, messages=cast(Any, messages),
                 max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                 stream=True, stream_options={"include_usage": True})
             for chunk in stream:
@@ -153,11 +153,11 @@ class ApiTextGenerator:
         start = time.perf_counter()
         try:
             reply = self.client.chat.completions.create(
-                model=self.model, messages=messages,  # type: ignore[arg-type]
+                model=self.model, messages=cast(Any, messages),
                 max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                response_format={"type": "json_schema",
-                                 "json_schema": {"name": "reply", "schema": schema,
-                                                 "strict": True}})
+                response_format=cast(Any, {"type": "json_schema",
+                                           "json_schema": {"name": "reply", "schema": schema,
+                                                           "strict": True}}))
         except openai.OpenAIError as exc:
             raise _unavailable(self.base_url, f"{type(exc).__name__}: {exc}") from exc
         content = (reply.choices[0].message.content or "") if reply.choices else ""
