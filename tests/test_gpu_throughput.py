@@ -140,3 +140,12 @@ def test_a_model_that_does_not_fit_is_refused_clearly_and_loaded_ones_are_listed
                        r"MUSESPARK_MODEL_MEMORY_GB=0.001") as caught:
         load_image_generator(None, models_dir=model_cache, device="cpu")
     assert "does not fit" in caught.value.user_message
+
+
+def test_the_pool_is_prefork_on_cpu_and_never_forks_on_cuda() -> None:
+    from workers.__main__ import choose_pool
+
+    assert choose_pool("auto", "cpu", 1) == "prefork"
+    assert choose_pool("auto", "cuda", 1) == "solo"
+    assert choose_pool("auto", "cuda:1", 2) == "threads"
+    assert choose_pool("prefork", "cuda", 1) == "prefork"  # asked for: the operator's call

@@ -22,8 +22,9 @@ How the extra messages are taken, and why they stay safe (late acks):
   returns (``flush`` -> ``on_return``), but it buffers in the consumer, so it needs a prefetch
   window of at least the batch size for the whole worker: every worker would then hold (and
   hide from idle workers) that many text jobs too, and a batch's time limit is one task's.
-* The batch runs under the first job's time limit (one task), so a job joins only while the
-  batch's estimated time (twice what the model's measured cost per picture and step predicts:
+* The batch runs under the first job's time limit (one task; picture tasks are published with
+  a budget for ``MUSESPARK_IMAGE_BATCH_MAX`` pictures' worth), so a job joins only while the
+  batch's estimated time (1.5 times what the model's measured cost per picture and step predicts:
   :meth:`~workers.pipelines.image_diffusion.DiffusionGenerator.predict_seconds`) still fits.
 * A message that does not join (image to image, another size, a countdown not due, no time
   left) is handled so that nothing is reordered or starved: one that is due and fits the time
@@ -106,7 +107,7 @@ def _queue() -> Any:
 
 
 #: A batch is estimated at this many times the slowest rate the model has shown.
-BATCH_TIME_SAFETY = 2.0
+BATCH_TIME_SAFETY = 1.5
 
 
 def _estimate(generator: Any, asks: list[PictureAsk]) -> float:
@@ -128,7 +129,8 @@ def _pull(first: Job, first_ask: PictureAsk, generator: Any, store: Store, setti
     """
     queue = _queue()
     key = first_ask.batch_key(generator.model_name)
-    allowed = job_time_limits(first.kind, first.params)[0] - SOFT_LIMIT_MARGIN_SECONDS
+    allowed = job_time_limits(first.kind, first.params,
+                              image_batch=settings.image_batch_max)[0] - SOFT_LIMIT_MARGIN_SECONDS
     asks = [first_ask]
     deadline = time.monotonic() + settings.image_batch_wait_ms / 1000
     pulled: list[_Pulled] = []
