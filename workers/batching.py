@@ -88,7 +88,8 @@ def batchable(job: Job) -> bool:
 class _Pulled:
     job_id: str
     message: Any
-    #: "batch": renders with the first job; "alone": runs by itself after the batch.
+    #: "batch": renders with the first job; "alone": runs by itself after the batch;
+    #: "duplicate": another message for a job already in the batch.
     role: str
 
 
@@ -144,6 +145,10 @@ def _pull(first: Job, first_ask: PictureAsk, generator: Any, store: Store, setti
         job = _job_of(message, store)
         if job is None:
             message.ack()  # nothing to run (another task, or a job erased with /forget)
+            continue
+        if job is not _NOT_DUE and job.id in {first.id, *(p.job_id for p in pulled)}:
+            # A second message for a job this batch holds (a re-drive): acknowledged with it.
+            pulled.append(_Pulled(job.id, message, "duplicate"))
             continue
         ask = picture_ask(job, settings, generator) if (
             job is not _NOT_DUE and batchable(job)) else None
@@ -217,8 +222,8 @@ def run_image_task(job_id: str, *, store: Store, settings: Settings) -> str:
         log.exception("could not read more picture jobs; rendering job %s alone", job_id)
         pulled = []
     if pulled:
-        log.info("job %s: took %d more picture job(s) from the queue (%d to render with it)",
-                 job_id, len(pulled), sum(p.role == "batch" for p in pulled))
+        log.info("job %s: took %d more picture message(s) from the queue (%d job(s) to render "
+                 "with it)", job_id, len(pulled), sum(p.role == "batch" for p in pulled))
     finished: set[str] = set()
     try:
         together = [job_id, *(p.job_id for p in pulled if p.role == "batch")]
@@ -227,6 +232,8 @@ def run_image_task(job_id: str, *, store: Store, settings: Settings) -> str:
         for alone in (p for p in pulled if p.role == "alone"):
             outcomes[alone.job_id] = execute_job(alone.job_id, store=store, settings=settings)
             finished.add(alone.job_id)
+        finished.update(p.job_id for p in pulled if p.role == "duplicate"
+                        and p.job_id in finished)
     finally:
         for item in pulled:
             # Acknowledged once its job is finished; otherwise (an error escaped) given back.
