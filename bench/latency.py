@@ -6,15 +6,22 @@ real worker process, then, on the same broker and queue in the same run:
 * latency: alternately sends one raw ``send_task`` and one chat event through the orchestrator
   (parse, user/community rows, job row, publish, published mark, queue position), waits for the
   task body to start, and records the gap. p50 and p99 over ``--events`` of each.
-* ingest: sends ``--burst`` of each back to back and reports events accepted per second.
+* ingest: sends ``--burst`` of each back to back and reports events accepted per second; the
+  core also with ``--threads`` senders at once (as the adapters hand it concurrent updates).
+* adapters (``--adapter-burst N``): N requests pushed at once through the Telegram adapter (the
+  real PTB Application against tests/fake_telegram.py, one group chat and N people) and through
+  the Discord client (N slash-command interactions against tests/fake_discord.py): seconds
+  until every request has its job, and how many status messages the chat got.
 
-    .venv/bin/python bench/latency.py --events 200 --burst 300
+    .venv/bin/python bench/latency.py --events 200 --burst 300 --threads 8 --adapter-burst 500
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import threading
 import statistics
 import subprocess
 import sys
@@ -22,6 +29,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -90,7 +98,27 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_backend(name: str, env: dict[str, str], events: int, burst: int, tmp: Path) -> dict:
+def _concurrently(send: Any, count: int, threads: int) -> list[str]:
+    """``send()`` ``count`` times from ``threads`` threads at once; the tokens it returned."""
+    tokens: list[str] = []
+    lock = threading.Lock()
+    per_thread = [count // threads + (1 if n < count % threads else 0) for n in range(threads)]
+
+    def run(times: int) -> None:
+        mine = [send() for _ in range(times)]
+        with lock:
+            tokens.extend(mine)
+
+    workers = [threading.Thread(target=run, args=(n,)) for n in per_thread]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return tokens
+
+
+def run_backend(name: str, env: dict[str, str], events: int, burst: int, tmp: Path,
+                threads: int = 8) -> dict:
     os.environ.update(env)
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     store = Store(settings.resolved_database_url)
@@ -134,9 +162,12 @@ def run_backend(name: str, env: dict[str, str], events: int, burst: int, tmp: Pa
                 latency[path].append(starts.wait(token) - sent)
         ingest: dict[str, float] = {}
         drained: dict[str, float] = {}
-        for path, send in (("raw", send_raw), ("core", send_core)):
+        for path, send in (("raw", send_raw), ("core", send_core), ("core*", send_core)):
             began = time.perf_counter()
-            tokens = [send() for _ in range(burst)]
+            if path == "core*":
+                tokens = _concurrently(send, burst, threads)
+            else:
+                tokens = [send() for _ in range(burst)]
             ingest[path] = burst / (time.perf_counter() - began)
             for token in tokens:
                 try:
@@ -155,11 +186,108 @@ def run_backend(name: str, env: dict[str, str], events: int, burst: int, tmp: Pa
     return {"latency": latency, "ingest": ingest, "drained": drained}
 
 
+def _wait_jobs(store: Store, prefix: str, count: int, timeout: float = 300) -> None:
+    from sqlalchemy import func, select
+
+    from core.store import Job
+
+    deadline = time.monotonic() + timeout
+    while True:
+        with store.session() as s:
+            made = s.scalar(select(func.count()).select_from(Job)
+                            .where(Job.idempotency_key.like(prefix + "%"))) or 0
+        if made >= count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{made} of {count} requests taken")
+        time.sleep(0.05)
+
+
+def telegram_burst(count: int, runtime: Any) -> tuple[float, int]:
+    """``count`` requests in one group chat from ``count`` people, pushed at once."""
+    from bots.telegram import running
+    from tests.fake_telegram import FakeTelegram
+
+    chat = -900_000_001
+    with FakeTelegram() as fake:
+        from pydantic import SecretStr
+
+        settings = runtime.settings.model_copy(update={
+            "telegram_token": SecretStr(fake.token), "telegram_api_url": fake.url})
+        ready, stop = threading.Event(), threading.Event()
+
+        def serve() -> None:
+            async def main() -> None:
+                async with running(runtime, settings=settings, poll_timeout_seconds=1):
+                    ready.set()
+                    while not stop.is_set():
+                        await asyncio.sleep(0.05)
+            asyncio.run(main())
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        ready.wait(60)
+        began = time.perf_counter()
+        for n in range(count):
+            fake.push(fake.text_update(chat, f"/imagine burst {n} --count 1", user_id=7000 + n))
+        _wait_jobs(runtime.store, f"telegram:{chat}:", count)
+        seconds = time.perf_counter() - began
+        time.sleep(4)  # let gathered statuses out
+        statuses = len(fake.calls("sendMessage", chat_id=chat))
+        stop.set()
+        thread.join(30)
+    return seconds, statuses
+
+
+def discord_burst(count: int, runtime: Any) -> tuple[float, int]:
+    """``count`` /imagine interactions from ``count`` people, arriving at once."""
+    from bots.discord import MuseSparkDiscord
+    from tests.fake_discord import BOT_TOKEN, serving, slash_payload
+
+    with serving() as fake:
+        async def main() -> float:
+            client = MuseSparkDiscord(runtime.orchestrator, runtime.store)
+            await client.login(BOT_TOKEN)
+            try:
+                payloads = [slash_payload(fake, "imagine", {"prompt": f"burst {n}", "count": 1},
+                                          user_id=str(600000000000000000 + n))
+                            for n in range(count)]
+                began = time.perf_counter()
+                for payload in payloads:
+                    client._connection.parse_interaction_create(payload)
+                while len(fake.calls_to("PATCH", "@original")) < count:
+                    await asyncio.sleep(0.02)
+                    if time.perf_counter() - began > 300:
+                        raise TimeoutError("Discord burst not answered")
+                return time.perf_counter() - began
+            finally:
+                await client.close()
+
+        seconds = asyncio.run(main())
+        return seconds, len(fake.calls_to("PATCH", "@original"))
+
+
+def adapter_bursts(count: int, data_dir: Path) -> dict[str, tuple[float, int]]:
+    """Each adapter's burst, on the current backend (a bot runtime of its own, no worker:
+    taking a request is what is measured)."""
+    from bots.runtime import BotRuntime
+
+    os.environ["MUSESPARK_DATA_DIR"] = str(data_dir)
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    with BotRuntime(settings, redrive=False) as runtime:
+        return {"telegram": telegram_burst(count, runtime),
+                "discord": discord_burst(count, runtime)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=200, help="latency samples per path")
     parser.add_argument("--burst", type=int, default=300, help="events per path for ingest")
     parser.add_argument("--backends", default="embedded,distributed")
+    parser.add_argument("--threads", type=int, default=8,
+                        help="senders at once for the concurrent core ingest (core*)")
+    parser.add_argument("--adapter-burst", type=int, default=0,
+                        help="requests pushed at once through each adapter's fake (0: skip)")
     args = parser.parse_args()
     saved = dict(os.environ)
     rows = []
@@ -181,7 +309,10 @@ def main() -> None:
                 env["MUSESPARK_BROKER_KEY_PREFIX"] = prefix
                 cleanup = [lambda: drop_pg_database(db_name), lambda: drop_redis_prefix(prefix)]
             try:
-                rows.append((name, run_backend(name, env, args.events, args.burst, tmp)))
+                result = run_backend(name, env, args.events, args.burst, tmp, args.threads)
+                if args.adapter_burst:
+                    result["adapters"] = adapter_bursts(args.adapter_burst, tmp / f"{name}-ad")
+                rows.append((name, result))
             finally:
                 for step in cleanup:
                     step()
@@ -190,17 +321,24 @@ def main() -> None:
     print(f"{'backend':<12}{'path':<6}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'ingest/s':>10}"
           f"{'drained/s':>11}")
     for name, result in rows:
-        for path in ("raw", "core"):
-            values = [v * 1000 for v in result["latency"][path]]
-            print(f"{name:<12}{path:<6}{statistics.median(values):>9.2f}"
-                  f"{percentile(values, 0.99):>9.2f}{statistics.fmean(values):>9.2f}"
+        for path in ("raw", "core", "core*"):
+            values = [v * 1000 for v in result["latency"].get(path, [])]
+            timing = (f"{statistics.median(values):>9.2f}{percentile(values, 0.99):>9.2f}"
+                      f"{statistics.fmean(values):>9.2f}" if values else f"{'':>27}")
+            print(f"{name:<12}{path:<6}{timing}"
                   f"{result['ingest'][path]:>10.0f}{result['drained'][path]:>11.0f}")
         lat = result["latency"]
         p50 = statistics.median(lat["core"]) / statistics.median(lat["raw"])
         p99 = percentile(lat["core"], 0.99) / percentile(lat["raw"], 0.99)
         ingest = result["ingest"]["core"] / result["ingest"]["raw"]
-        print(f"{name:<12}ratio core/raw: p50 {p50:.2f}x, p99 {p99:.2f}x, ingest {ingest:.2f}x "
-              f"(target latency <= 1.5x)")
+        concurrent = result["ingest"]["core*"] / result["ingest"]["raw"]
+        print(f"{name:<12}ratio core/raw: p50 {p50:.2f}x, p99 {p99:.2f}x, ingest {ingest:.2f}x, "
+              f"ingest with {args.threads} senders {concurrent:.2f}x (targets: latency <= 1.5x, "
+              f"core ingest >= 1000/s)")
+        for adapter, (seconds, statuses) in result.get("adapters", {}).items():
+            print(f"{name:<12}{adapter} burst: {args.adapter_burst} requests all taken in "
+                  f"{seconds:.1f} s ({args.adapter_burst / seconds:.0f}/s), {statuses} status "
+                  f"messages in the chat")
 
 
 if __name__ == "__main__":

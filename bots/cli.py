@@ -236,17 +236,21 @@ def _serve_platforms(settings: Settings, platforms: list[str]) -> int:
 
     logging.getLogger().setLevel(logging.INFO)
 
-    async def serve_all() -> None:
-        with BotRuntime(settings) as runtime, _web_server(runtime) as web:
-            if web is not None:
-                log.info("web pages at %s/", web.url)
+    # The runtime outlives the event loop: on a stop signal asyncio.run cancels the adapters
+    # (they stop taking updates) and then waits for the handlers still running in its threads
+    # (the drain), and only then are the store and the publisher closed.
+    with BotRuntime(settings) as runtime, _web_server(runtime) as web:
+        if web is not None:
+            log.info("web pages at %s/", web.url)
+
+        async def serve_all() -> None:
             modules = [importlib.import_module(f"bots.{name}") for name in platforms]
             await asyncio.gather(*(module.serve(runtime) for module in modules))
 
-    try:
-        asyncio.run(serve_all())
-    except KeyboardInterrupt:
-        pass
+        try:
+            asyncio.run(serve_all())
+        except KeyboardInterrupt:
+            log.warning("stopping: adapters stopped, events being handled were finished")
     return 0
 
 
@@ -287,14 +291,24 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_bot(args: argparse.Namespace) -> int:
+    """The adapters alone. SIGTERM (or SIGINT, SIGHUP) stops taking events and drains: the
+    events being handled are finished, then the process exits 0; a second signal does not
+    abort that."""
     settings = get_settings()
     platforms = _adapters_configured(settings)
     if settings.web and not args.jsonl and (problem := _web_listen_problem(settings)):
         print(f"musespark bot: {problem}", file=sys.stderr)
         return 2
-    if platforms and not args.jsonl:
-        return _serve_platforms(settings, platforms)
-    return _run_console(settings, jsonl=args.jsonl)
+    stop = _StopSignals()
+    with stop.installed():
+        try:
+            if platforms and not args.jsonl:
+                return _serve_platforms(settings, platforms)
+            return _run_console(settings, jsonl=args.jsonl)
+        except StopRequested:
+            return 0
+        finally:
+            stop.cleaning_up = True
 
 
 def _delegate(module_name: str) -> Callable[[argparse.Namespace], int]:
@@ -432,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
         check = doctor_sub.add_parser(platform, help=f"check the {platform.title()} bot's setup",
                                       add_help=False)
         check.set_defaults(func=_delegate(f"bots.{platform}.doctor"), rest=[])
+
+    status = sub.add_parser("status", help="queues, workers and recent jobs on one screen",
+                            add_help=False)
+    status.set_defaults(func=_delegate("bots.status"), rest=[])
 
     discord = sub.add_parser("discord", help="Discord helpers")
     discord_sub = discord.add_subparsers(dest="discord_command", required=True)

@@ -18,19 +18,28 @@ log = logging.getLogger(__name__)
 class BotRuntime:
     """Opens the store (migrating it), the publisher and the redriver; ``close()`` undoes it."""
 
-    def __init__(self, settings: Settings | None = None, *, redrive: bool = True) -> None:
+    def __init__(self, settings: Settings | None = None, *, redrive: bool = True,
+                 serve_metrics: bool = True) -> None:
         self.settings = settings or get_settings()
         self.store = Store(self.settings.resolved_database_url)
         self.store.upgrade()
         self.publisher = CeleryPublisher(self.settings)
         self.orchestrator = Orchestrator(self.store, self.publisher, self.settings)
-        # People whose request waits (the broker lost it, or it is slow to start) are told in
-        # the local chat; Telegram and Discord have no notifier yet, so they are told nothing.
+        # People whose request waits (the broker lost it, or it is slow to start) are told: in
+        # the local chat here; the Telegram and Discord adapters add theirs when they connect.
         notifiers = {"local": local_delay_notifier(self.store)}
         self.redriver = (Redriver(self.store, self.publisher, self.settings, notifiers=notifiers)
                          .start() if redrive else None)
+        self._metrics_server = None
+        if serve_metrics and self.settings.metrics_port:
+            from core.metrics import serve_bot_metrics
+
+            self._metrics_server = serve_bot_metrics(self.settings, self.store)
 
     def close(self) -> None:
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         if self.redriver is not None:
             self.redriver.stop()
         self.publisher.close()

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, or_, select
+from sqlalchemy import ColumnElement, and_, case, func, or_, select
 from sqlalchemy.orm import aliased
 
 from core.store import Artifact, Community, FeedbackEvent, Job, JobState, LocalMessage, Store, User
@@ -124,9 +124,13 @@ def gallery(store: Store, community_id: int, *, person: int | None = None,
         job_kind, intents = GALLERY_KINDS[kind]
         query = query.where(Job.kind == job_kind, Job.intent.in_(intents))
     if style:
-        query = query.where(or_(_style_of(Job) == style, exists(select(take.id).where(
-            take.idempotency_key.like(Job.idempotency_key + f"{TAKE_SUFFIX}%"),
-            _style_of(take) == style))))
+        # The requests (first takes' keys) any of whose takes has the style: one scan.
+        key = take.idempotency_key
+        first_key = case((key.like(f"%{TAKE_SUFFIX}_"), func.substr(key, 1, func.length(key)
+                                                                  - len(TAKE_SUFFIX) - 1)),
+                         else_=key)
+        query = query.where(Job.idempotency_key.in_(select(first_key).where(
+            take.community_id == community_id, _style_of(take) == style)))
     if liked:
         member = aliased(Job)
         weight = (select(func.coalesce(func.sum(FeedbackEvent.weight), 0.0))

@@ -32,7 +32,7 @@ from sqlalchemy import delete, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import taste
+from core import metrics, taste
 from core.store import Community, FeedbackEvent, Job, Store, User, utcnow
 from core.store import rows_changed
 from core.store.models import LinkCode, Profile
@@ -232,11 +232,14 @@ class TasteService:
             platform=platform, chat_id=chat_id, message_id=message_id, kind=kind, value=value,
             delta=delta, at=occurred_at or utcnow(), toggle=toggle)
         try:
-            return attempt()
+            weight = attempt()
         except IntegrityError:
             # A concurrent copy of this event committed the same key first (SQLite takes no
             # advisory lock): decide again, now that its row is visible.
-            return attempt()
+            weight = attempt()
+        if weight is not None:
+            metrics.FEEDBACK_EVENTS.labels(platform, kind).inc()
+        return weight
 
     def _record_once(self, *, event_key: str, job_id: str, user_id: int | None, platform: str,
                      chat_id: str, message_id: str, kind: str, value: str, delta: int,

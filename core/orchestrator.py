@@ -354,49 +354,54 @@ class Orchestrator:
         takes = (self.settings.image_takes if kind == "image" and fresh
                  and ("style" not in fixed or picked_style) and "count" not in intent.options
                  and intent.kind in (IntentKind.IMAGINE, IntentKind.REMIX) else 1)
-        chosen = self.taste.choose(user_id=origin.user_id, community_id=origin.community_id,
-                                   kind=kind, rng=self.rng, learning=self.settings.learning,
-                                   fixed=fixed, takes=takes, variation=variation,
-                                   beside_fixed=picked_style)
-        piece = self._piece_params(origin, intent, fixed)
-        jobs: list[Job] = []
-        for index, (choice, record) in enumerate(chosen):
-            params: dict[str, Any] = taste.generation_params(kind, choice.values)
-            if kind == "image":
-                params.update(count=intent.options.get("count", 1),
-                              steps=self.settings.image_steps, size=self.settings.image_size)
-            else:
-                params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
-                                                        * params.pop("length_factor")))
-            params["taste"] = record
-            if len(chosen) > 1:
-                params["takes"] = {"index": index, "of": len(chosen), "siblings": [
-                    other.values for j, (other, _) in enumerate(chosen) if j != index]}
-            if "understanding" in intent.options:
-                params["understanding"] = intent.options["understanding"]
-            if intent.kind is IntentKind.REMIX:
-                params["remix"] = {"path": intent.options["image"]}
-            params.update(piece)
-            params.update(extra_params or {})
-            if thread:
-                # A reply to a result: the worker gives the model the earlier turns as context.
-                params["thread"] = True
-            job, created = self.store.create_job(
-                idempotency_key=f"{origin.key}{key_suffix}" + (f":take{index + 1}" if index else ""),
-                kind=kind, intent=intent.kind.value, user_id=origin.user_id,
-                community_id=origin.community_id, parent_job_id=parent.id if parent else None,
-                prompt=intent.prompt,
-                expanded_prompt=taste.expand_prompt(kind, intent.prompt, choice.values),
-                params=params, seed=seed, platform=origin.platform,
-                delivery=origin.target.to_dict())
-            if not created:
-                log.info("duplicate request %s for job %s ignored", origin.key, job.id)
-                return []
-            if intent.kind is IntentKind.REMIX:
-                path = str(intent.options["image"])
-                self.store.add_input(job.id, path, Path(path).read_bytes())
-            jobs.append(job)
-        return [self._publish(jobs, intent, origin)]
+        # One transaction for the request's reads and writes (profiles, jobs, queue position);
+        # the jobs are published after it commits (a worker must find them).
+        with self.store.transaction():
+            chosen = self.taste.choose(user_id=origin.user_id, community_id=origin.community_id,
+                                       kind=kind, rng=self.rng, learning=self.settings.learning,
+                                       fixed=fixed, takes=takes, variation=variation,
+                                       beside_fixed=picked_style)
+            piece = self._piece_params(origin, intent, fixed)
+            jobs: list[Job] = []
+            for index, (choice, record) in enumerate(chosen):
+                params: dict[str, Any] = taste.generation_params(kind, choice.values)
+                if kind == "image":
+                    params.update(count=intent.options.get("count", 1),
+                                  steps=self.settings.image_steps, size=self.settings.image_size)
+                else:
+                    params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
+                                                            * params.pop("length_factor")))
+                params["taste"] = record
+                if len(chosen) > 1:
+                    params["takes"] = {"index": index, "of": len(chosen), "siblings": [
+                        other.values for j, (other, _) in enumerate(chosen) if j != index]}
+                if "understanding" in intent.options:
+                    params["understanding"] = intent.options["understanding"]
+                if intent.kind is IntentKind.REMIX:
+                    params["remix"] = {"path": intent.options["image"]}
+                params.update(piece)
+                params.update(extra_params or {})
+                if thread:
+                    # A reply to a result: the worker gives the model the earlier turns as context.
+                    params["thread"] = True
+                take = f":take{index + 1}" if index else ""
+                job, created = self.store.create_job(
+                    idempotency_key=f"{origin.key}{key_suffix}{take}",
+                    kind=kind, intent=intent.kind.value, user_id=origin.user_id,
+                    community_id=origin.community_id, parent_job_id=parent.id if parent else None,
+                    prompt=intent.prompt,
+                    expanded_prompt=taste.expand_prompt(kind, intent.prompt, choice.values),
+                    params=params, seed=seed, platform=origin.platform,
+                    delivery=origin.target.to_dict(), published=True)
+                if not created:
+                    log.info("duplicate request %s for job %s ignored", origin.key, job.id)
+                    return []
+                if intent.kind is IntentKind.REMIX:
+                    path = str(intent.options["image"])
+                    self.store.add_input(job.id, path, Path(path).read_bytes())
+                jobs.append(job)
+            ahead = self.store.queue_position(jobs[0])
+        return [self._publish(jobs, intent, origin, ahead)]
 
     def _piece_params(self, origin: Origin, intent: Intent,
                       fixed: dict[str, str]) -> dict[str, Any]:
@@ -428,18 +433,19 @@ class Orchestrator:
             return {"max_new_tokens": 8}
         return {}
 
-    def _publish(self, jobs: list[Job], intent: Intent, origin: Origin) -> OutboundMessage:
-        """Publish ``jobs`` (the redriver retries what fails) and say what is happening."""
+    def _publish(self, jobs: list[Job], intent: Intent, origin: Origin,
+                 ahead: int) -> OutboundMessage:
+        """Publish ``jobs``, made marked published (the redriver sends what fails here) and
+        say what is happening; ``ahead``: the first job's queue position."""
         reply_to = origin.target.reply_to
-        for job in jobs:
+        for sent, job in enumerate(jobs):
             try:
                 self.publisher.publish(job.id, job.kind, job.params)
             except QueueUnavailableError as exc:
+                self.store.unmark_published([j.id for j in jobs[sent:]])
                 ids = ", ".join(j.id for j in jobs)
                 return OutboundMessage(MessageKind.STATUS, f"{exc.user_message} (job {ids})",
                                        job_id=jobs[0].id, reply_to=reply_to)
-            self.store.mark_published(job.id)
-        ahead = self.store.queue_position(jobs[0])
         queue_note = f", {ahead} ahead of you" if ahead else ""
         prompt = _shorten(intent.prompt)
         if intent.kind is IntentKind.STORY:

@@ -82,6 +82,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_send_task_events": False,
         "task_send_sent_event": False,
     }
+    if not settings.embedded_broker:
+        # Task events, so Flower (``celery -A workers.celery_app flower``) sees every task
+        # from sent to finished. The embedded transport has no fanout exchange for them.
+        config["worker_send_task_events"] = True
+        config["task_send_sent_event"] = True
     if settings.embedded_broker:
         from core import _sqlite_broker
 

@@ -29,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from core import metrics
 from core.errors import QueueUnavailableError
 from core.outbound import DeliveryTarget, MessageKind
 from core.queue import BROKER_FILE_MISSING, BrokerProbe, JobPublisher
@@ -130,16 +131,21 @@ def _tell(store: Store, notifiers: Mapping[str, DelayNotifier], job: Job,
 
 
 def _redrive(store: Store, publisher: JobPublisher, settings: Settings, *,
-             lost_before: datetime | None = None,
+             lost_before: datetime | None = None, unsure_before: datetime | None = None,
              notifiers: Mapping[str, DelayNotifier] | None = None) -> tuple[int, int, bool]:
     """Publish every job that needs it, batch by batch. Returns ``(published, lost, complete)``
     (``lost``: of those, the jobs the broker had lost); ``complete`` is False when the broker
-    failed or the round's batch budget ran out."""
+    failed or the round's batch budget ran out.
+
+    ``unsure_before``: queued jobs marked published before it are sent again too, quietly (a
+    bot process may have died between making a job and publishing it: see
+    :meth:`Store.create_job`)."""
     published = lost_jobs = 0
+    resend_before = max((t for t in (lost_before, unsure_before) if t is not None), default=None)
     for _ in range(MAX_BATCHES_PER_ROUND):
         jobs = store.jobs_to_redrive(stale_after=settings.job_stale_after_seconds,
                                      republish_after=REPUBLISH_QUEUED_AFTER_SECONDS,
-                                     lost_before=lost_before, limit=REDRIVE_BATCH)
+                                     lost_before=resend_before, limit=REDRIVE_BATCH)
         for done, job in enumerate(jobs):
             try:
                 publisher.publish(job.id, job.kind, job.params)
@@ -152,6 +158,11 @@ def _redrive(store: Store, publisher: JobPublisher, settings: Settings, *,
                     and job.published_at is not None)
             log.info("re-sent job %s (state %s, attempt %d%s)", job.id, job.state,
                      job.attempts, ", lost by the broker" if lost else "")
+            reason = ("lost" if lost else "stale" if job.state == JobState.RUNNING
+                      else "unpublished" if job.published_at is None else "lost")
+            metrics.REDRIVES.labels(reason).inc()
+            if reason == "stale":
+                metrics.WORKER_DEATHS.inc()
             if lost:
                 lost_jobs += 1
                 if notifiers:
@@ -279,9 +290,20 @@ class Redriver:
                                   settings.resolved_data_dir / IDENTITY_MEMO_FILE)
         self._lost_before: datetime | None = None
         self._lost_total = 0
+        # Until the first complete round, jobs marked published before this process started
+        # are sent again: the process before it may have died between marking and sending.
+        self._unsure_before: datetime | None = utcnow()
         self._interval = settings.redrive_interval_seconds
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="redriver", daemon=True)
+
+    def tell_through(self, platform: str, notifier: DelayNotifier | None) -> None:
+        """Tell ``platform``'s people of delays through ``notifier`` (None: stop telling them;
+        an adapter registers its notifier when it connects and removes it when it stops)."""
+        if notifier is None:
+            self._notifiers.pop(platform, None)
+        else:
+            self._notifiers[platform] = notifier
 
     def round(self) -> int:
         """One round (what the thread does each interval); returns how many jobs were sent."""
@@ -291,7 +313,10 @@ class Redriver:
             self._lost_before = utcnow()
         published, lost, complete = _redrive(self._store, self._publisher, self._settings,
                                              lost_before=self._lost_before,
+                                             unsure_before=self._unsure_before,
                                              notifiers=self._notifiers)
+        if complete:
+            self._unsure_before = None
         self._lost_total += lost
         if self._lost_before is not None and complete:
             log.warning("re-sent %d job(s) the broker lost", self._lost_total)

@@ -132,6 +132,16 @@ class Settings(BaseSettings):
         "is taking longer than usual (people whose request the broker lost are told at once). "
         "0: no such note.",
     )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Serve Prometheus metrics at http://METRICS_ADDR:PORT/metrics (bot and "
+        "workers; give each process on one host its own port). Unset: no metrics server.")
+    metrics_addr: str = Field(default="0.0.0.0", description="Address the metrics server binds.")
+    worker_stop_grace_seconds: float = Field(
+        default=600.0, gt=0,
+        description="After SIGTERM a worker takes no new job and lets the running one finish "
+        "for this long; then it hands the job back to the queue (unposted) and exits. Keep the "
+        "orchestrator's kill grace (Kubernetes terminationGracePeriodSeconds) above it.")
     telegram_token: SecretStr | None = None
     telegram_api_url: str = "https://api.telegram.org"
     telegram_webhook_url: str | None = Field(

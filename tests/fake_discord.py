@@ -65,6 +65,7 @@ class Call:
     json: dict[str, Any] | None = None
     files: list[dict[str, Any]] = field(default_factory=list)  # name, filename, size, type, data
     status: int = 0
+    at: float = field(default_factory=time.monotonic)  # when the request arrived
 
 
 @dataclass

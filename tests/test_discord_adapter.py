@@ -396,3 +396,42 @@ def test_web_answers_privately_with_a_link_to_this_server_and_its_admin_flag(
                 assert (grant.community_id, grant.admin) == (community, admin)
 
     asyncio.run(scenario())
+
+
+def test_a_request_that_waits_too_long_is_told_in_its_channel(
+        fake: FakeDiscord, runtime: BotRuntime, tmp_path: Path) -> None:
+    """The client registers a delay notifier with the redriver while it is connected."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from core.events import Actor
+    from core.redrive import Redriver
+    from core.store import Job, utcnow
+
+    settings = runtime.settings.model_copy(update={"delayed_notice_seconds": 1.0})
+    redriver = Redriver(runtime.store, runtime.publisher, settings)
+    user = runtime.store.ensure_user("discord", Actor(REQUESTER, "Ada"))
+    job, _ = runtime.store.create_job(
+        idempotency_key="delay-test", kind="text", intent="write", user_id=user, prompt="p",
+        expanded_prompt="p", params={"max_new_tokens": 8}, seed=1, platform="discord",
+        delivery={"platform": "discord", "chat_id": CHANNEL_ID, "reply_to": "1234567890"})
+    with runtime.store.session() as s:  # made long ago, held back from any worker
+        s.execute(update(Job).where(Job.id == job.id).values(
+            created_at=utcnow() - timedelta(hours=1), not_before=utcnow() + timedelta(hours=1)))
+
+    async def scenario() -> None:
+        client = MuseSparkDiscord(runtime.orchestrator, runtime.store, redriver=redriver)
+        await client.login(BOT_TOKEN)
+        try:
+            await asyncio.to_thread(redriver.round)
+            await asyncio.to_thread(redriver.round)
+        finally:
+            await client.close()
+        await asyncio.to_thread(redriver.round)  # closed: nobody to tell, nothing recorded
+
+    asyncio.run(scenario())
+    posts = fake.calls_to("POST", rf"/channels/{CHANNEL_ID}/messages$")
+    assert len(posts) == 1, "told once"
+    assert f"still in line (job {job.id})" in posts[0].json["content"]
+    assert str(posts[0].json["message_reference"]["message_id"]) == "1234567890"

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from bots.telegram import running
 from core.intents import COMMANDS
@@ -546,3 +546,65 @@ def test_web_in_a_group_sends_the_link_privately_with_the_admin_flag(
     assert "can't write to you privately" in note.params["text"]
     assert not any("/signin/" in c.params.get("text", "")
                    for c in fake.calls("sendMessage", chat_id=group))
+
+
+BURST = 40
+
+
+def test_a_burst_in_one_group_is_all_taken_with_a_few_gathered_statuses(
+        tg: Stack, fake: FakeTelegram) -> None:
+    """Updates are handled concurrently; a group gets its statuses paced and gathered (Telegram
+    allows 20 messages a minute there), not one message per request."""
+    chat = group_chat()
+    updates = [fake.push(fake.text_update(chat, f"/imagine burst picture {n} --count 1",
+                                          user_id=5000 + n)) for n in range(BURST)]
+    jobs = [job_for(tg, chat, u["message"]["message_id"], timeout=120) for u in updates]
+    try:
+        assert len({j.id for j in jobs}) == BURST
+        fake.wait_for(lambda: any("requests are queued" in str(c.params.get("text", ""))
+                                  for c in fake.calls("sendMessage", chat_id=chat)
+                                  if not from_worker(c)) or None, timeout=30)
+        time.sleep(4)  # a gathered status still waiting for the chat's pace is posted by now
+        statuses = [c for c in fake.calls("sendMessage", chat_id=chat) if not from_worker(c)]
+        assert 1 < len(statuses) <= BURST // 4, [c.params.get("text") for c in statuses]
+        named = " ".join(str(c.params.get("text")) for c in statuses)
+        assert "burst picture 0" in named  # the first request's status went at once
+    finally:  # the burst's pictures would hold up the module's other tests
+        with tg.runtime.store.session() as s:
+            s.execute(update(Job).where(Job.id.in_([j.id for j in jobs]),
+                                        Job.state == "queued")
+                      .values(state="cancelled", failure_reason="withdrawn by the test"))
+
+
+def test_a_request_that_waits_too_long_is_told_in_its_chat(tg: Stack, fake: FakeTelegram) -> None:
+    """The redriver tells Telegram people of a delay through the bot (a reply to their
+    request), as it tells the local chat."""
+    from datetime import timedelta
+
+    from core.events import Actor
+    from core.store import utcnow
+
+    assert tg.runtime.redriver is not None
+    chat = private_chat()
+    user = tg.runtime.store.ensure_user("telegram", Actor(str(chat), "Ada"))
+    request = 777  # the person's message (sent without the reply if it is gone)
+    job, _ = tg.runtime.store.create_job(
+        idempotency_key=f"delay-test:{chat}", kind="text", intent="write", user_id=user,
+        prompt="p", expanded_prompt="p", params={"max_new_tokens": 8}, seed=1,
+        platform="telegram",
+        delivery={"platform": "telegram", "chat_id": str(chat), "reply_to": str(request)})
+    with tg.runtime.store.session() as s:  # made long ago, and held back from the worker
+        s.execute(update(Job).where(Job.id == job.id).values(
+            created_at=utcnow() - timedelta(hours=1), not_before=utcnow() + timedelta(hours=1)))
+    try:
+        tg.runtime.redriver.round()
+        (notice,) = fake.wait_calls("sendMessage", chat_id=chat)
+        assert f"taking longer than usual; it is still in line (job {job.id})" in \
+            notice.params["text"]
+        assert notice.params["reply_parameters"]["message_id"] == request
+        tg.runtime.redriver.round()
+        time.sleep(1)
+        assert len(fake.calls("sendMessage", chat_id=chat)) == 1, "told once"
+    finally:
+        with tg.runtime.store.session() as s:
+            s.execute(update(Job).where(Job.id == job.id).values(state="cancelled"))

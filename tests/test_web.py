@@ -72,7 +72,7 @@ def test_playground_picture_arrives_live_with_both_takes(web: Stack, page_a: Pag
     page = page_a
     page.goto("/")
     page.evaluate("window.notReloaded = true")
-    box = page.get_by_label("Message")  # the input is labelled
+    box = page.get_by_label("Message", exact=True)  # the input is labelled
     box.fill(f"/imagine {PROMPT}")
     page.get_by_role("button", name="Send").click()
     # The request's status message and its live progress line (queued / drawing / done).

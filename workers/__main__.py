@@ -11,9 +11,11 @@ import argparse
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -35,6 +37,8 @@ PARENT_GONE_WARM_SECONDS = 2.0
 PARENT_GONE_COLD_SECONDS = 5.0
 
 _PR_SET_PDEATHSIG = 1
+#: prometheus-client's multiprocess mode: where each process of the worker writes its samples.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def set_parent_death_signal(sig: int) -> bool:
@@ -189,8 +193,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     settings = get_settings()
+    own_metrics_dir = _prepare_metrics_dir() if settings.metrics_port else None
+    from celery.signals import worker_process_init, worker_process_shutdown
+
+    from workers import shutdown
     from workers.celery_app import app
 
+    shutdown.install_main(settings.worker_stop_grace_seconds)
+    worker_process_init.connect(shutdown.install_child, weak=False)
+    worker_process_shutdown.connect(_forget_pool_process, weak=False)
+    metrics_server = None
+    if settings.metrics_port:
+        from core.metrics import serve_worker_metrics
+
+        metrics_server = serve_worker_metrics(settings)
     if args.parent_pid is not None:
         from celery.signals import worker_process_init
 
@@ -204,8 +220,40 @@ def main(argv: list[str] | None = None) -> None:
                    "--pool", pool, "--loglevel", args.loglevel, "--hostname", args.name]
     if settings.embedded_broker:
         worker_argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
-    app.worker_main(worker_argv)
+    try:
+        app.worker_main(worker_argv)
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
     sys.exit(0)
+
+
+def _prepare_metrics_dir() -> Path | None:
+    """Give this worker (main process and pool) a multiprocess metrics directory.
+
+    Must run before anything imports ``prometheus_client`` (which reads the variable once, at
+    import; ``core.metrics`` imports it): set in the environment, it is inherited by the pool
+    processes Celery forks. An operator's own ``PROMETHEUS_MULTIPROC_DIR`` is used as it is and
+    never emptied. Returns the directory made here (to remove at exit), or None.
+    """
+    assert "prometheus_client" not in sys.modules, "imported before its directory was set"
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        Path(given).mkdir(parents=True, exist_ok=True)
+        return None
+    made = Path(tempfile.mkdtemp(prefix="musespark-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(made)
+    return made
+
+
+def _forget_pool_process(pid: int | None = None, **_: Any) -> None:
+    """A ``worker_process_shutdown`` receiver: an ending pool process's live gauges go."""
+    if os.environ.get(MULTIPROC_ENV):
+        from core.metrics import mark_process_dead
+
+        mark_process_dead(pid or os.getpid())
 
 
 if __name__ == "__main__":

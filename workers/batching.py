@@ -53,8 +53,10 @@ from core.queue import (
 )
 from core.settings import Settings
 from core.store import Claim, Job, Store
+from workers import shutdown
 from workers.runner import (
     PictureAsk,
+    _hand_back,
     _Heartbeat,
     _image_generator,
     announce,
@@ -276,9 +278,14 @@ def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings) -> 
             beats.enter_context(_Heartbeat(store, claim, settings.job_heartbeat_seconds))
         first = asks[0]
         try:
-            results = generator.generate_many(
-                [(ask.expanded, ask.count, ask.seed) for ask in asks], steps=first.steps,
-                guidance=first.guidance, width=first.width, height=first.height)
+            with shutdown.interruptible():
+                results = generator.generate_many(
+                    [(ask.expanded, ask.count, ask.seed) for ask in asks], steps=first.steps,
+                    guidance=first.guidance, width=first.width, height=first.height)
+        except shutdown.HandBack:  # the worker is stopping: every job of the batch goes back
+            for claim, job in members:
+                outcomes[job.id] = _hand_back(store, claim, job, settings)
+            return outcomes
         except Exception as exc:
             if len(members) == 1 or isinstance(exc, SoftTimeLimitExceeded):
                 results = [exc] * len(members)

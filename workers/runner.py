@@ -38,10 +38,11 @@ from core.errors import (
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Artifact, Claim, DeliveredMessage, Job, JobState, Store, content_hash, utcnow
+from workers import shutdown
 from workers.delivery import RemoteDeliverer, TransactionalDeliverer, get_deliverer
 
-__all__ = ["PictureAsk", "claim_job", "execute_job", "picture_ask", "picture_outcome",
-           "run_claimed", "worker_name"]
+__all__ = ["PictureAsk", "claim_job", "execute_job", "last_failure_cause", "picture_ask",
+           "picture_outcome", "run_claimed", "worker_name"]
 
 log = logging.getLogger(__name__)
 
@@ -433,11 +434,13 @@ def _record_transactionally(store: Store, claim: Claim, job: Job, state: JobStat
 
 
 def _fail(store: Store, claim: Claim, job: Job, reason: str, settings: Settings, *,
-          tell_person: bool = True) -> str:
+          tell_person: bool = True, cause: str = "error") -> str:
     """Fail the job with ``reason`` (stored, and shown to the person when we still can).
 
     A part of a piece (a story's picture) tells nobody: the piece's post says so in place.
+    ``cause`` is the failure's metric label (one of ``core.metrics.FAILURE_REASONS``).
     """
+    _process["failure_cause"] = cause
     if job.params.get("part_of"):
         with store.finishing(claim, JobState.FAILED, reason=reason) as session:
             if session is None:
@@ -462,6 +465,36 @@ def _fail(store: Store, claim: Claim, job: Job, reason: str, settings: Settings,
 
 def _deliver(store: Store, claim: Claim, job: Job, messages: list[OutboundMessage],
              settings: Settings) -> str:
+    with shutdown.shielded():  # a part cut off half sent could be posted twice
+        return _deliver_shielded(store, claim, job, messages, settings)
+
+
+def _hand_back(store: Store, claim: Claim, job: Job, settings: Settings) -> str:
+    """The worker is stopping and its grace period is over: give the unfinished job back.
+
+    Nothing was posted (posting is shielded); the outbox, if any, is kept, so the next worker
+    only posts. The attempt is returned: a scale-down is not a crash.
+    """
+    if store.defer(claim, 0) is None:
+        return "lost"
+    log.warning("job %s handed back: this worker is stopping", job.id)
+    from core.metrics import JOBS_HANDED_BACK
+
+    JOBS_HANDED_BACK.inc()
+    try:
+        _publisher(settings).publish(job.id, job.kind, job.params)
+    except QueueUnavailableError:
+        log.warning("job %s waits for the redriver: the broker is unreachable", job.id)
+    return "handed back"
+
+
+def last_failure_cause() -> str:
+    """Why the last job this process failed did so (a metric label), and forget it."""
+    return str(_process.pop("failure_cause", "error"))
+
+
+def _deliver_shielded(store: Store, claim: Claim, job: Job, messages: list[OutboundMessage],
+                      settings: Settings) -> str:
     deliverer = get_deliverer(job.platform, settings)
     if isinstance(deliverer, TransactionalDeliverer):
         ok = _record_transactionally(store, claim, job, JobState.DELIVERED, messages, deliverer,
@@ -482,7 +515,7 @@ def _deliver(store: Store, claim: Claim, job: Job, messages: list[OutboundMessag
         if exc.final or exc.retry_after is None:
             log.error("job %s: delivery refused for good: %s", job.id, exc)
             return _fail(store, claim, job, f"I could not post the result: {exc}", settings,
-                         tell_person=False)
+                         tell_person=False, cause="delivery_refused")
         due = store.defer(claim, exc.retry_after)
         if due is None:
             return "lost"
@@ -552,7 +585,7 @@ def run_claimed(store: Store, claim: Claim, settings: Settings) -> str:
         log.error("job %s exhausted %d attempts", job_id, claim.attempt - 1)
         return _fail(store, claim, job, (
             f"This request stopped its worker {claim.attempt - 1} times (it may need more "
-            "memory than the machine has), so I gave up on it."), settings)
+            "memory than the machine has), so I gave up on it."), settings, cause="exhausted")
     if job.outbox is not None:
         messages = [OutboundMessage.from_dict(m) for m in job.outbox]
         log.info("job %s attempt %d: resuming delivery", job_id, claim.attempt)
@@ -560,10 +593,12 @@ def run_claimed(store: Store, claim: Claim, settings: Settings) -> str:
     started = time.monotonic()
     announce(job, claim, settings)
     try:
-        with _Heartbeat(store, claim, settings.job_heartbeat_seconds):
+        with _Heartbeat(store, claim, settings.job_heartbeat_seconds), shutdown.interruptible():
             if job.intent == "story":
                 return _run_story(store, claim, job, settings)
             outcome = _generate(store, job, settings)
+    except shutdown.HandBack:
+        return _hand_back(store, claim, job, settings)
     except Exception as exc:
         return generation_failed(store, claim, job, exc, settings, started)
     return finish_generated(store, claim, job, outcome, settings, started)
@@ -582,22 +617,22 @@ def generation_failed(store: Store, claim: Claim, job: Job, exc: Exception, sett
     """Fail a job whose generation raised ``exc``, telling the person in plain words."""
     job_id = job.id
     if isinstance(exc, UserInputError):
-        return _fail(store, claim, job, exc.user_message, settings)
+        return _fail(store, claim, job, exc.user_message, settings, cause="user_input")
     if isinstance(exc, ModelUnavailableError):
         log.error("job %s: model unavailable: %s", job_id, exc)
-        return _fail(store, claim, job, exc.user_message, settings)
+        return _fail(store, claim, job, exc.user_message, settings, cause="model_unavailable")
     if isinstance(exc, SoftTimeLimitExceeded):
         log.error("job %s hit its time limit after %.0f s", job_id, time.monotonic() - started)
         return _fail(store, claim, job, (
             "That took longer than this request is allowed to take, so I stopped it. "
-            "Try a shorter request or fewer images."), settings)
+            "Try a shorter request or fewer images."), settings, cause="time_limit")
     if isinstance(exc, MuseSparkError):
         log.error("job %s failed", job_id, exc_info=exc)
         return _fail(store, claim, job, exc.user_message, settings)
     log.error("job %s crashed", job_id, exc_info=exc)
     return _fail(store, claim, job, (
         f"Something broke while making this ({type(exc).__name__}). The operator can "
-        f"find job {job_id} in the worker log."), settings)
+        f"find job {job_id} in the worker log."), settings, cause="crash")
 
 
 def finish_generated(store: Store, claim: Claim, job: Job, outcome: _Outcome,

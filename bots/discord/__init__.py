@@ -48,7 +48,8 @@ def create_client(runtime: BotRuntime) -> MuseSparkDiscord:
     use_api_url(settings.discord_api_url)
     return MuseSparkDiscord(runtime.orchestrator, runtime.store,
                             mention_mode=settings.discord_mention_mode,
-                            max_prompt_chars=settings.max_prompt_chars)
+                            max_prompt_chars=settings.max_prompt_chars,
+                            redriver=runtime.redriver)
 
 
 async def serve(runtime: BotRuntime) -> None:

@@ -43,8 +43,10 @@ from core.actions import ACTION_PATTERN, QUIET_ACTIONS
 from core.errors import UserInputError
 from core.events import Channel, ChannelKind, CommandInvoked, CommandSource, Event, MessageReceived
 from core.intents import Intent, parse_command
+from core.limits import DISCORD, truncate
 from core.orchestrator import Orchestrator
-from core.outbound import MessageKind, OutboundMessage
+from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
+from core.redrive import DelayNotice, DelayNotifier, Redriver
 from core.store import Store
 from core.uploads import UPLOAD_MAX_BYTES, keep_upload
 
@@ -52,14 +54,16 @@ __all__ = ["MuseSparkDiscord", "ResultButton"]
 
 log = logging.getLogger(__name__)
 
-MESSAGE_MAX_CHARS = 2000
+MESSAGE_MAX_CHARS = DISCORD.message_chars
 INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
+#: How long a delay notice may take to post (it runs in the redriver's thread).
+DELAY_NOTICE_TIMEOUT_SECONDS = 30.0
 #: Discord's limit on a modal text input's value.
 MODAL_INPUT_MAX_CHARS = 4000
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= MESSAGE_MAX_CHARS else text[: MESSAGE_MAX_CHARS - 1] + "…"
+    return truncate(text, MESSAGE_MAX_CHARS, DISCORD.units)
 
 
 def _private(reply: OutboundMessage) -> bool:
@@ -119,18 +123,43 @@ class MuseSparkDiscord(discord.Client):
     """discord.py client that turns interactions and reactions into core events."""
 
     def __init__(self, orchestrator: Orchestrator, store: Store, *, mention_mode: bool = False,
-                 max_prompt_chars: int = 2000, **options: Any) -> None:
+                 max_prompt_chars: int = 2000, redriver: Redriver | None = None,
+                 **options: Any) -> None:
         # Prompts are echoed back: never let one ping @everyone or a role.
         options.setdefault("allowed_mentions", discord.AllowedMentions.none())
         super().__init__(intents=build_intents(mention_mode), **options)
         self.orchestrator, self.store = orchestrator, store
         self.mention_mode, self.max_prompt_chars = mention_mode, max_prompt_chars
+        self.redriver = redriver
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
         register_commands(self.tree, self)
 
     async def setup_hook(self) -> None:
         self.add_dynamic_items(ResultButton)
+        if self.redriver is not None:
+            self.redriver.tell_through(PLATFORM, self._delay_notifier())
+
+    async def close(self) -> None:
+        if self.redriver is not None:
+            self.redriver.tell_through(PLATFORM, None)
+        await super().close()
+
+    def _delay_notifier(self) -> DelayNotifier:
+        """Tells a person, from the redriver's thread, that their request waits: a reply in
+        its channel on this client's event loop (mentions off, as for every message)."""
+        loop = asyncio.get_running_loop()
+
+        def tell(notice: DelayNotice) -> None:
+            target = DeliveryTarget.from_dict(notice.job.delivery)
+            channel = self.get_partial_messageable(int(target.thread_id or target.chat_id))
+            reference = (channel.get_partial_message(int(target.reply_to))
+                         if target.reply_to and target.reply_to.isdigit() else None)
+            sending = channel.send(_clip(notice.text), reference=reference,  # type: ignore[arg-type]
+                                   mention_author=False)
+            asyncio.run_coroutine_threadsafe(sending, loop).result(DELAY_NOTICE_TIMEOUT_SECONDS)
+
+        return tell
 
     async def handle(self, event: Event) -> list[OutboundMessage]:
         """Core's ``handle`` in a thread (it does blocking database and broker I/O)."""

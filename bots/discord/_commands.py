@@ -10,7 +10,7 @@ catalogue's values (``core.taste.CATALOGUE``) shape a result, so those are all w
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import discord
 from discord import app_commands
@@ -28,8 +28,18 @@ from core.intents import (
 from core.taste import CATALOGUE
 from core.uploads import UPLOAD_MAX_BYTES
 
-if TYPE_CHECKING:
-    from bots.discord._client import MuseSparkDiscord
+
+
+class CommandRunner(Protocol):
+    """What the slash commands need of the client (``bots.discord._client.MuseSparkDiscord``);
+    a protocol, so this module does not import the client that imports it."""
+
+    async def run_command(self, interaction: discord.Interaction[Any], name: str,
+                          args: dict[str, Any]) -> None: ...
+
+    async def run_remix(self, interaction: discord.Interaction[Any], image: discord.Attachment,
+                        args: dict[str, Any]) -> None: ...
+
 
 __all__ = ["IMAGE_STYLES", "WRITE_MODES", "command_names", "register_commands"]
 
@@ -58,7 +68,7 @@ def command_names() -> list[str]:
     return names
 
 
-def register_commands(tree: app_commands.CommandTree[Any], client: MuseSparkDiscord) -> None:
+def register_commands(tree: app_commands.CommandTree[Any], client: CommandRunner) -> None:
     """Add MuseSpark's commands to ``tree`` (global; ``musespark discord sync`` publishes them)."""
 
     @app_commands.command(name="imagine", description="Draw a picture from your words")
@@ -126,7 +136,7 @@ def register_commands(tree: app_commands.CommandTree[Any], client: MuseSparkDisc
         tree.add_command(_simple_command(name, client))
 
 
-def _simple_command(name: str, client: MuseSparkDiscord) -> app_commands.Command[Any, Any, None]:
+def _simple_command(name: str, client: CommandRunner) -> app_commands.Command[Any, Any, None]:
     """``/help``, ``/profile`` and ``/web`` take nothing; other intents core adds (``/settings``,
     ``/forget``, ...) take their instruction as one optional ``text`` option."""
     kind, line = COMMANDS[name]

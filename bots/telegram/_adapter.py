@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 from telegram import BotCommand, Message, ReplyParameters, Update
@@ -41,6 +43,7 @@ from telegram.ext import (
 )
 
 from bots.runtime import BotRuntime
+from bots.telegram._concurrency import StatusCoalescer
 from bots.telegram._payloads import (
     REMIX_CAPTION,
     addressed_text,
@@ -53,7 +56,9 @@ from bots.telegram._payloads import (
 from core.events import Event, ReactionChanged
 from core.errors import UserInputError
 from core.intents import COMMANDS, parse_text
-from core.outbound import MessageKind, OutboundMessage
+from core.limits import TELEGRAM, split_text
+from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
+from core.redrive import DelayNotice, DelayNotifier
 from core.store import Artifact
 from core.uploads import UPLOAD_MAX_BYTES, keep_upload
 
@@ -61,8 +66,8 @@ __all__ = ["TelegramAdapter", "bot_commands"]
 
 log = logging.getLogger(__name__)
 
-MESSAGE_MAX_CHARS = 4096
-CAPTION_MAX_CHARS = 1024
+MESSAGE_MAX_CHARS = TELEGRAM.message_chars
+CAPTION_MAX_CHARS = TELEGRAM.caption_chars or 0
 CALLBACK_ANSWER_MAX_CHARS = 200
 COMMAND_DESCRIPTION_MAX_CHARS = 256
 #: A callback query is answered at once; core gets this long to supply the toast's text
@@ -72,7 +77,9 @@ CALLBACK_TOAST_WAIT_SECONDS = 1.5
 #: reply until it ends; a wait this short is waited out (asyncio.sleep), a longer one drops the
 #: replies (status messages are cosmetic; results come from the workers once the wait is over).
 FLOOD_WAIT_WAIT_OUT_SECONDS = 3.0
-FLOOD_WAIT_PLATFORM = "telegram"
+FLOOD_WAIT_PLATFORM = PLATFORM = "telegram"
+#: How long a delay notice may take to post (it runs in the redriver's thread).
+DELAY_NOTICE_TIMEOUT_SECONDS = 30.0
 
 
 def bot_commands() -> list[BotCommand]:
@@ -96,6 +103,8 @@ class TelegramAdapter:
     def __init__(self, runtime: BotRuntime) -> None:
         self.orchestrator = runtime.orchestrator
         self.store = runtime.store
+        self.redriver = runtime.redriver
+        self._statuses = StatusCoalescer()
 
     def install(self, app: Application) -> None:  # type: ignore[type-arg]
         message_only = filters.UpdateType.MESSAGE
@@ -113,8 +122,36 @@ class TelegramAdapter:
 
     async def post_init(self, app: Application) -> None:  # type: ignore[type-arg]
         await app.bot.set_my_commands(bot_commands())
+        if self.redriver is not None:
+            self.redriver.tell_through(PLATFORM, self._delay_notifier(app.bot))
         log.info("Telegram bot @%s ready; %d commands registered", app.bot.username,
                  len(COMMANDS))
+
+    async def post_stop(self, app: Application) -> None:  # type: ignore[type-arg]
+        await self._statuses.aclose()
+        if self.redriver is not None:
+            self.redriver.tell_through(PLATFORM, None)
+
+    def _delay_notifier(self, bot: Any) -> DelayNotifier:
+        """Tells a person, from the redriver's thread, that their request waits: a reply to
+        their message on this bot's event loop (skipped while the chat is in a flood wait)."""
+        loop = asyncio.get_running_loop()
+
+        def tell(notice: DelayNotice) -> None:
+            target = DeliveryTarget.from_dict(notice.job.delivery)
+            if self._flood_wait_left(target.chat_id) > 0:
+                log.info("delay notice for job %s not sent: chat %s in a flood wait",
+                         notice.job.id, target.chat_id)
+                return
+            reply = int(target.reply_to) if target.reply_to and target.reply_to.isdigit() else None
+            sending = bot.send_message(
+                int(target.chat_id), notice.text,
+                message_thread_id=int(target.thread_id) if target.thread_id else None,
+                reply_parameters=ReplyParameters(reply, allow_sending_without_reply=True)
+                if reply else None)
+            asyncio.run_coroutine_threadsafe(sending, loop).result(DELAY_NOTICE_TIMEOUT_SECONDS)
+
+        return tell
 
     # -- handlers ------------------------------------------------------------------------------
 
@@ -337,45 +374,62 @@ class TelegramAdapter:
             log.info("chat %s is in a flood wait for %.1f s more: %d replies not sent",
                      where.chat.id, left, len(replies))
             return
+        group = where.chat.type != ChatType.PRIVATE
+        thread = where.message_thread_id if where.is_topic_message else None
         for reply in replies:
-            try:
-                if reply.delete_message_id:
-                    await context.bot.delete_message(where.chat.id, int(reply.delete_message_id))
-                    continue
-                sent = None
-                text = reply.text
-                thread = where.message_thread_id if where.is_topic_message else None
-                for number, path in enumerate(reply.images):  # e.g. the /profile chart
-                    caption = text[:CAPTION_MAX_CHARS] if number == 0 else None
-                    with open(path, "rb") as picture:
-                        sent = await context.bot.send_photo(
-                            where.chat.id, picture, caption=caption, message_thread_id=thread,
-                            reply_parameters=ReplyParameters(reply_to_message_id,
-                                                             allow_sending_without_reply=True)
-                            if reply_to_message_id and number == 0 else None)
-                    if caption:
-                        text, reply_to_message_id = text[len(caption):], None
-                for number, start in enumerate(range(0, len(text), MESSAGE_MAX_CHARS)):
-                    sent = await context.bot.send_message(
-                        where.chat.id, text[start:start + MESSAGE_MAX_CHARS],
-                        message_thread_id=thread,
+            if reply.kind is MessageKind.STATUS and reply.job_id and not reply.images:
+                await self._statuses.submit((where.chat.id, thread), group, reply,
+                                            reply_to_message_id,
+                                            functools.partial(self._post, context, where))
+                continue
+            if not await self._post(context, where, reply, reply_to_message_id):
+                return  # the chat's flood wait began: the rest of the replies are not sent
+
+    async def _post(self, context: ContextTypes.DEFAULT_TYPE, where: Message,
+                    reply: OutboundMessage, reply_to_message_id: int | None) -> bool:
+        """Post one reply; a status reply becomes its job's progress message. False when the
+        chat's flood wait began (nobody calls the chat until it ends)."""
+        try:
+            if reply.delete_message_id:
+                await context.bot.delete_message(where.chat.id, int(reply.delete_message_id))
+                return True
+            sent = None
+            text = reply.text
+            thread = where.message_thread_id if where.is_topic_message else None
+            for number, path in enumerate(reply.images):  # e.g. the /profile chart
+                caption = (split_text(text, CAPTION_MAX_CHARS, TELEGRAM.units)[0] or None
+                           if number == 0 else None)
+                with open(path, "rb") as picture:
+                    sent = await context.bot.send_photo(
+                        where.chat.id, picture, caption=caption, message_thread_id=thread,
                         reply_parameters=ReplyParameters(reply_to_message_id,
                                                          allow_sending_without_reply=True)
                         if reply_to_message_id and number == 0 else None)
-            except RetryAfter as exc:  # the chat's flood wait: nobody calls it until it ends
-                with warnings.catch_warnings():  # PTB 22.2+: int now, timedelta later
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    wait = exc.retry_after
-                seconds = wait.total_seconds() if isinstance(wait, timedelta) else float(wait)
-                await asyncio.to_thread(self._hold_chat, str(where.chat.id), seconds)
-                log.warning("chat %s in a flood wait for %.0f s: the rest of the replies not "
-                            "sent", where.chat.id, seconds)
-                return
-            except (TelegramError, OSError) as exc:  # blocked: the job still runs
-                log.warning("reply in chat %s not sent: %s", where.chat.id, exc)
-                continue
-            if reply.kind is MessageKind.STATUS and reply.job_id and sent is not None:
-                await asyncio.to_thread(self._remember_progress, reply.job_id, sent.message_id)
+                if caption:
+                    text, reply_to_message_id = text.strip()[len(caption):], None
+            pieces = split_text(text, MESSAGE_MAX_CHARS, TELEGRAM.units) if text.strip() else []
+            for number, piece in enumerate(pieces):
+                sent = await context.bot.send_message(
+                    where.chat.id, piece,
+                    message_thread_id=thread,
+                    reply_parameters=ReplyParameters(reply_to_message_id,
+                                                     allow_sending_without_reply=True)
+                    if reply_to_message_id and number == 0 else None)
+        except RetryAfter as exc:  # the chat's flood wait: nobody calls it until it ends
+            with warnings.catch_warnings():  # PTB 22.2+: int now, timedelta later
+                warnings.simplefilter("ignore", DeprecationWarning)
+                wait = exc.retry_after
+            seconds = wait.total_seconds() if isinstance(wait, timedelta) else float(wait)
+            await asyncio.to_thread(self._hold_chat, str(where.chat.id), seconds)
+            log.warning("chat %s in a flood wait for %.0f s: the rest of the replies not "
+                        "sent", where.chat.id, seconds)
+            return False
+        except (TelegramError, OSError) as exc:  # blocked: the job still runs
+            log.warning("reply in chat %s not sent: %s", where.chat.id, exc)
+            return True
+        if reply.kind is MessageKind.STATUS and reply.job_id and sent is not None:
+            await asyncio.to_thread(self._remember_progress, reply.job_id, sent.message_id)
+        return True
 
     async def _refuse(self, context: ContextTypes.DEFAULT_TYPE, message: Message,
                       text: str) -> None:

@@ -26,6 +26,7 @@ from telegram.ext import Application, ApplicationBuilder
 
 from bots.runtime import BotRuntime
 from bots.telegram._adapter import TelegramAdapter
+from bots.telegram._concurrency import PerChatOrder
 from core.errors import ConfigurationError
 from core.settings import Settings
 
@@ -53,6 +54,8 @@ def build_application(runtime: BotRuntime, settings: Settings | None = None) -> 
            .base_url(f"{api}/bot")
            .base_file_url(f"{api}/file/bot")
            .post_init(adapter.post_init)
+           .post_stop(adapter.post_stop)
+           .concurrent_updates(PerChatOrder())
            .build())
     adapter.install(app)
     return app

@@ -162,7 +162,8 @@ class WebApp:
         return self.templates.TemplateResponse(request, "playground.html", {
             **self._base(request, "playground", self.local_community),
             "messages": rows, "last_id": rows[-1].id if rows else self._last_id(),
-            "who": chat.user.display_name, **context})
+            "who": chat.user.display_name, "sid": chat.chat_id.removeprefix("web-"),
+            **context})
 
     def _history(self, chat_id: str) -> list[LocalMessage]:
         rows = list(self.store.local_messages_after(chat_id, 0))
@@ -354,7 +355,7 @@ class WebApp:
     def _dashboard(self, viewer: Viewer) -> dict[str, Any]:
         service = self.orchestrator.taste
         person = service.person_of(viewer.user_id)
-        plots: dict[str, list[Markup]] = {"community": [], "person": []}
+        plots: dict[str, list[tuple[str, Markup]]] = {"community": [], "person": []}
         drivers: dict[str, list[dict[str, Any]]] = {"community": [], "person": []}
         for subject, subject_id in (("community", viewer.community_id), ("person", person)):
             for kind in ("image", "text"):
@@ -366,10 +367,9 @@ class WebApp:
                     lines = series_for(kind, dim, snapshots)
                     if not lines and dim not in ("style", "tone"):
                         continue
-                    whose = "community" if subject == "community" else "your"
-                    plots[subject].append(Markup(line_plot(
-                        f"{whose} {kind} taste: {dim}", lines,
-                        plot_id=f"plot-{subject}-{kind}-{dim}")))
+                    title = f"{'Pictures' if kind == 'image' else 'Texts'}: {dim}"
+                    plots[subject].append((title, Markup(line_plot(
+                        title, lines, plot_id=f"plot-{subject}-{kind}-{dim}"))))
                 for row, job, _ in timeline[-DRIVERS_SHOWN:]:
                     drivers[subject].append({
                         "at": row.created_at, "what": row.value, "how": row.kind,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class Store:
         # Rows that are only ever created, cached so a busy chat costs no lookups per message.
         self._user_ids: dict[tuple[str, str, str], int] = {}
         self._community_ids: dict[tuple[str, str], int] = {}
+        self._ambient = threading.local()  # the transaction of :meth:`transaction`, per thread
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -114,9 +116,28 @@ class Store:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session that commits on success and rolls back on error."""
+        """A session that commits on success and rolls back on error; inside
+        :meth:`transaction` (on the same thread), that transaction's session."""
+        ambient: Session | None = getattr(self._ambient, "session", None)
+        if ambient is not None:
+            yield ambient
+            return
         with self._sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Every store call inside (on this thread) runs in one transaction, committed at the
+        end: a request's reads and writes cost one commit, not one each."""
+        if getattr(self._ambient, "session", None) is not None:
+            yield
+            return
+        with self._sessions() as session, session.begin():
+            self._ambient.session = session
+            try:
+                yield
+            finally:
+                self._ambient.session = None
 
     # -- people and places ---------------------------------------------------------------------
 
@@ -176,24 +197,33 @@ class Store:
 
     # -- jobs ---------------------------------------------------------------------------------
 
-    def create_job(self, *, idempotency_key: str, **fields: Any) -> tuple[Job, bool]:
+    def create_job(self, *, idempotency_key: str, published: bool = False,
+                   **fields: Any) -> tuple[Job, bool]:
         """Persist a new queued job, or return the one already made for ``idempotency_key``.
+
+        ``published``: mark it published in the same statement (the caller publishes right
+        after the commit, and clears the mark with :meth:`unmark_published` if that fails; a
+        process that dies in between leaves the job to the redriver's start-up sweep).
+        One ``INSERT … ON CONFLICT DO NOTHING``, so it also works inside :meth:`transaction`.
 
         Returns:
             ``(job, created)``; ``created`` is False for a duplicate event.
         """
+        from sqlalchemy.dialects import postgresql, sqlite
+
         now = utcnow()
-        try:
-            with self.session() as s:
-                job = Job(id=new_job_id(), idempotency_key=idempotency_key,
-                          state=JobState.QUEUED, attempts=0, created_at=now, updated_at=now,
-                          **fields)
-                s.add(job)
-            return job, True
-        except IntegrityError:
-            with self.session() as s:
-                existing = s.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).one()
-            return existing, False
+        dialect: Any = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        statement = (dialect.insert(Job)
+                     .values(id=new_job_id(), idempotency_key=idempotency_key,
+                             state=JobState.QUEUED, attempts=0, created_at=now, updated_at=now,
+                             published_at=now if published else None, **fields)
+                     .on_conflict_do_nothing(index_elements=[Job.idempotency_key])
+                     .returning(Job))
+        with self.session() as s:
+            job = s.scalars(statement).first()
+            if job is not None:
+                return job, True
+            return s.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).one(), False
 
     def get_job(self, job_id: str) -> Job | None:
         with self.session() as s:
@@ -209,6 +239,13 @@ class Store:
     def mark_published(self, job_id: str) -> None:
         with self.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))
+
+    def unmark_published(self, job_ids: Collection[str]) -> None:
+        """Publishing ``job_ids`` failed after :meth:`create_job` marked them: the redriver
+        sends them as soon as the broker is back."""
+        with self.session() as s:
+            s.execute(update(Job).where(Job.id.in_(list(job_ids)), Job.state == JobState.QUEUED)
+                      .values(published_at=None))
 
     def claim(self, job_id: str, *, worker: str, stale_after: float, max_attempts: int) -> Claim | None:
         """Take a job for ``worker``, or return None when someone alive holds it or it is done.

@@ -45,7 +45,6 @@ The adapter (``bots/discord``) stores what this module needs in the job's delive
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import threading
@@ -57,7 +56,10 @@ from typing import Any
 
 import httpx
 
+from core import limits
 from core.errors import DeliveryError
+from core.limits import DISCORD
+from core.metrics import rate_limited
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 
@@ -74,8 +76,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MESSAGE_MAX_CHARS = 2000
-UPLOAD_LIMIT_BYTES = 10 * 1024 * 1024
+MESSAGE_MAX_CHARS = DISCORD.message_chars
+UPLOAD_LIMIT_BYTES = DISCORD.upload_bytes
 INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
 #: Switch to the bot token a little before the interaction token dies, so a slow upload that
 #: starts just in time is not refused halfway.
@@ -107,52 +109,17 @@ _lock = threading.Lock()
 
 
 def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list[str]:
-    """Split ``text`` into pieces of at most ``limit`` characters.
-
-    Cuts at the last paragraph break, else line break, else space before the limit; a single
-    word longer than ``limit`` is cut hard. Returns ``[""]`` for empty text.
-    """
-    pieces: list[str] = []
-    rest = text
-    while len(rest) > limit:
-        window = rest[:limit]
-        cut = max(window.rfind("\n\n"), window.rfind("\n"), window.rfind(" "))
-        if cut <= limit // 2:  # no good boundary: a hard cut beats a run of tiny messages
-            cut = limit
-        pieces.append(rest[:cut].rstrip())
-        rest = rest[cut:].lstrip()
-    pieces.append(rest)
-    return [p for p in pieces if p] or [""]
+    """``text`` in pieces of at most ``limit`` characters (:func:`core.limits.split_text`)."""
+    return limits.split_text(text, limit, DISCORD.units)
 
 
 def shrink_image(data: bytes, filename: str, limit: int = UPLOAD_LIMIT_BYTES) -> tuple[str, bytes]:
-    """Return ``(filename, data)`` under ``limit`` bytes (Discord refuses bigger uploads).
-
-    Tries, in order: the file as it is; an optimised PNG; JPEG at falling quality; then JPEG
-    at 3/4 of the size, again and again. The recipe text chunk of our PNGs is lost on
-    re-encoding, which is acceptable: the artifact on disk keeps it.
-    """
-    if len(data) <= limit:
-        return filename, data
-    from PIL import Image
-
-    stem = Path(filename).stem
-    with Image.open(io.BytesIO(data)) as opened:
-        image = opened.convert("RGB")
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=True)
-    if buffer.tell() <= limit:
-        return f"{stem}.png", buffer.getvalue()
-    while True:
-        for quality in (90, 80, 70, 60):
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=quality, optimize=True)
-            if buffer.tell() <= limit:
-                return f"{stem}.jpg", buffer.getvalue()
-        width, height = image.size
-        if width <= 16 or height <= 16:
-            raise DeliveryError(f"{filename} cannot be shrunk under {limit} bytes", final=True)
-        image = image.resize((max(16, width * 3 // 4), max(16, height * 3 // 4)))
+    """Return ``(filename, data)`` under ``limit`` bytes (Discord refuses bigger uploads); see
+    :func:`core.limits.shrink_image`."""
+    try:
+        return limits.shrink_image(data, filename, max_bytes=limit)
+    except limits.ImageTooBig as exc:
+        raise DeliveryError(str(exc), final=True) from exc
 
 
 def message_nonce(key: str, part: int) -> str:
@@ -384,7 +351,9 @@ class DiscordDeliverer:
             raise DeliveryError(f"Discord unreachable: {type(exc).__name__}: {exc}",
                                 retry_after=SERVER_ERROR_RETRY_SECONDS) from exc
         if response.status_code == 429:
-            raise DeliveryError("Discord rate limit", retry_after=_retry_after(response))
+            wait = _retry_after(response)
+            rate_limited("discord", wait)
+            raise DeliveryError("Discord rate limit", retry_after=wait)
         if response.status_code >= 500:
             raise DeliveryError(f"Discord answered {response.status_code}",
                                 retry_after=SERVER_ERROR_RETRY_SECONDS)

@@ -31,14 +31,14 @@ Lengths are counted in UTF-16 code units, as Telegram counts them.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import threading
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Set as AbstractSet
+from collections.abc import Callable, Iterator, Set as AbstractSet
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -46,7 +46,10 @@ from typing import Any
 
 import httpx
 
+from core import limits
 from core.errors import DeliveryError
+from core.limits import TELEGRAM
+from core.metrics import rate_limited
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Store, utcnow
@@ -63,11 +66,11 @@ log = logging.getLogger(__name__)
 # httpx logs every request URL at INFO, and the URL carries the bot token.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
-MESSAGE_MAX_CHARS = 4096
-CAPTION_MAX_CHARS = 1024
+MESSAGE_MAX_CHARS = TELEGRAM.message_chars
+CAPTION_MAX_CHARS = TELEGRAM.caption_chars or 0
 CALLBACK_DATA_MAX_BYTES = 64
-PHOTO_MAX_BYTES = 10 * 1000 * 1000
-PHOTO_MAX_SIDES_SUM_PIXELS = 10_000
+PHOTO_MAX_BYTES = TELEGRAM.upload_bytes
+PHOTO_MAX_SIDES_SUM_PIXELS = TELEGRAM.photo_sides_sum or 0
 MEDIA_GROUP_MAX_ITEMS = 10
 REQUEST_TIMEOUT_SECONDS = 60.0
 #: Pause between two sends to one private chat, and to one group (20 a minute).
@@ -90,6 +93,9 @@ FINISHED_PROGRESS_KEPT = 4096
 
 _last_send_at: dict[str, float] = {}
 _pacing_lock = threading.Lock()
+#: One HTTP client (connection pool) per API URL and transport, for the process's life.
+_clients: dict[tuple[str, httpx.BaseTransport | None], httpx.Client] = {}
+_clients_lock = threading.Lock()
 _stores: dict[tuple[int, str], Store] = {}
 _finished_progress: OrderedDict[tuple[str, str, str], None] = OrderedDict()
 
@@ -112,47 +118,9 @@ def _shared_store(settings: Settings) -> Store | None:
         return _stores[key]
 
 
-def _utf16_len(text: str) -> int:
-    return len(text.encode("utf-16-le")) // 2
-
-
-def _fit(text: str, limit: int) -> int:
-    """How many leading characters of ``text`` fit in ``limit`` UTF-16 code units."""
-    if _utf16_len(text) <= limit:
-        return len(text)
-    used = 0
-    for index, char in enumerate(text):
-        used += 2 if ord(char) > 0xFFFF else 1
-        if used > limit:
-            return index
-    return len(text)
-
-
 def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list[str]:
-    """Split ``text`` into pieces of at most ``limit`` UTF-16 code units each.
-
-    Cuts at the last paragraph break, else line break, else space inside the limit; a word
-    longer than the limit is cut hard. Whitespace at the cuts is dropped; no piece is empty.
-    """
-    pieces: list[str] = []
-    rest = text.strip()
-    while rest:
-        end = _fit(rest, limit)
-        if end >= len(rest):
-            pieces.append(rest)
-            break
-        window = rest[:end]
-        cut = -1
-        for separator in ("\n\n", "\n", " "):
-            cut = window.rfind(separator)
-            if cut > limit // 4:  # a cut too near the start would make tiny pieces
-                break
-        if cut <= 0:
-            cut = end
-        piece = rest[:cut].rstrip()
-        pieces.append(piece or rest[:end])
-        rest = rest[cut:].lstrip() if piece else rest[end:].lstrip()
-    return pieces or [""]
+    """``text`` in pieces of at most ``limit`` UTF-16 code units (:func:`core.limits.split_text`)."""
+    return limits.split_text(text, limit, TELEGRAM.units)
 
 
 def _keyboard(message: OutboundMessage) -> dict[str, Any] | None:
@@ -190,30 +158,12 @@ class _Photo:
 
 def _photo(path: str) -> _Photo:
     """The picture at ``path`` as Telegram takes it: under 10 MB and 10000 px (w + h)."""
-    data = Path(path).read_bytes()
-    name = Path(path).name
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        width, height = image.size
-        if len(data) <= PHOTO_MAX_BYTES and width + height <= PHOTO_MAX_SIDES_SUM_PIXELS:
-            mime = Image.MIME.get(image.format or "", "application/octet-stream")
-            return _Photo(name, data, mime)
-        picture = image.convert("RGB")
-    scale = min(1.0, PHOTO_MAX_SIDES_SUM_PIXELS / (width + height))
-    quality = 90
-    while True:
-        size = (max(1, int(width * scale)), max(1, int(height * scale)))
-        buffer = io.BytesIO()
-        picture.resize(size).save(buffer, format="JPEG", quality=quality)
-        if buffer.tell() <= PHOTO_MAX_BYTES:
-            log.info("photo %s shrunk from %d bytes %dx%d to %d bytes %dx%d", path, len(data),
-                     width, height, buffer.tell(), *size)
-            return _Photo(Path(path).stem + ".jpg", buffer.getvalue(), "image/jpeg")
-        if quality > 60:
-            quality -= 15
-        else:
-            scale *= 0.7
+    name, data = limits.shrink_image(Path(path).read_bytes(), Path(path).name,
+                                     max_bytes=PHOTO_MAX_BYTES,
+                                     max_sides_sum=PHOTO_MAX_SIDES_SUM_PIXELS)
+    mime = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
+            ".webp": "image/webp"}.get(Path(name).suffix.lower(), "application/octet-stream")
+    return _Photo(name, data, mime)
 
 
 @dataclass(slots=True)
@@ -340,6 +290,7 @@ class TelegramDeliverer:
         parameters = body.get("parameters") or {}
         if code == 429:
             retry_after = float(parameters.get("retry_after") or TRANSIENT_RETRY_SECONDS)
+            rate_limited("telegram", retry_after)
             if chat_id is not None:
                 self._hold(chat_id, retry_after)
             raise DeliveryError(f"Telegram {method}: {description}", retry_after=retry_after)
@@ -365,9 +316,17 @@ class TelegramDeliverer:
             time.sleep(wait)
             return self._call(client, method, params, files)
 
-    def _client(self) -> httpx.Client:
-        return httpx.Client(timeout=REQUEST_TIMEOUT_SECONDS, transport=self._transport,
-                            headers={"User-Agent": "MuseSpark-worker"})
+    @contextmanager
+    def _client(self) -> Iterator[httpx.Client]:
+        """The process's client for this API (kept open: its connections are reused)."""
+        key = (self._settings.telegram_api_url, self._transport)
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = _clients[key] = httpx.Client(
+                    timeout=REQUEST_TIMEOUT_SECONDS, transport=self._transport,
+                    headers={"User-Agent": "MuseSpark-worker"})
+        yield client
 
     # -- RemoteDeliverer -----------------------------------------------------------------------
 
@@ -426,7 +385,7 @@ class TelegramDeliverer:
     def _caption(text: str) -> tuple[str, list[str]]:
         """The photo's caption (at most 1024) and the messages that carry the rest."""
         text = text.strip()
-        if _utf16_len(text) <= CAPTION_MAX_CHARS:
+        if limits.measure(text, TELEGRAM.units) <= CAPTION_MAX_CHARS:
             return text, []
         caption = split_text(text, CAPTION_MAX_CHARS)[0]
         return caption, split_text(text[len(caption):]) if text[len(caption):].strip() else []

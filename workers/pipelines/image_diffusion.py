@@ -40,6 +40,7 @@ import torch
 from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline
 
 from core.errors import ModelUnavailableError
+from core.metrics import model_loaded
 from core.settings import get_settings
 from workers.residency import check_fits, estimate_bytes, register
 from workers.pipelines.tiny_diffusion import build_tiny_pipeline, is_demo_pipeline
@@ -483,8 +484,10 @@ def get_image_generator(
     with _generators_lock:
         generator = _generators.get(key)
         if generator is None:
+            started = time.monotonic()
             generator = load_image_generator(spec, models_dir=key[1], device=device)
             _generators[key] = generator
+            model_loaded("image", generator.model_name, time.monotonic() - started)
         return generator
 
 

@@ -42,6 +42,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from core.errors import ModelUnavailableError
+from core.metrics import model_loaded
 from core.settings import get_settings
 from workers.residency import check_fits, estimate_bytes, register
 
@@ -471,8 +472,10 @@ def get_text_generator(
     with _generators_lock:
         generator = _generators.get(key)
         if generator is None:
+            started = time.monotonic()
             generator = load_text_generator(spec, cache_dir=key[1], device=device)
             _generators[key] = generator
+            model_loaded("text", generator.model_name, time.monotonic() - started)
         return generator
 
 
