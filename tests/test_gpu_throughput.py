@@ -22,7 +22,7 @@ from core.store import Artifact
 from tests._stack import Stack
 from workers.pipelines.image_diffusion import get_image_generator, read_png_recipe
 
-RESULT_TIMEOUT_SECONDS = 240
+RESULT_TIMEOUT_SECONDS = 480
 #: uint8 levels two renders of one seed may differ by between batch sizes (float rounding).
 PIXEL_TOLERANCE = 2
 
@@ -94,7 +94,7 @@ def test_a_worker_killed_mid_batch_loses_no_picture_and_posts_none_twice(make_st
     # Enough steps that the batch is still rendering when the worker is killed (a fraction
     # of a second on an idle machine), few enough that it fits the first job's time limit.
     jobs = _picture_jobs(stack, ["a fox in the snow", "a boat at dawn", "an owl at night"],
-                         steps=40)
+                         steps=16)
     first = stack.start_worker()  # the three are queued: it takes them as one batch
     _until(lambda: all(stack.job(j).state == "running" for j in jobs),
            what="all three jobs running at once (one batch)", poll=0.01)
