@@ -273,9 +273,10 @@ def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings) -> 
     for claim, job in members:
         announce(job, claim, settings)
         asks.append(picture_ask(job, settings, generator))
-    with contextlib.ExitStack() as beats:
-        for claim, _ in members:
-            beats.enter_context(_Heartbeat(store, claim, settings.job_heartbeat_seconds))
+    with contextlib.ExitStack() as stack:
+        beats = {job.id: stack.enter_context(_Heartbeat(store, claim,
+                                                         settings.job_heartbeat_seconds))
+                 for claim, job in members}
         first = asks[0]
         try:
             with shutdown.interruptible():
@@ -299,16 +300,19 @@ def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings) -> 
         done: list[tuple[Claim, Job, Any]] = []
         for (claim, job), ask, result in zip(members, asks, results):
             if isinstance(result, Exception):
+                beats[job.id].__exit__(None, None, None)
                 outcomes[job.id] = generation_failed(store, claim, job, result, settings,
                                                      started)
                 continue
             try:
                 done.append((claim, job, picture_outcome(job, ask, result, settings)))
             except Exception as exc:
+                beats[job.id].__exit__(None, None, None)
                 outcomes[job.id] = generation_failed(store, claim, job, exc, settings, started)
         # Still under the heartbeats: the last job's claim must not go stale while the
         # others are being posted.
         for claim, job, outcome in done:
+            beats[job.id].__exit__(None, None, None)  # delivery keeps its own heartbeat
             outcomes[job.id] = finish_generated(store, claim, job, outcome, settings, started)
     return outcomes
 
