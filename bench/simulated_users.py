@@ -86,8 +86,10 @@ def make_people(rng: random.Random, communities: int, per_community: int) -> lis
 def make_bot(folder: Path, *, learning: bool, seed: int, takes: int) -> Orchestrator:
     store = Store(f"sqlite:///{folder / 'bench.db'}")
     store.upgrade()
+    # Simulated people ask far more often than the operator's default quotas allow.
     settings = Settings(_env_file=None, data_dir=folder, learning=learning,  # type: ignore[call-arg]
-                        image_takes=takes)
+                        image_takes=takes, quota_person_hourly=0, quota_person_daily=0,
+                        quota_community_hourly=0)
     return Orchestrator(store, RecordingPublisher(), settings, rng=random.Random(seed))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from core.orchestrator import Orchestrator
+from core.privacy import RetentionSweeper
 from core.queue import CeleryPublisher
 from core.redrive import Redriver, local_delay_notifier
 from core.settings import Settings, get_settings
@@ -30,6 +31,9 @@ class BotRuntime:
         notifiers = {"local": local_delay_notifier(self.store)}
         self.redriver = (Redriver(self.store, self.publisher, self.settings, notifiers=notifiers)
                          .start() if redrive else None)
+        # Results and uploads past MUSESPARK_RETENTION_DAYS are erased by the bot, hourly.
+        self.retention = (RetentionSweeper(self.orchestrator.privacy, self.settings).start()
+                          if redrive and self.settings.retention_days > 0 else None)
         self._metrics_server = None
         if serve_metrics and self.settings.metrics_port:
             from core.metrics import serve_bot_metrics
@@ -42,6 +46,8 @@ class BotRuntime:
             self._metrics_server = None
         if self.redriver is not None:
             self.redriver.stop()
+        if self.retention is not None:
+            self.retention.stop()
         self.publisher.close()
         self.store.dispose()
 

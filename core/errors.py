@@ -5,7 +5,8 @@ Every layer raises from one root, so callers can catch as broadly or narrowly as
     MuseSparkError
     ├── UserInputError          shown to the person as it is; never a stack trace
     │   ├── UnknownCommandError
-    │   └── PromptError         empty, too long, ...
+    │   ├── PromptError         empty, too long, refused by policy or quota, ...
+    │   └── ContentBlockedError a rendered picture the community's safety policy refuses
     ├── ConfigurationError      the operator's setting is wrong (bad URL, missing model)
     ├── ModelUnavailableError   a model path/id cannot be loaded; has ``user_message``
     ├── QueueUnavailableError   the broker cannot be reached; the job stays queued
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "ContentBlockedError",
     "DeliveryError",
     "ModelUnavailableError",
     "MuseSparkError",
@@ -54,6 +56,10 @@ class UnknownCommandError(UserInputError):
 
 class PromptError(UserInputError):
     """A prompt that is empty, too long or otherwise unusable."""
+
+
+class ContentBlockedError(UserInputError):
+    """A picture was made but the community's safety policy does not let it be posted."""
 
 
 class ConfigurationError(MuseSparkError):

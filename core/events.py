@@ -55,6 +55,9 @@ class Actor:
     #: Admin of the community here (guild: Manage Server; group: chat administrator). Adapters
     #: that cannot tell leave it False; in direct chats everyone administers their own chat.
     is_admin: bool = False
+    #: Trusted to moderate here without being an admin (Discord: Manage Messages). With
+    #: ``is_admin`` it may report results (🚩), which hides them.
+    is_moderator: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +68,9 @@ class Channel:
     kind: ChannelKind = ChannelKind.DIRECT
     guild_id: str | None = None
     thread_id: str | None = None
+    #: Marked age-restricted by the platform (Discord "NSFW" channels; a thread inherits its
+    #: parent channel's flag). Only there may a Discord community switch safety ``off``.
+    nsfw: bool = False
 
     @property
     def community_id(self) -> str:
@@ -102,6 +108,10 @@ class CommandInvoked(_EventBase):
     message_id: str | None = None
     reply_to: str | None = None
     interaction_token: str | None = None
+    #: What the platform's deliverer needs besides the token (Discord: the application id and
+    #: when the token expires), decided by the adapter when it makes the event, so a job's
+    #: delivery target is complete before the job is published.
+    delivery_extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,6 +121,7 @@ class ComponentActivated(_EventBase):
     custom_id: str
     message_id: str
     interaction_token: str | None = None
+    delivery_extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -55,6 +55,8 @@ class IntentKind(enum.StrEnum):
     SETTINGS = "settings"
     FORGET = "forget"
     LINK = "link"
+    #: A zip of everything kept about the person, sent privately.
+    MYDATA = "mydata"
     #: A private sign-in link to the community's gallery and dashboard in a browser.
     WEB = "web"
 
@@ -93,7 +95,9 @@ COMMANDS: dict[str, tuple[IntentKind, str]] = {
     "start": (IntentKind.HELP, "same as /help"),
     "profile": (IntentKind.PROFILE, "what I have learned about your taste"),
     "settings": (IntentKind.SETTINGS, "learning on|off for you; admins: emoji 🎉 positive|negative|neutral"),
-    "forget": (IntentKind.FORGET, "/forget feedback erases your reactions and what I learned from them"),
+    "forget": (IntentKind.FORGET, "/forget feedback erases your reactions and what I learned "
+                                  "from them; /forget everything erases all I keep about you"),
+    "mydata": (IntentKind.MYDATA, "a zip of everything I keep about you, sent privately"),
     "link": (IntentKind.LINK, "link your identities on two platforms: /link, then /link CODE on the other"),
     "web": (IntentKind.WEB, "a private link to this community's gallery and dashboard in your browser"),
 }
@@ -239,7 +243,8 @@ def parse_command(name: str, args: dict[str, Any], *, max_prompt_chars: int) -> 
         hint = f" Did you mean /{close[0]}?" if close else ""
         raise UnknownCommandError(f"I don't know the command /{name}.{hint} Send /help for the list.")
     kind = known[name][0]
-    if kind in (IntentKind.HELP, IntentKind.PROFILE, IntentKind.WEB):
+    if kind in (IntentKind.HELP, IntentKind.PROFILE, IntentKind.MYDATA,
+                IntentKind.WEB):
         return Intent(kind)
     if kind in _PLAIN_ARGUMENT_KINDS:
         return Intent(kind, " ".join(str(args.get("prompt") or "").split())[:max_prompt_chars])

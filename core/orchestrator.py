@@ -34,6 +34,9 @@ from core.intents import (
     parse_text,
 )
 from core.learning import TasteService
+from core.policy import Policy, is_admin_here
+from core.privacy import Privacy
+from core.safety import DEFAULT_POLICY
 from core import taste
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.queue import JobPublisher
@@ -63,6 +66,8 @@ JSON_TOKENS_PER_ITEM = 12
 _JOB_KIND = {IntentKind.IMAGINE: "image", IntentKind.REMIX: "image", IntentKind.WRITE: "text",
              IntentKind.STORY: "text", IntentKind.BRAINSTORM: "text",
              IntentKind.UNDERSTAND: "text"}
+#: The reaction by which an admin or a moderator reports (and hides) a result.
+REPORT_EMOJI = "🚩"
 _STATUS_VERB = {IntentKind.IMAGINE: "Drawing", IntentKind.WRITE: "Writing",
                 IntentKind.REMIX: "Remixing your picture", IntentKind.REFINE: "Refining",
                 IntentKind.BRAINSTORM: "Thinking up ideas for",
@@ -83,6 +88,11 @@ class Origin:
     user_id: int
     community_id: int | None
     target: DeliveryTarget
+    #: The channel is age-restricted (see core/safety.py: where safety may be off).
+    nsfw: bool = False
+    #: The safety policy the request was already admitted under (quota counted, prompt
+    #: checked); None: :meth:`Orchestrator.submit` admits it.
+    admitted: str | None = None
 
 
 def _info(text: str, **kw: Any) -> OutboundMessage:
@@ -102,6 +112,8 @@ class Orchestrator:
         self.publisher = publisher
         self.settings = settings
         self.taste = TasteService(store)
+        self.policy = Policy(store, settings)
+        self.privacy = Privacy(store, settings, self.taste)
         self.rng = rng or random.Random()
 
     def handle(self, event: Event) -> list[OutboundMessage]:
@@ -152,6 +164,8 @@ class Orchestrator:
             return [self._forget(event, intent.prompt, reply_to)]
         if intent.kind is IntentKind.LINK:
             return [self._link(event, intent.prompt, reply_to)]
+        if intent.kind is IntentKind.MYDATA:
+            return [self._mydata(event, reply_to)]
         if intent.kind is IntentKind.WEB:
             return [self._web(event, reply_to)]
         origin = self.origin(event, reply_to)
@@ -232,16 +246,19 @@ class Orchestrator:
         target = DeliveryTarget(
             platform=event.platform, chat_id=event.channel.chat_id,
             thread_id=event.channel.thread_id, reply_to=reply_to,
-            interaction_token=getattr(event, "interaction_token", None))
+            interaction_token=getattr(event, "interaction_token", None),
+            extra=dict(getattr(event, "delivery_extra", None) or {}))
         return Origin(event.platform, f"{event.platform}:{event.event_id}",
                       self.store.ensure_user(event.platform, event.actor),
-                      self.store.ensure_community(event.platform, event.channel), target)
+                      self.store.ensure_community(event.platform, event.channel), target,
+                      nsfw=event.channel.nsfw)
 
     @staticmethod
     def origin_of(job: Job, *, key: str) -> Origin:
         """Answers go where ``job``'s did (its progress message, its interaction)."""
         return Origin(job.platform, key, job.user_id, job.community_id,
-                      DeliveryTarget.from_dict(job.delivery))
+                      DeliveryTarget.from_dict(job.delivery),
+                      admitted=str(job.params.get("safety") or DEFAULT_POLICY))
 
     # -- the person's view of their taste -------------------------------------------------------
 
@@ -264,7 +281,14 @@ class Orchestrator:
         words = text.split()
         user_id = self.store.ensure_user(event.platform, event.actor)
         usage = ("Settings: /settings learning off (or on) for you; in a group, admins can set "
-                 "/settings emoji 🎉 positive (or negative, neutral).")
+                 "/settings emoji 🎉 positive (or negative, neutral), /settings safety "
+                 "strict|standard|off, /settings blockword add|remove WORD, /settings quota, "
+                 "and read /settings audit.")
+        if words and words[0] in ("safety", "blockword", "quota", "audit"):
+            community_id = self.store.ensure_community(event.platform, event.channel)
+            return _info(self.policy.command(words, actor=event.actor, channel=event.channel,
+                                             platform=event.platform, user_id=user_id,
+                                             community_id=community_id), reply_to=reply_to)
         if len(words) == 2 and words[0] == "learning" and words[1] in ("on", "off"):
             self.taste.set_opt_out(user_id, words[1] == "off")
             if words[1] == "off":
@@ -285,10 +309,14 @@ class Orchestrator:
         return _info(usage, reply_to=reply_to)
 
     def _forget(self, event: Event, text: str, reply_to: str | None) -> OutboundMessage:
+        what, _, code = text.strip().lower().partition(" ")
+        if what == "everything":
+            return self._forget_everything(event, code.strip(), reply_to)
         what = text.strip().lower()
         if what not in ("feedback", "uploads"):
             return _info("Send /forget feedback to erase your reactions and what I learned "
-                         "from them, or /forget uploads to erase the pictures you sent me.",
+                         "from them, /forget uploads to erase the pictures you sent me, or "
+                         "/forget everything to erase all I keep about you.",
                          reply_to=reply_to)
         user_id = self.store.ensure_user(event.platform, event.actor)
         if what == "uploads":
@@ -297,6 +325,35 @@ class Orchestrator:
         erased = self.taste.forget_feedback(user_id)
         return _info(f"Done: erased {erased} reaction(s) and button press(es) of yours and "
                      "rebuilt every profile they had touched.", reply_to=reply_to)
+
+    def _forget_everything(self, event: Event, code: str,
+                           reply_to: str | None) -> OutboundMessage:
+        """Two steps, so that no typo erases everything: ``/forget everything`` answers with a
+        code, and ``/forget everything CODE`` (within 10 minutes) erases."""
+        user_id = self.store.ensure_user(event.platform, event.actor)
+        if not code:
+            requests, feedback = self.privacy.what_is_kept(user_id)
+            new = self.privacy.ask_to_forget(user_id)
+            return _info(
+                f"This erases everything I keep about you, on every platform you linked: "
+                f"{requests} request(s) with their results and files, your uploads, "
+                f"{feedback} reaction(s) and button press(es), your taste profile and links. "
+                f"It cannot be undone. To go ahead, send /forget everything {new} within 10 "
+                "minutes.", reply_to=reply_to)
+        if not self.privacy.confirmed(user_id, code):
+            return _error("That confirmation code is wrong or expired, so I erased nothing. "
+                          "Send /forget everything for a new one.", reply_to=reply_to)
+        return _info(self.privacy.forget_everything(user_id).describe(), reply_to=reply_to)
+
+    def _mydata(self, event: Event, reply_to: str | None) -> OutboundMessage:
+        user_id = self.store.ensure_user(event.platform, event.actor)
+        path, requests, files = self.privacy.export(user_id)
+        text = (f"Everything I keep about you: {requests} request(s) with their results, "
+                f"{files} file(s), your reactions and your taste profile, in one zip "
+                "(data.json and files/).")
+        if event.platform == "local":
+            text += f" It is at {path}"
+        return _info(text, ephemeral=True, files=(str(path),), reply_to=reply_to)
 
     def _link(self, event: Event, code: str, reply_to: str | None) -> OutboundMessage:
         user_id = self.store.ensure_user(event.platform, event.actor)
@@ -342,6 +399,9 @@ class Orchestrator:
         styles; follow-ups render one. ``kind`` overrides the intent's job kind (refinements).
         """
         kind = kind or _JOB_KIND[intent.kind]
+        safety_policy = origin.admitted or self.policy.admit(
+            prompt=intent.prompt, user_id=origin.user_id, community_id=origin.community_id,
+            platform=origin.platform, nsfw=origin.nsfw)
         seed = intent.options.get("seed", secrets.randbits(SEED_BITS))
         fixed = _fixed_choices(kind, intent.options, intent.prompt)
         if keep_style and parent is not None and parent.params.get("taste"):
@@ -356,6 +416,8 @@ class Orchestrator:
                  and intent.kind in (IntentKind.IMAGINE, IntentKind.REMIX) else 1)
         # One transaction for the request's reads and writes (profiles, jobs, queue position);
         # the jobs are published after it commits (a worker must find them).
+        requester = self.taste.person_of(origin.user_id)
+        cap = self.settings.fair_share_inflight
         with self.store.transaction():
             chosen = self.taste.choose(user_id=origin.user_id, community_id=origin.community_id,
                                        kind=kind, rng=self.rng, learning=self.settings.learning,
@@ -372,6 +434,7 @@ class Orchestrator:
                     params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
                                                             * params.pop("length_factor")))
                 params["taste"] = record
+                params["safety"] = safety_policy
                 if len(chosen) > 1:
                     params["takes"] = {"index": index, "of": len(chosen), "siblings": [
                         other.values for j, (other, _) in enumerate(chosen) if j != index]}
@@ -385,14 +448,17 @@ class Orchestrator:
                     # A reply to a result: the worker gives the model the earlier turns as context.
                     params["thread"] = True
                 take = f":take{index + 1}" if index else ""
+                # Fair share: beyond the person's jobs in flight, a job waits held back.
+                held = bool(cap and self.store.in_flight(requester, kind) >= cap)
                 job, created = self.store.create_job(
+                    requester=requester, held=held,
                     idempotency_key=f"{origin.key}{key_suffix}{take}",
                     kind=kind, intent=intent.kind.value, user_id=origin.user_id,
                     community_id=origin.community_id, parent_job_id=parent.id if parent else None,
                     prompt=intent.prompt,
                     expanded_prompt=taste.expand_prompt(kind, intent.prompt, choice.values),
                     params=params, seed=seed, platform=origin.platform,
-                    delivery=origin.target.to_dict(), published=True)
+                    delivery=origin.target.to_dict(), published=not held)
                 if not created:
                     log.info("duplicate request %s for job %s ignored", origin.key, job.id)
                     return []
@@ -400,6 +466,8 @@ class Orchestrator:
                     path = str(intent.options["image"])
                     self.store.add_input(job.id, path, Path(path).read_bytes())
                 jobs.append(job)
+            if origin.admitted is None:
+                self.policy.count_request(origin.user_id, origin.community_id)
             ahead = self.store.queue_position(jobs[0])
         return [self._publish(jobs, intent, origin, ahead)]
 
@@ -438,15 +506,22 @@ class Orchestrator:
         """Publish ``jobs``, made marked published (the redriver sends what fails here) and
         say what is happening; ``ahead``: the first job's queue position."""
         reply_to = origin.target.reply_to
+        held = sum(1 for job in jobs if job.held)
         for sent, job in enumerate(jobs):
+            if job.held:
+                # Fair share: the person's earlier jobs run first; this one is published when
+                # one of them finishes (workers/runner.py, or the redriver's safety net).
+                continue
             try:
                 self.publisher.publish(job.id, job.kind, job.params)
             except QueueUnavailableError as exc:
-                self.store.unmark_published([j.id for j in jobs[sent:]])
+                self.store.unmark_published([j.id for j in jobs[sent:] if not j.held])
                 ids = ", ".join(j.id for j in jobs)
                 return OutboundMessage(MessageKind.STATUS, f"{exc.user_message} (job {ids})",
                                        job_id=jobs[0].id, reply_to=reply_to)
         queue_note = f", {ahead} ahead of you" if ahead else ""
+        if held:
+            queue_note = ", after your earlier requests: it starts when one of them is done"
         prompt = _shorten(intent.prompt)
         if intent.kind is IntentKind.STORY:
             scenes = jobs[0].params["story"]["scenes"]
@@ -513,6 +588,9 @@ class Orchestrator:
                                       user_id=None, value=emoji, delta=change, **common)
             return []
         user_id = self.store.ensure_user(event.platform, event.actor)
+        if REPORT_EMOJI in event.added and (is_admin_here(event.actor, event.channel)
+                                            or event.actor.is_moderator):
+            return self._report(event, shown[0], user_id)
         # A person's reaction is on or off: the log's state, not the event id, makes a replay a
         # no-op (Discord's reaction events carry no id), and the key names the reaction itself.
         reaction = f"{event.platform}:{event.channel.chat_id}:{event.message_id}:{user_id}"
@@ -521,6 +599,25 @@ class Orchestrator:
             self.taste.record(event_key=f"{reaction}:{emoji}:{'add' if delta > 0 else 'remove'}",
                               user_id=user_id, value=emoji, delta=delta, toggle=True, **common)
         return []
+
+    def _report(self, event: ReactionChanged, job: Job, user_id: int) -> list[OutboundMessage]:
+        """An admin's or moderator's 🚩: the result is hidden (the bot's messages showing it are
+        deleted), the report goes to the audit log, and it counts as strong negative feedback."""
+        found = self.store.find_delivered(event.platform, event.channel.chat_id,
+                                          event.message_id)
+        shown = self.store.delivered_message_ids(found.job_id, found.position) if found else []
+        recorded = self.taste.record(
+            event_key=f"{event.platform}:{event.channel.chat_id}:{event.message_id}:{user_id}:"
+                      "report", job_id=job.id, user_id=user_id, platform=event.platform,
+            chat_id=event.channel.chat_id, message_id=event.message_id, kind="button",
+            value="report", delta=1, occurred_at=event.occurred_at)
+        if recorded is not None or not self.policy.reported(job.id, user_id):
+            self.policy.audit(community_id=job.community_id, kind="report",
+                              actor_user_id=user_id, subject_user_id=job.user_id,
+                              job_id=job.id, detail={"hidden_messages": len(shown)})
+        return [*(_info("", ephemeral=True, delete_message_id=message_id) for message_id in shown),
+                _info("Reported: I removed that result and told this community's admins.",
+                      ephemeral=True)]
 
     def _reactions_cleared(self, event: ReactionsCleared) -> list[OutboundMessage]:
         """Remove-all / remove-emoji: every actor's standing matching reactions are undone.

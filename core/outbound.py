@@ -40,12 +40,17 @@ class OutboundMessage:
     ephemeral: bool = False
     #: Set on the answer to a "delete" button: the adapter deletes this platform message.
     delete_message_id: str | None = None
+    #: Files to hand to the person privately (``/mydata``): Telegram sends them in the private
+    #: chat, Discord as an ephemeral attachment; the local chat shows the path in ``text``.
+    #: The adapter deletes them once sent.
+    files: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["kind"] = self.kind.value
         data["images"] = list(self.images)
         data["buttons"] = [asdict(b) for b in self.buttons]
+        data["files"] = list(self.files)
         return data
 
     @classmethod
@@ -55,7 +60,8 @@ class OutboundMessage:
                    buttons=tuple(Button(**b) for b in data.get("buttons", ())),
                    job_id=data.get("job_id"), reply_to=data.get("reply_to"),
                    ephemeral=bool(data.get("ephemeral", False)),
-                   delete_message_id=data.get("delete_message_id"))
+                   delete_message_id=data.get("delete_message_id"),
+                   files=tuple(data.get("files", ())))
 
 
 @dataclass(frozen=True, slots=True)

@@ -141,6 +141,11 @@ def _redrive(store: Store, publisher: JobPublisher, settings: Settings, *,
     bot process may have died between making a job and publishing it: see
     :meth:`Store.create_job`)."""
     published = lost_jobs = 0
+    if settings.fair_share_inflight:
+        # Safety net for fair share: a person with room and held jobs (the worker that should
+        # have released the next one died) gets it released; it is published below.
+        for requester, kind in store.held_requesters():
+            store.release_next(requester, kind, settings.fair_share_inflight)
     resend_before = max((t for t in (lost_before, unsure_before) if t is not None), default=None)
     for _ in range(MAX_BATCHES_PER_ROUND):
         jobs = store.jobs_to_redrive(stale_after=settings.job_stale_after_seconds,

@@ -132,6 +132,32 @@ class Settings(BaseSettings):
         "is taking longer than usual (people whose request the broker lost are told at once). "
         "0: no such note.",
     )
+    quota_person_hourly: int = Field(
+        default=20, ge=0, description="Requests one person may make per hour (0: no limit); "
+        "admins may lower it for their community with /settings quota.")
+    quota_person_daily: int = Field(
+        default=100, ge=0, description="Requests one person may make per day (0: no limit).")
+    quota_community_hourly: int = Field(
+        default=300, ge=0, description="Requests one community may make per hour (0: no limit).")
+    quota_community_daily: int = Field(
+        default=0, ge=0, description="Requests one community may make per day (0: no limit).")
+    fair_share_inflight: int = Field(
+        default=1, ge=0,
+        description="Jobs of one kind one person may have in the queue or running at once; "
+        "the rest wait, in order, until one of theirs finishes, so a newcomer waits behind at "
+        "most this many jobs per active person. Set it to the number of workers of a kind to "
+        "keep every worker busy for one person alone. 0: no fair share (first come, first "
+        "served).")
+    retention_days: float = Field(
+        default=0, ge=0, description="Results and uploads older than this many days are "
+        "erased (files, texts, the local chat's copies); prompts, feedback and profiles stay. "
+        "0: kept until the person sends /forget.")
+    retention_sweep_seconds: float = Field(
+        default=3600, gt=0, description="How often the bot looks for results past retention.")
+    picture_detector: str = Field(
+        default="nudenet", description="The picture safety detector workers run: nudenet "
+        "(NudeNet's ONNX model, CPU, offline), or module:function returning NudeNet-style "
+        "detections for a PIL image.")
     metrics_port: int | None = Field(
         default=None, ge=1, le=65535,
         description="Serve Prometheus metrics at http://METRICS_ADDR:PORT/metrics (bot and "

@@ -108,7 +108,7 @@ DEFAULT_EMOJI_MEANINGS: dict[str, int] = {
     **{e: -1 for e in ("👎", "😐", "💩", "🤮", "😴", "🙄")},
 }
 BUTTON_MEANINGS: dict[str, int] = {"up": 1, "more": 1, "down": -1, "reroll": -1,
-                                   **{f"pick{n}": 1 for n in range(1, 10)}}
+                                   "report": -1, **{f"pick{n}": 1 for n in range(1, 10)}}
 
 #: How much a reaction counts, by who made it.
 REQUESTER_WEIGHT = 1.0
@@ -116,6 +116,9 @@ BYSTANDER_WEIGHT = 0.4
 ANONYMOUS_WEIGHT = 0.25  # one anonymous count (Telegram), community only
 #: Reroll says "not this one" weakly: people reroll to explore too.
 REROLL_WEIGHT = 0.5
+#: An admin's or moderator's report (🚩) is strong evidence against what was made: three times
+#: a requester's own 👎, whoever made it.
+REPORT_WEIGHT = 3.0
 #: The most one actor can move one profile in an hour (sum of |weights|).
 HOURLY_CAP = 6.0
 #: A newcomer's prior from the community: at most this many pseudo-reactions per value.
@@ -141,6 +144,8 @@ def emoji_meaning(emoji: str, overrides: Mapping[str, int] | None = None) -> int
 def signal_weight(*, is_requester: bool, anonymous: bool = False, button: str | None = None) -> float:
     if anonymous:
         return ANONYMOUS_WEIGHT
+    if button == "report":
+        return REPORT_WEIGHT
     weight = REQUESTER_WEIGHT if is_requester else BYSTANDER_WEIGHT
     return weight * (REROLL_WEIGHT if button == "reroll" else 1.0)
 

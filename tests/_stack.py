@@ -160,6 +160,16 @@ class Stack:
             # A loaded test machine must not turn slow jobs into "taking longer" notes in
             # chats whose messages the tests count (tests/test_broker_loss.py sets its own).
             "MUSESPARK_DELAYED_NOTICE_SECONDS": "600",
+            # Tests send far more requests than a person may; tests/test_trust.py sets limits
+            # per community (/settings quota) where it checks them.
+            "MUSESPARK_QUOTA_PERSON_HOURLY": "0",
+            "MUSESPARK_QUOTA_PERSON_DAILY": "0",
+            "MUSESPARK_QUOTA_COMMUNITY_HOURLY": "0",
+            # First come, first served, as the tests expect; tests/test_fairness.py turns
+            # fair share on.
+            "MUSESPARK_FAIR_SHARE_INFLIGHT": "0",
+            # NudeNet for real, plus one stand-in finding only the strict policy refuses.
+            "MUSESPARK_PICTURE_DETECTOR": "tests.picture_stand_in:detect",
         }
         stack = cls(backend, root, env)
         if backend == "distributed":

@@ -12,6 +12,14 @@ from tests._stack import Stack, postgres_reachable, redis_reachable
 
 BACKENDS = ["embedded", "distributed"]
 
+# Tests act as a few people who send far more requests than the operator's default quotas
+# allow; tests/test_trust.py sets limits per community (/settings quota) where it checks them.
+# Likewise fair share (one job in flight per person), which would reorder the jobs of the many
+# tests that speak as one person: tests/test_fairness.py switches it on and checks it.
+for _window in ("PERSON_HOURLY", "PERSON_DAILY", "COMMUNITY_HOURLY"):
+    os.environ.setdefault(f"MUSESPARK_QUOTA_{_window}", "0")
+os.environ.setdefault("MUSESPARK_FAIR_SHARE_INFLIGHT", "0")
+
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -425,7 +425,7 @@ def interaction_payload(fake: FakeDiscord, kind: int, data: dict[str, Any], *, u
                         name: str = "someone", channel_id: str = CHANNEL_ID,
                         guild_id: str | None = GUILD_ID, message: dict[str, Any] | None = None,
                         interaction_id: str | None = None,
-                        permissions: str = EVERYDAY_BITS) -> dict[str, Any]:
+                        permissions: str = EVERYDAY_BITS, nsfw: bool = False) -> dict[str, Any]:
     """An INTERACTION_CREATE payload (type 2 command, 3 component, 4 autocomplete, 5 modal)."""
     token = f"itoken-{snowflake()}"
     fake.token_channels[token] = channel_id
@@ -433,7 +433,7 @@ def interaction_payload(fake: FakeDiscord, kind: int, data: dict[str, Any], *, u
         "id": interaction_id or snowflake(), "application_id": APPLICATION_ID, "type": kind,
         "data": data, "token": token, "version": 1, "channel_id": channel_id,
         "channel": {"id": channel_id, "type": 0 if guild_id else 1, "name": "art",
-                    "position": 0, "permission_overwrites": [], "nsfw": False,
+                    "position": 0, "permission_overwrites": [], "nsfw": nsfw,
                     "parent_id": None, **({"guild_id": guild_id} if guild_id else {})},
         "app_permissions": EVERYDAY_BITS, "locale": "en-US", "entitlements": [],
         "attachment_size_limit": ATTACHMENT_SIZE_LIMIT,

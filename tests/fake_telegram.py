@@ -110,6 +110,17 @@ class Rule:
 
 
 @dataclass
+class Stall:
+    """Carry out the next matching call, then hold its answer back ``seconds`` (a client
+    killed meanwhile never learns that Telegram did it). ``reached`` is set when it happens."""
+
+    method: str
+    seconds: float
+    where: Callable[[Call], bool] | None = None
+    reached: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
 class FakeTelegram:
     """The fake server. ``url`` is what MUSESPARK_TELEGRAM_API_URL should be."""
 
@@ -119,12 +130,15 @@ class FakeTelegram:
     can_read_all_group_messages: bool = False
     #: getChatMember answers: (chat_id, user_id) -> status ("administrator", "member", ...).
     members: dict[tuple[str, str], str] = field(default_factory=dict)
+    #: Users who never started a private chat with the bot: it may not write to them (403).
+    unstarted: set[str] = field(default_factory=set)
     webhook_last_error: str | None = None
 
     def __post_init__(self) -> None:
         self._cond = threading.Condition()
         self._calls: list[Call] = []
         self._rules: list[Rule] = []
+        self._stalls: list[Stall] = []
         self._updates: list[dict[str, Any]] = []
         self._update_ids = itertools.count(random.randint(10_000, 900_000_000))
         self._message_ids: dict[str, itertools.count[int]] = {}
@@ -196,6 +210,14 @@ class FakeTelegram:
         with self._cond:
             self._rules.append(rule)
         return rule
+
+    def stall_next(self, method: str, seconds: float, *,
+                   where: Callable[[Call], bool] | None = None) -> Stall:
+        """The next ``method`` call (matching ``where``) is carried out, its answer held back."""
+        stall = Stall(method, seconds, where)
+        with self._cond:
+            self._stalls.append(stall)
+        return stall
 
     def block_chat(self, chat_id: int | str) -> Rule:
         """Every call to this chat answers 403 "bot was blocked by the user", for ever."""
@@ -537,7 +559,16 @@ class FakeTelegram:
         handler = getattr(self, f"_m_{call.method}", None)
         if handler is None:
             raise ApiError(404, "Not Found: method not found")
-        return handler(call)
+        result = handler(call)
+        with self._cond:
+            stall = next((st for st in self._stalls if st.method == call.method
+                          and (st.where is None or st.where(call))), None)
+            if stall is not None:
+                self._stalls.remove(stall)
+        if stall is not None:
+            stall.reached.set()
+            time.sleep(stall.seconds)
+        return result
 
     def _m_getMe(self, call: Call) -> Any:  # noqa: N802
         return {**self.bot_user(), "can_join_groups": True,
@@ -705,6 +736,20 @@ class FakeTelegram:
         if _utf16_len(text) > MESSAGE_MAX_CHARS:
             raise ApiError(400, "Bad Request: message is too long")
         return self._new_message(call, text=text)
+
+    def _m_sendDocument(self, call: Call) -> Any:  # noqa: N802
+        self._check_caption(call.params.get("caption"))
+        data = call.files.get("document")
+        if data is None:
+            raise ApiError(400, "Bad Request: there is no document in the request")
+        if str(call.params["chat_id"]) in self.unstarted:
+            raise ApiError(403, "Forbidden: bot can't initiate conversation with a user")
+        content: dict[str, Any] = {"document": {"file_id": f"doc{len(data)}",
+                                                "file_unique_id": f"u{len(data)}",
+                                                "file_size": len(data)}}
+        if call.params.get("caption"):
+            content["caption"] = call.params["caption"]
+        return self._new_message(call, **content)
 
     def _m_sendPhoto(self, call: Call) -> Any:  # noqa: N802
         self._check_caption(call.params.get("caption"))

@@ -16,7 +16,15 @@ from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    BrowserType,
+    Page,
+    Playwright,
+    expect,
+    sync_playwright,
+)
 
 from bots.web import WebServer
 from core.events import Actor, Channel, ChannelKind, CommandInvoked
@@ -27,8 +35,13 @@ CHROMIUM = Path("/usr/bin/chromium")
 RESULT_TIMEOUT_MS = 90_000
 PROMPT = "a red lighthouse at dusk"
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=(
-    "Debian's Chromium is missing: apt-get install chromium (.ci/run installs it)"))
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=(
+        "Debian's Chromium is missing: apt-get install chromium (.ci/run installs it)")),
+    # The browser flows on the embedded deployment only, sharing its worker (and the models it
+    # has loaded) with the other end-to-end modules.
+    pytest.mark.parametrize("stack", ["embedded"], indirect=True),
+]
 
 
 @pytest.fixture(scope="session")
@@ -37,24 +50,43 @@ def browser_type_launch_args(browser_type_launch_args: dict[str, Any]) -> dict[s
     return {**browser_type_launch_args, "executable_path": str(CHROMIUM)}
 
 
+# pytest-playwright's own playwright/browser fixtures live for the whole session. Its sync API
+# keeps an asyncio loop running in the main thread while they do, so every later module's
+# asyncio.run() (the Discord and Telegram tests) would fail: here they live for this module.
 @pytest.fixture(scope="module")
-def web(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[Stack]:
-    stack = Stack.create("embedded", tmp_path_factory.mktemp("web"), model_cache,
-                         MUSESPARK_WEB_PORT=str(free_port()))
+def playwright() -> Iterator[Playwright]:
+    with sync_playwright() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def browser_type(playwright: Playwright) -> BrowserType:
+    return playwright.chromium
+
+
+@pytest.fixture(scope="module")
+def browser(browser_type: BrowserType,
+            browser_type_launch_args: dict[str, Any]) -> Iterator[Browser]:
+    launched = browser_type.launch(**browser_type_launch_args)
+    yield launched
+    launched.close()
+
+
+@pytest.fixture(scope="module")
+def web(stack: Stack) -> Iterator[Stack]:
+    """The session's embedded deployment and its warm worker (see the module's mark), with
+    the web server on a free port in this process."""
+    stack.runtime.settings.web_port = free_port()
+    server = WebServer(stack.runtime).start()
     try:
-        stack.start_worker()
-        server = WebServer(stack.runtime).start()
-        try:
-            yield stack
-        finally:
-            server.stop()
+        yield stack
     finally:
-        stack.close()
+        server.stop()
 
 
 @pytest.fixture(scope="module")
 def person_a(browser: Browser, web: Stack) -> Iterator[BrowserContext]:
-    context = browser.new_context(base_url=web.settings.resolved_web_url)
+    context = browser.new_context(base_url=web.runtime.settings.resolved_web_url)
     yield context
     context.close()
 
@@ -134,7 +166,7 @@ def test_gallery_finds_the_picture_with_its_recipe(web: Stack, page_a: Page) -> 
     assert first.status == 200 and "immutable" in first.headers["cache-control"]
     again = page.request.get(thumb, headers={"If-None-Match": first.headers["etag"]})
     assert again.status == 304
-    made = list((web.settings.resolved_data_dir / "thumbs").glob("*.webp"))
+    made = list((web.runtime.settings.resolved_data_dir / "thumbs").glob("*.webp"))
     before = {p: p.stat().st_mtime_ns for p in made}
     page.request.get(thumb)
     assert {p: p.stat().st_mtime_ns for p in made} == before and made
@@ -162,12 +194,11 @@ def test_dashboard_plot_changes_with_a_reaction(web: Stack, page_a: Page) -> Non
     assert "❤️" in page.locator("table[aria-label='Recent feedback']").first.inner_text()
 
 
-def test_another_tab_is_another_person_who_sees_the_gallery(web: Stack, browser: Browser,
-                                                            page_a: Page) -> None:
-    other = browser.new_context(base_url=web.settings.resolved_web_url)
+def test_another_tab_is_another_person_who_sees_the_gallery(web: Stack, page_a: Page) -> None:
+    page = page_a.context.new_page()  # a new tab of the same browser
     try:
-        page = other.new_page()
         page.goto("/")
+        assert "as=" in page.url  # the tab keeps its person in its address
         expect(page.locator("#chat .msg")).to_have_count(0)  # a chat of their own
         me = page.locator("header.top .muted").inner_text()
         assert me and me != page_a.locator("header.top .muted").inner_text()
@@ -178,8 +209,11 @@ def test_another_tab_is_another_person_who_sees_the_gallery(web: Stack, browser:
         # The community's taste is shared; their own has no feedback yet.
         assert _style_points(page) >= 2
         assert page.locator("#plot-person-image-style").get_attribute("data-points") == "0"
+        # The first tab is still the first person (its links carry them).
+        page_a.get_by_role("link", name="Playground").click()
+        expect(page_a.locator("#chat .msg-result img")).to_have_count(2)
     finally:
-        other.close()
+        page.close()
 
 
 def _web_link(web: Stack, guild: str, *, admin: bool) -> str:
@@ -196,7 +230,7 @@ def _web_link(web: Stack, guild: str, *, admin: bool) -> str:
 
 def test_sign_in_link_works_once_expires_and_stays_in_its_community(
         web: Stack, browser: Browser) -> None:
-    base = web.settings.resolved_web_url
+    base = web.runtime.settings.resolved_web_url
     link = _web_link(web, "g-one", admin=True)
     other_link = _web_link(web, "g-two", admin=False)
     one = int(link.split("/c/")[1].split("/")[0])
@@ -250,3 +284,4 @@ def test_sign_in_link_works_once_expires_and_stays_in_its_community(
         settings.web_signin_ttl_seconds = saved
     forged = httpx.get(f"{base}/c/{one}/signin/not-a-token", follow_redirects=False)
     assert forged.status_code == 403 and "not valid" in forged.text
+

@@ -60,7 +60,7 @@ def test_the_terminal_chat_prints_the_address_and_serves_the_playground(tmp_path
                 break
         address = f"http://127.0.0.1:{port}/"
         assert any(address in line for line in lines), lines
-        page = httpx.get(address)
+        page = httpx.get(address, follow_redirects=True)
         assert page.status_code == 200 and "Playground" in page.text
         chat.stdin.write("/quit\n")
         chat.stdin.close()
@@ -103,9 +103,14 @@ def test_the_loopback_playground_refuses_other_host_names(runtime: BotRuntime) -
     """A page elsewhere whose name resolves to 127.0.0.1 (DNS rebinding) gets nothing."""
     app = create_app(runtime, playground=True, allowed_hosts=["127.0.0.1", "localhost"])
     with TestClient(app, base_url="http://127.0.0.1") as client:
-        assert client.get("/").status_code == 200
         assert client.get("/", headers={"Host": "evil.example"}).status_code == 400
-        empty = client.post("/say", data={"text": "  "})
+        home = client.get("/")
+        assert home.status_code == 200
+        person = home.url.params["as"]  # each tab opened at / gets a person of its own
+        assert client.get("/").url.params["as"] != person
+        empty = client.post("/say", data={"text": "  ", "as": person})
         assert empty.status_code == 422 and "Type something" in empty.text
-        bad = client.post("/press", data={"message": "1", "action": "launch"})
+        bad = client.post("/press", data={"message": "1", "action": "launch", "as": person})
         assert bad.status_code == 422
+        # A person this browser did not make cannot be spoken for.
+        assert client.post("/say", data={"text": "hi", "as": "f" * 16}).status_code == 404

@@ -305,7 +305,7 @@ def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings) -> 
                                                      started)
                 continue
             try:
-                done.append((claim, job, picture_outcome(job, ask, result, settings)))
+                done.append((claim, job, picture_outcome(job, ask, result, settings, store)))
             except Exception as exc:
                 beats[job.id].__exit__(None, None, None)
                 outcomes[job.id] = generation_failed(store, claim, job, exc, settings, started)

@@ -29,6 +29,7 @@ from sqlalchemy import select
 
 from core import actions, cocreation, taste, understanding
 from core.errors import (
+    ContentBlockedError,
     DeliveryError,
     ModelUnavailableError,
     MuseSparkError,
@@ -329,17 +330,23 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
     else:
         result = generator.generate(ask.expanded, n=ask.count, seed=job.seed, steps=ask.steps,
                                     guidance=ask.guidance, width=ask.width, height=ask.height)
-    return picture_outcome(job, ask, result, settings)
+    return picture_outcome(job, ask, result, settings, store)
 
 
-def picture_outcome(job: Job, ask: PictureAsk, result: Any, settings: Settings) -> _Outcome:
-    """Save a job's rendered pictures (with their recipes) and make its result message.
+def picture_outcome(job: Job, ask: PictureAsk, result: Any, settings: Settings,
+                    store: Store | None = None) -> _Outcome:
+    """Check a job's rendered pictures, save them (with their recipes) and make its result
+    message.
 
     The one place a picture becomes a file, whether it was drawn alone or in a batch: hooks
     that act on every saved picture belong here.
+
+    Raises:
+        ContentBlockedError: the community's safety policy refuses a picture.
     """
     from workers.pipelines.image_diffusion import save_png
 
+    _check_pictures(job, result.images, settings, store)
     prompt, expanded, source = ask.prompt, ask.expanded, ask.source
     folder = settings.artifacts_dir / job.id
     folder.mkdir(parents=True, exist_ok=True)
@@ -375,6 +382,29 @@ def picture_outcome(job: Job, ask: PictureAsk, result: Any, settings: Settings) 
     return _Outcome(result.model_name, [message], artifacts,
                     {"refine": {**job.params["refine"], "prompt": prompt}}
                     if job.params.get("refine") else {})
+
+
+def _check_pictures(job: Job, images: list[PIL.Image.Image], settings: Settings,
+                    store: Store | None) -> None:
+    """Refuse pictures the community's safety policy does not allow: nothing is kept or
+    posted, the person is told why, and the admins' audit log records it."""
+    from core.safety import DEFAULT_POLICY
+    from workers.safety import blocked_class
+
+    policy = str(job.params.get("safety") or DEFAULT_POLICY)
+    blocked = blocked_class(images, policy, settings.picture_detector)
+    if blocked is None:
+        return
+    log.warning("job %s: picture blocked by the %s safety policy (%s)", job.id, policy, blocked)
+    if store is not None:
+        from core.policy import Policy
+
+        Policy(store, settings).audit(community_id=job.community_id, kind="blocked_picture",
+                                      subject_user_id=job.user_id, job_id=job.id,
+                                      detail={"policy": policy, "detected": blocked})
+    raise ContentBlockedError(
+        f"I drew this, but the picture came out in a way this community's safety setting "
+        f"({policy}) doesn't allow, so I didn't post it. Try asking differently.")
 
 
 def _variation_source(store: Store, job: Job) -> Path | None:
@@ -567,6 +597,32 @@ def claim_job(store: Store, job_id: str, settings: Settings) -> Claim | None:
 def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
     """Run one job if it is ours to run. Returns what happened, for logs and tests.
 
+    A job that is done makes room for its person's next job held back for fair share
+    (``MUSESPARK_FAIR_SHARE_INFLIGHT``), which is published now.
+    """
+    outcome = _execute_job(job_id, store=store, settings=settings)
+    if outcome in ("delivered", "failed") and settings.fair_share_inflight:
+        _release_next(store, job_id, settings)
+    return outcome
+
+
+def _release_next(store: Store, job_id: str, settings: Settings) -> None:
+    job = store.get_job(job_id)
+    if job is None or job.requester is None:
+        return
+    released = store.release_next(job.requester, job.kind, settings.fair_share_inflight)
+    if released is None:
+        return
+    try:
+        _publisher(settings).publish(released.id, released.kind, released.params)
+        store.mark_published(released.id)
+    except QueueUnavailableError:
+        log.info("job %s released but not published; the redriver will", released.id)
+
+
+def _execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
+    """Run one job if it is ours to run. Returns what happened, for logs and tests.
+
     A job generates once: its result (artifacts and the messages to post) is kept with the job,
     so a delivery interrupted by a rate limit or a crash resumes without generating again.
     """
@@ -646,6 +702,10 @@ def finish_generated(store: Store, claim: Claim, job: Job, outcome: _Outcome,
                               artifacts=outcome.artifacts, params=outcome.params):
         log.info("job %s no longer ours (attempt %d); dropping its result", job_id,
                  claim.attempt)
+        if store.get_job(job_id) is None:  # its person was forgotten while it ran
+            import shutil
+
+            shutil.rmtree(settings.artifacts_dir / job_id, ignore_errors=True)
         return "lost"
     if job.params.get("part_of"):
         # A story's picture: kept, not posted; the story posts it in its place.
@@ -854,7 +914,7 @@ def _ensure_scenes(store: Store, job: Job, plan: dict[str, Any],
     for number, scene in enumerate(scenes, start=1):
         params: dict[str, Any] = taste.generation_params("image", choice)
         params.update(count=1, steps=settings.image_steps, size=settings.image_size,
-                      taste=record, part_of=job.id,
+                      taste=record, part_of=job.id, safety=job.params.get("safety"),
                       story={"id": job.id, "title": plan["title"], "scene": number,
                              "of": len(scenes), "text": scene["text"]})
         prompt = f"{scene['picture']}, from the story “{plan['title']}”"

@@ -75,6 +75,10 @@ class ConsoleChat:
 
     def _post_replies(self, replies: list[OutboundMessage], reply_to: int) -> None:
         for reply in replies:
+            if reply.delete_message_id:  # 🗑️ or a report: the result leaves the chat
+                if reply.delete_message_id.isdigit():
+                    self.store.remove_local_message(int(reply.delete_message_id))
+                continue
             if reply.job_id:
                 self._jobs.add(reply.job_id)
             self.store.add_local_message(

@@ -19,6 +19,7 @@ Deadlines and limits this code is shaped by (Discord API v10, discord.py 2.7):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -31,20 +32,30 @@ from bots.discord._commands import register_commands
 from bots.discord._convert import (
     PLATFORM,
     actor_of,
+    channel_nsfw,
     channel_of_interaction,
     command_event,
     component_event,
     interaction_actor,
+    interaction_extra,
     reaction_event,
     reactions_cleared_event,
 )
 from bots.discord._setup import build_intents
 from core.actions import ACTION_PATTERN, QUIET_ACTIONS
 from core.errors import UserInputError
-from core.events import Channel, ChannelKind, CommandInvoked, CommandSource, Event, MessageReceived
+from core.events import (
+    Channel,
+    ChannelKind,
+    CommandInvoked,
+    CommandSource,
+    Event,
+    MessageReceived,
+    ReactionChanged,
+)
 from core.intents import Intent, parse_command
 from core.limits import DISCORD, truncate
-from core.orchestrator import Orchestrator
+from core.orchestrator import REPORT_EMOJI, Orchestrator
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.redrive import DelayNotice, DelayNotifier, Redriver
 from core.store import Store
@@ -55,7 +66,6 @@ __all__ = ["MuseSparkDiscord", "ResultButton"]
 log = logging.getLogger(__name__)
 
 MESSAGE_MAX_CHARS = DISCORD.message_chars
-INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
 #: How long a delay notice may take to post (it runs in the redriver's thread).
 DELAY_NOTICE_TIMEOUT_SECONDS = 30.0
 #: Discord's limit on a modal text input's value.
@@ -113,7 +123,8 @@ class RefineModal(discord.ui.Modal, title="Refine this result"):
             channel=channel_of_interaction(interaction), occurred_at=interaction.created_at,
             name="refine", args={"prompt": str(self.instruction.value)},
             source=CommandSource.SLASH, reply_to=self.result_message_id,
-            message_id=self.result_message_id, interaction_token=interaction.token)
+            message_id=self.result_message_id, interaction_token=interaction.token,
+            delivery_extra=interaction_extra(interaction))
         replies = await self.client.handle(event)
         await self.client._answer(interaction, replies, original_pending=True,
                                   original_private=False)
@@ -130,6 +141,7 @@ class MuseSparkDiscord(discord.Client):
         super().__init__(intents=build_intents(mention_mode), **options)
         self.orchestrator, self.store = orchestrator, store
         self.mention_mode, self.max_prompt_chars = mention_mode, max_prompt_chars
+        self._parent_nsfw: dict[int, bool] = {}
         self.redriver = redriver
         self.tree = app_commands.CommandTree(self)
         self.tree.on_error = self._on_command_error  # type: ignore[method-assign]
@@ -161,6 +173,52 @@ class MuseSparkDiscord(discord.Client):
 
         return tell
 
+    async def nsfw(self, channel: Any | None) -> bool:
+        """Whether ``channel`` is age-restricted; for a thread, whether its parent channel is,
+        asked of Discord (once per parent) when the parent is not in discord.py's cache."""
+        if not isinstance(channel, discord.Thread) or channel.parent is not None:
+            return channel_nsfw(channel)
+        known = self._parent_nsfw.get(channel.parent_id)
+        if known is None:
+            try:
+                parent = await self.fetch_channel(channel.parent_id)
+            except discord.HTTPException as exc:
+                log.info("parent channel %s of thread %s not fetched: %s", channel.parent_id,
+                         channel.id, exc)
+                return False
+            known = self._parent_nsfw[channel.parent_id] = channel_nsfw(parent)
+        return known
+
+    async def _reporter(self, payload: discord.RawReactionActionEvent,
+                        event: ReactionChanged) -> ReactionChanged:
+        """A 🚩 counts as a report only from an admin (Manage Server) or a moderator (Manage
+        Messages): the raw event's member carries no permissions, so they are asked of Discord
+        (the guild with its roles, and the member)."""
+        if payload.guild_id is None:
+            return event
+        try:
+            guild = self.get_guild(payload.guild_id) or await self.fetch_guild(payload.guild_id)
+            member = guild.get_member(payload.user_id) or await guild.fetch_member(
+                payload.user_id)
+        except discord.HTTPException as exc:
+            log.info("could not check the rights of reporter %s: %s", payload.user_id, exc)
+            return event
+        rights = member.guild_permissions
+        actor = dataclasses.replace(event.actor, is_admin=rights.manage_guild,
+                                    is_moderator=rights.manage_messages)
+        return dataclasses.replace(event, actor=actor)
+
+    async def _hide(self, channel_id: int, replies: list[OutboundMessage]) -> None:
+        """Delete the messages core says to delete (a reported result)."""
+        channel = self.get_partial_messageable(channel_id)
+        for reply in replies:
+            if not reply.delete_message_id:
+                continue
+            try:
+                await channel.get_partial_message(int(reply.delete_message_id)).delete()
+            except discord.HTTPException as exc:
+                log.warning("could not delete message %s: %s", reply.delete_message_id, exc)
+
     async def handle(self, event: Event) -> list[OutboundMessage]:
         """Core's ``handle`` in a thread (it does blocking database and broker I/O)."""
         return await asyncio.to_thread(self.orchestrator.handle, event)
@@ -178,7 +236,8 @@ class MuseSparkDiscord(discord.Client):
             return
         private = not intent.makes_job
         await interaction.response.defer(thinking=True, ephemeral=private)
-        replies = await self.handle(command_event(interaction, name, args))
+        replies = await self.handle(command_event(interaction, name, args,
+                                                  nsfw=await self.nsfw(interaction.channel)))
         await self._answer(interaction, replies, original_pending=True, original_private=private)
 
     async def run_remix(self, interaction: discord.Interaction[Any], image: discord.Attachment,
@@ -214,8 +273,9 @@ class MuseSparkDiscord(discord.Client):
             return
         replies: list[OutboundMessage] = []
         try:
-            replies = await self.handle(command_event(interaction, "remix",
-                                                      {**args, "image": str(staged)}))
+            replies = await self.handle(command_event(
+                interaction, "remix", {**args, "image": str(staged)},
+                nsfw=await self.nsfw(interaction.channel)))
         finally:
             await asyncio.to_thread(self._drop_staged, staged, replies)
         await self._answer(interaction, replies, original_pending=True, original_private=False)
@@ -255,7 +315,8 @@ class MuseSparkDiscord(discord.Client):
         else:
             await interaction.response.defer(thinking=True)
             pending = True
-        replies = await self.handle(component_event(interaction, custom_id))
+        replies = await self.handle(component_event(
+            interaction, custom_id, nsfw=await self.nsfw(interaction.channel)))
         await self._answer(interaction, replies, original_pending=pending,
                            original_private=False)
 
@@ -273,6 +334,23 @@ class MuseSparkDiscord(discord.Client):
             if reply.delete_message_id:
                 await self._delete_result(interaction, reply.delete_message_id)
             text = _clip(reply.text)
+            if reply.files:  # for this person only (/mydata): ephemeral, then deleted here
+                files = [discord.File(path) for path in reply.files]
+                try:
+                    if original_pending and original_private:
+                        await interaction.edit_original_response(content=text,
+                                                                 attachments=files)
+                    else:
+                        if original_pending:
+                            await interaction.delete_original_response()
+                        await interaction.followup.send(text, files=files, ephemeral=True)
+                    original_pending = False
+                finally:
+                    for file in files:
+                        file.close()
+                    for path in reply.files:
+                        Path(path).unlink(missing_ok=True)
+                continue
             if original_pending:
                 original_pending = False
                 if _private(reply) and not original_private:
@@ -280,8 +358,6 @@ class MuseSparkDiscord(discord.Client):
                     await interaction.followup.send(text, ephemeral=True)
                     continue
                 await interaction.edit_original_response(content=text)
-                if reply.job_id:
-                    await asyncio.to_thread(self._remember_interaction, interaction, reply.job_id)
                 continue
             await interaction.followup.send(text, ephemeral=_private(reply))
         if original_pending:  # a replayed event: core made nothing and has nothing to say
@@ -298,18 +374,6 @@ class MuseSparkDiscord(discord.Client):
         except discord.HTTPException as exc:
             log.warning("could not delete message %s: %s", message_id, exc)
 
-    def _remember_interaction(self, interaction: discord.Interaction[Any], job_id: str) -> None:
-        """Keep what the worker needs to answer through this interaction (see module doc)."""
-        job = self.store.get_job(job_id)
-        if job is None:
-            return
-        extra = {**job.delivery.get("extra", {}),
-                 "application_id": str(interaction.application_id),
-                 "interaction_expires_at":
-                     interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_SECONDS,
-                 "attachment_size_limit": interaction.filesize_limit}
-        self.store.update_delivery(job_id, extra=extra)
-
     # -- reactions ----------------------------------------------------------------------------
 
     def _ours_to_ignore(self, user_id: int, message_author_id: int | None) -> bool:
@@ -321,8 +385,12 @@ class MuseSparkDiscord(discord.Client):
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
         if self._ours_to_ignore(payload.user_id, payload.message_author_id):
             return
-        # Replies dropped: reactions are silent feedback, also on messages that are not ours.
-        await self.handle(reaction_event(payload, channel=self.get_channel(payload.channel_id)))
+        # Replies dropped: reactions are silent feedback, also on messages that are not ours;
+        # only a report's deletions are carried out.
+        event = reaction_event(payload, channel=self.get_channel(payload.channel_id))
+        if REPORT_EMOJI in event.added:
+            event = await self._reporter(payload, event)
+        await self._hide(payload.channel_id, await self.handle(event))
 
     async def on_raw_reaction_remove(self, payload: discord.RawReactionActionEvent) -> None:
         if self._ours_to_ignore(payload.user_id, None):
@@ -357,7 +425,7 @@ class MuseSparkDiscord(discord.Client):
                 else ChannelKind.GUILD_CHANNEL)
         channel = Channel(chat_id=str(message.channel.id), kind=kind, guild_id=guild_id,
                           thread_id=str(message.channel.id) if kind is ChannelKind.THREAD
-                          else None)
+                          else None, nsfw=await self.nsfw(message.channel))
         event = MessageReceived(platform=PLATFORM, event_id=f"message:{message.id}",
                                 actor=actor_of(message.author), channel=channel,
                                 occurred_at=message.created_at, text=text,

@@ -141,7 +141,8 @@ def _simple_command(name: str, client: CommandRunner) -> app_commands.Command[An
     ``/forget``, ...) take their instruction as one optional ``text`` option."""
     kind, line = COMMANDS[name]
     description = line[:DESCRIPTION_MAX_CHARS] or name
-    if kind in (IntentKind.HELP, IntentKind.PROFILE, IntentKind.WEB):
+    if kind in (IntentKind.HELP, IntentKind.PROFILE, IntentKind.MYDATA,
+                IntentKind.WEB):
         async def bare(interaction: discord.Interaction[Any]) -> None:
             await client.run_command(interaction, name, {})
         return app_commands.Command(name=name, description=description, callback=bare)

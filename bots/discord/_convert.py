@@ -37,6 +37,7 @@ __all__ = [
     "PLATFORM",
     "UNKNOWN_ACTOR",
     "actor_of",
+    "channel_nsfw",
     "channel_of_interaction",
     "command_event",
     "component_event",
@@ -68,15 +69,27 @@ def actor_of(user: discord.abc.User | None, user_id: int | None = None) -> Actor
     return Actor(id=str(user.id), display_name=user.display_name, is_bot=user.bot)
 
 
+def channel_nsfw(channel: Any | None) -> bool:
+    """Whether a channel is marked age-restricted; a thread is when its parent channel is
+    (discord.py's ``Thread.is_nsfw`` reads the parent from the guild cache: an uncached
+    parent reads as not age-restricted, see ``MuseSparkDiscord.nsfw``)."""
+    check = getattr(channel, "is_nsfw", None)
+    if callable(check):
+        return bool(check())
+    return bool(getattr(channel, "nsfw", False))
+
+
 def _channel(channel_id: int | None, guild_id: int | None,
-             channel: Any | None = None) -> Channel:
+             channel: Any | None = None, nsfw: bool | None = None) -> Channel:
     chat_id = str(channel_id or 0)
     if guild_id is None:
         return Channel(chat_id=chat_id, kind=ChannelKind.DIRECT)
+    flag = channel_nsfw(channel) if nsfw is None else nsfw
     if getattr(channel, "type", None) in _THREAD_TYPES:
         return Channel(chat_id=chat_id, kind=ChannelKind.THREAD, guild_id=str(guild_id),
-                       thread_id=chat_id)
-    return Channel(chat_id=chat_id, kind=ChannelKind.GUILD_CHANNEL, guild_id=str(guild_id))
+                       thread_id=chat_id, nsfw=flag)
+    return Channel(chat_id=chat_id, kind=ChannelKind.GUILD_CHANNEL, guild_id=str(guild_id),
+                   nsfw=flag)
 
 
 def interaction_actor(interaction: discord.Interaction[Any]) -> Actor:
@@ -86,27 +99,42 @@ def interaction_actor(interaction: discord.Interaction[Any]) -> Actor:
                  is_bot=interaction.user.bot, is_admin=admin)
 
 
-def channel_of_interaction(interaction: discord.Interaction[Any]) -> Channel:
-    return _channel(interaction.channel_id, interaction.guild_id, interaction.channel)
+def channel_of_interaction(interaction: discord.Interaction[Any],
+                           nsfw: bool | None = None) -> Channel:
+    return _channel(interaction.channel_id, interaction.guild_id, interaction.channel, nsfw)
+
+
+#: How long an interaction token lets the bot answer (follow-ups, edits).
+INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
+
+
+def interaction_extra(interaction: discord.Interaction[Any]) -> dict[str, Any]:
+    """What a worker needs to answer through ``interaction`` besides its token."""
+    return {"application_id": str(interaction.application_id),
+            "interaction_expires_at":
+                interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_SECONDS,
+            "attachment_size_limit": interaction.filesize_limit}
 
 
 def command_event(interaction: discord.Interaction[Any], name: str,
-                  args: dict[str, Any]) -> CommandInvoked:
+                  args: dict[str, Any], *, nsfw: bool | None = None) -> CommandInvoked:
     """A slash command; ``event_id`` is the interaction id, so a replay makes no second job."""
     return CommandInvoked(
         platform=PLATFORM, event_id=str(interaction.id), actor=interaction_actor(interaction),
-        channel=channel_of_interaction(interaction), occurred_at=interaction.created_at,
+        channel=channel_of_interaction(interaction, nsfw), occurred_at=interaction.created_at,
         raw=interaction.data, name=name, args={k: v for k, v in args.items() if v is not None},
-        source=CommandSource.SLASH, interaction_token=interaction.token)
+        source=CommandSource.SLASH, interaction_token=interaction.token,
+        delivery_extra=interaction_extra(interaction))
 
 
-def component_event(interaction: discord.Interaction[Any], custom_id: str) -> ComponentActivated:
+def component_event(interaction: discord.Interaction[Any], custom_id: str, *,
+                    nsfw: bool | None = None) -> ComponentActivated:
     message_id = str(interaction.message.id) if interaction.message else ""
     return ComponentActivated(
         platform=PLATFORM, event_id=str(interaction.id), actor=interaction_actor(interaction),
-        channel=channel_of_interaction(interaction), occurred_at=interaction.created_at,
+        channel=channel_of_interaction(interaction, nsfw), occurred_at=interaction.created_at,
         raw=interaction.data, custom_id=custom_id, message_id=message_id,
-        interaction_token=interaction.token)
+        interaction_token=interaction.token, delivery_extra=interaction_extra(interaction))
 
 
 def reaction_event(payload: discord.RawReactionActionEvent, *,

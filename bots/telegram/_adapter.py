@@ -57,6 +57,7 @@ from core.events import Event, ReactionChanged
 from core.errors import UserInputError
 from core.intents import COMMANDS, parse_text
 from core.limits import TELEGRAM, split_text
+from core.orchestrator import REPORT_EMOJI
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.redrive import DelayNotice, DelayNotifier
 from core.store import Artifact
@@ -322,7 +323,22 @@ class TelegramAdapter:
             return
         if event.counts is not None:
             event = await asyncio.to_thread(self._with_vanished_counts, event)
-        await asyncio.to_thread(self.orchestrator.handle, event)
+        if REPORT_EMOJI in event.added:  # a report counts only from the chat's admins
+            if event.actor.id.startswith("chat:"):  # an anonymous admin, reacting as the chat
+                event = dataclasses.replace(event, actor=dataclasses.replace(
+                    event.actor, is_admin=True))
+            else:
+                flagged = await self._with_admin_flag(event, context)
+                event = flagged if isinstance(flagged, ReactionChanged) else event
+        replies = await asyncio.to_thread(self.orchestrator.handle, event)
+        for reply in replies:  # only a report's deletions are carried out
+            if reply.delete_message_id:
+                try:
+                    await context.bot.delete_message(int(event.channel.chat_id),
+                                                     int(reply.delete_message_id))
+                except TelegramError as exc:
+                    log.warning("could not delete message %s: %s", reply.delete_message_id,
+                                exc)
 
     async def on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         log.error("Telegram update failed: %s", context.error, exc_info=context.error)
@@ -359,7 +375,36 @@ class TelegramAdapter:
     async def _handle_message(self, event: Event, message: Message,
                               context: ContextTypes.DEFAULT_TYPE) -> None:
         replies = await asyncio.to_thread(self.orchestrator.handle, event)
-        await self._send(context, message, replies, reply_to_message_id=message.message_id)
+        private = [r for r in replies if r.files]
+        for reply in private:
+            await self._send_privately(context, message, reply)
+        await self._send(context, message, [r for r in replies if not r.files],
+                         reply_to_message_id=message.message_id)
+
+    async def _send_privately(self, context: ContextTypes.DEFAULT_TYPE, message: Message,
+                              reply: OutboundMessage) -> None:
+        """Files meant for one person (``/mydata``) go to their private chat with the bot, never
+        to a group; Telegram lets a bot write there only after the person started it. The
+        files are deleted once sent (or refused): the person has them now."""
+        assert message.from_user is not None
+        in_group = message.chat.type != ChatType.PRIVATE
+        try:
+            for path in reply.files:
+                with open(path, "rb") as document:
+                    await context.bot.send_document(message.from_user.id, document,
+                                                    caption=reply.text[:CAPTION_MAX_CHARS],
+                                                    filename=Path(path).name)
+            note = "I sent it to you in our private chat." if in_group else None
+        except TelegramError as exc:
+            log.info("private file to %s not sent: %s", message.from_user.id, exc)
+            note = (f"I can't write to you privately yet: open a chat with @"
+                    f"{context.bot.username}, press Start, then send /mydata there.")
+        finally:
+            for path in reply.files:
+                Path(path).unlink(missing_ok=True)
+        if note:
+            await self._send(context, message, [OutboundMessage(MessageKind.INFO, note)],
+                             reply_to_message_id=message.message_id)
 
     async def _send(self, context: ContextTypes.DEFAULT_TYPE, where: Message,
                     replies: Sequence[OutboundMessage], *,

@@ -1,7 +1,9 @@
 """The web pages: a Starlette app around the same orchestrator and store as the chat adapters.
 
-* ``/`` the **playground**: the local chat in a browser. Each browser (a session cookie) is one
-  person of the machine's local community, the terminal chat's; what they type goes through
+* ``/`` the **playground**: the local chat in a browser. Each tab opened at ``/`` is a new
+  person of the machine's local community, the terminal chat's, kept in the tab's address
+  (``?as=``) and listed in the browser's signed session cookie (a person no cookie lists
+  cannot be spoken for); what they type goes through
   :class:`bots.console.ConsoleChat`, exactly as in the terminal (commands, free text,
   ``/react``, ``/press``, ``/reply``), and results arrive by server-sent events
   (:mod:`bots.web._live`). Open only while the server is bound to a loopback address.
@@ -27,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from jinja2 import pass_context
 from markupsafe import Markup
 from PIL import Image
 from starlette.applications import Starlette
@@ -58,6 +61,8 @@ PLAYGROUND_COMMUNITY = "local"
 PLATFORM = "local"
 SESSION_COOKIE = "musespark_session"
 SESSION_MAX_AGE_SECONDS = 7 * 24 * 3600
+#: Playground people one browser keeps (each tab opened at / is a new one).
+PEOPLE_PER_BROWSER = 20
 #: Messages of the chat a page shows when it opens (older ones stay in the store).
 HISTORY_MESSAGES = 60
 REACTIONS = ("👍", "❤️", "🔥", "👎")
@@ -93,7 +98,8 @@ class WebApp:
         self.settings = runtime.settings
         self.playground = playground
         self.templates = Jinja2Templates(directory=str(HERE / "templates"))
-        self.templates.env.globals.update(label=actions.label, reactions=REACTIONS)
+        self.templates.env.globals.update(label=actions.label, reactions=REACTIONS,
+                                          wp=_with_person)
         self.hub = LiveHub(self.store, self._render_new, self._render_progress)
         self._local_community: int | None = None
 
@@ -107,23 +113,42 @@ class WebApp:
                                   guild_id=PLAYGROUND_COMMUNITY))
         return self._local_community
 
-    def _chat(self, request: Request) -> ConsoleChat:
-        sid = request.session.get("sid")
-        if not isinstance(sid, str):
-            sid = secrets.token_hex(8)
-            request.session["sid"] = sid
+    @staticmethod
+    def _people(request: Request) -> list[str]:
+        people = request.session.get("people")
+        return [p for p in people if isinstance(p, str)] if isinstance(people, list) else []
+
+    def _new_person(self, request: Request) -> str:
+        sid = secrets.token_hex(8)
+        request.session["people"] = [*self._people(request), sid][-PEOPLE_PER_BROWSER:]
+        return sid
+
+    def _person(self, request: Request, form: FormData | None = None) -> str | None:
+        """The playground person this tab speaks as (``as``), if this browser made them."""
+        sid = _field(form, "as") if form is not None else request.query_params.get("as", "")
+        return sid if sid in self._people(request) else None
+
+    def _chat_of(self, sid: str) -> ConsoleChat:
         actor = Actor(f"web-{sid}", f"Guest {sid[:4]}", is_admin=True)
         return ConsoleChat(self.orchestrator, self.store, chat_id=f"web-{sid}", user=actor,
                            community=PLAYGROUND_COMMUNITY)
 
-    def _playground_chat(self, request: Request) -> ConsoleChat:
+    def _playground_chat(self, request: Request, form: FormData | None = None) -> ConsoleChat:
         if not self.playground:
             raise HTTPException(404, "The playground is open only on a loopback address.")
-        return self._chat(request)
+        sid = self._person(request, form)
+        if sid is None:
+            raise HTTPException(404, "Open the playground again: this tab's person is unknown "
+                                     "to this browser.")
+        return self._chat_of(sid)
 
-    def _viewer(self, request: Request, community_id: int) -> Viewer:
+    def _viewer(self, request: Request, community_id: int,
+                form: FormData | None = None) -> Viewer:
         if self.playground and community_id == self.local_community:
-            chat = self._chat(request)
+            people = self._people(request)
+            sid = self._person(request, form) or (people[-1] if people
+                                                  else self._new_person(request))
+            chat = self._chat_of(sid)
             user = self.store.ensure_user(PLATFORM, chat.user)
             return Viewer(user, community_id, True, chat)
         grants = request.session.get("grants") or {}
@@ -134,12 +159,22 @@ class WebApp:
         raise HTTPException(404, "Nothing here, or you are not signed in to this community: "
                                  "send /web in its chat for a sign-in link.")
 
+    def _check_access(self, request: Request, community_id: int) -> None:
+        """404 unless this browser may see ``community_id`` (the open local one, or granted)."""
+        if self.playground and community_id == self.local_community:
+            return
+        grants = request.session.get("grants") or {}
+        if not (isinstance(grants, dict) and grants.get(str(community_id))):
+            raise HTTPException(404, "Nothing here, or you are not signed in to this "
+                                     "community: send /web in its chat for a sign-in link.")
+
     def _base(self, request: Request, page: str, community_id: int | None,
               viewer: Viewer | None = None) -> dict[str, Any]:
         who = viewer.chat.user.display_name if viewer and viewer.chat else (
             self._name(viewer.user_id) if viewer else "")
+        sid = viewer.chat.chat_id.removeprefix("web-") if viewer and viewer.chat else None
         return {"request": request, "page": page, "community_id": community_id,
-                "playground": self.playground, "who": who}
+                "playground": self.playground, "who": who, "sid": sid}
 
     def _name(self, user_id: int) -> str:
         from core.store import User
@@ -156,14 +191,16 @@ class WebApp:
                 **self._base(request, "home", None), "heading": "MuseSpark",
                 "text": "Send /web in your Discord or Telegram chat for a private link to your "
                         "community's gallery and dashboard.", "error": False})
-        chat = self._chat(request)
+        sid = self._person(request)
+        if sid is None:  # a new tab: a new person, whose address the tab keeps
+            return RedirectResponse(f"/?as={self._new_person(request)}", status_code=303)
+        chat = self._chat_of(sid)
         rows = await asyncio.to_thread(self._history, chat.chat_id)
         context = await asyncio.to_thread(self._message_context, chat.chat_id, rows)
         return self.templates.TemplateResponse(request, "playground.html", {
             **self._base(request, "playground", self.local_community),
             "messages": rows, "last_id": rows[-1].id if rows else self._last_id(),
-            "who": chat.user.display_name, "sid": chat.chat_id.removeprefix("web-"),
-            **context})
+            "who": chat.user.display_name, "sid": sid, **context})
 
     def _history(self, chat_id: str) -> list[LocalMessage]:
         rows = list(self.store.local_messages_after(chat_id, 0))
@@ -189,7 +226,8 @@ class WebApp:
                 now = gallery.progress(self.store, row.job_id)
                 if now is not None:
                     shown[row.job_id] = now.describe(_kind_of(self.store, row.job_id))
-        return {"alts": alts, "progress": shown, "me": chat_id}
+        return {"alts": alts, "progress": shown, "me": chat_id,
+                "sid": chat_id.removeprefix("web-")}
 
     def _render_new(self, chat_id: str, rows: Sequence[LocalMessage]) -> str:
         context = self._message_context(chat_id, rows)
@@ -223,8 +261,8 @@ class WebApp:
         return out
 
     async def say(self, request: Request) -> Response:
-        chat = self._playground_chat(request)
         form = await request.form()
+        chat = self._playground_chat(request, form)
         text = _field(form, "text").strip()
         if not text:
             return Response("Type something first.", status_code=422)
@@ -232,8 +270,8 @@ class WebApp:
         return Response(status_code=204)
 
     async def react(self, request: Request) -> Response:
-        chat = self._playground_chat(request)
         form = await request.form()
+        chat = self._playground_chat(request, form)
         number, emoji = _field(form, "message"), _field(form, "emoji")
         if not number.isdigit() or not emoji:
             return Response("A reaction needs a message number and an emoji.", status_code=422)
@@ -242,8 +280,8 @@ class WebApp:
         return Response(status_code=204)
 
     async def press(self, request: Request) -> Response:
-        chat = self._playground_chat(request)
         form = await request.form()
+        chat = self._playground_chat(request, form)
         number, action = _field(form, "message"), _field(form, "action")
         if not number.isdigit() or not actions.is_action(action):
             return Response("A button press needs a message number and a known button.",
@@ -289,7 +327,8 @@ class WebApp:
         return self.templates.TemplateResponse(request, "gallery.html", {
             **self._base(request, "gallery", community_id, viewer), **data,
             "filters": filters, "kinds": list(gallery.GALLERY_KINDS), "page_number": page,
-            "query": _query(filters)})
+            "query": _query({**filters, "as": viewer.chat.chat_id.removeprefix("web-")
+                             if viewer.chat else None})})
 
     async def piece_page(self, request: Request) -> Response:
         community_id = int(request.path_params["community"])
@@ -321,7 +360,7 @@ class WebApp:
         if artifact is None or job is None or job.community_id is None \
                 or artifact.kind != "image" or not artifact.path:
             raise HTTPException(404, "No such picture.")
-        self._viewer(request, job.community_id)  # 404 unless this viewer may see it
+        self._check_access(request, job.community_id)
         path = Path(artifact.path)
         if not path.is_file():
             raise HTTPException(404, "That picture is gone (erased or moved).")
@@ -344,9 +383,10 @@ class WebApp:
     # -- the dashboard ----------------------------------------------------------------------------
 
     async def dashboard_page(self, request: Request, notice: str = "",
-                             notice_error: bool = False) -> Response:
+                             notice_error: bool = False,
+                             form: FormData | None = None) -> Response:
         community_id = int(request.path_params["community"])
-        viewer = self._viewer(request, community_id)
+        viewer = self._viewer(request, community_id, form)
         data = await asyncio.to_thread(self._dashboard, viewer)
         return self.templates.TemplateResponse(request, "dashboard.html", {
             **self._base(request, "dashboard", community_id, viewer), **data,
@@ -389,8 +429,8 @@ class WebApp:
         """Admins' community settings and the viewer's own: the chat's /settings command,
         through the same core call (so the same rules and answers)."""
         community_id = int(request.path_params["community"])
-        viewer = self._viewer(request, community_id)
         form = await request.form()
+        viewer = self._viewer(request, community_id, form)
         if _field(form, "emoji"):
             words = f"emoji {_field(form, 'emoji').strip()} {_field(form, 'meaning')}"
         else:
@@ -398,7 +438,7 @@ class WebApp:
         replies = await asyncio.to_thread(self._settings_command, viewer, words)
         text = " ".join(r.text for r in replies) or "Nothing changed."
         error = any(r.kind.value == "error" for r in replies)
-        return await self.dashboard_page(request, notice=text, notice_error=error)
+        return await self.dashboard_page(request, notice=text, notice_error=error, form=form)
 
     def _settings_command(self, viewer: Viewer, words: str) -> list[Any]:
         from core.store import Community, User
@@ -441,6 +481,17 @@ class WebApp:
         return self.templates.TemplateResponse(request, "notice.html", {
             **self._base(request, "error", None), "heading": "Not here",
             "text": detail, "error": True}, status_code=status)
+
+
+@pass_context
+def _with_person(context: Any, path: str) -> str:
+    """``path`` for the playground person the page is for (``?as=``), so links keep them."""
+    sid = context.get("sid")
+    if not sid:
+        return path
+    base, hash_mark, fragment = path.partition("#")
+    joiner = "&" if "?" in base else "?"
+    return f"{base}{joiner}as={sid}{hash_mark}{fragment}"
 
 
 def _field(form: FormData, name: str) -> str:
@@ -500,9 +551,11 @@ def create_app(runtime: BotRuntime, *, playground: bool = True,
         finally:
             await web.hub.close()
 
+    # Behind an HTTPS address the session cookie (a sign-in) never travels in clear.
+    secure = runtime.settings.resolved_web_url.startswith("https://")
     middleware = [Middleware(SessionMiddleware, secret_key=web_secret(runtime.settings),
                              session_cookie=SESSION_COOKIE, max_age=SESSION_MAX_AGE_SECONDS,
-                             same_site="lax", https_only=False)]
+                             same_site="lax", https_only=secure)]
     if allowed_hosts:
         # A page on another site that resolves its own name to 127.0.0.1 (DNS rebinding)
         # must not reach the open playground.

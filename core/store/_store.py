@@ -20,7 +20,16 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import CursorResult, Engine, Result, create_engine, event, func, select, update
+from sqlalchemy import (
+    CursorResult,
+    Engine,
+    Result,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -73,6 +82,9 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
+    # Deleted rows are overwritten, not left in free pages: /forget must not leave a copy in
+    # the database file.
+    cursor.execute("PRAGMA secure_delete=ON")
     cursor.close()
 
 
@@ -98,6 +110,20 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    def forget_cached_ids(self) -> None:
+        """Drop the cached user and community ids (after rows were deleted: /forget)."""
+        self._user_ids.clear()
+        self._community_ids.clear()
+
+    def compact(self) -> None:
+        """After erasing: on SQLite, fold the write-ahead log (which keeps old page images)
+        back into the database file (whose freed pages ``secure_delete`` zeroed). PostgreSQL
+        reclaims deleted rows with (auto)vacuum."""
+        if self.engine.dialect.name != "sqlite":
+            return
+        with self.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- schema -------------------------------------------------------------------------------
 
@@ -399,6 +425,13 @@ class Store:
                         attempts=Job.attempts - 1, worker=None, updated_at=utcnow()))
             return due if rows_changed(result) else None
 
+    def delivered_message_ids(self, job_id: str, position: int) -> list[str]:
+        """The platform messages posted for one outbox position (all parts), in order."""
+        with self.session() as s:
+            return list(s.scalars(select(DeliveredMessage.message_id).where(
+                DeliveredMessage.job_id == job_id, DeliveredMessage.position == position)
+                .order_by(DeliveredMessage.part, DeliveredMessage.id)).all())
+
     def delivered_positions(self, job_id: str) -> set[int]:
         """Positions of a job's outbox of which at least one part was posted."""
         with self.session() as s:
@@ -486,7 +519,7 @@ class Store:
             return s.scalars(
                 select(Job)
                 .where(
-                    ((Job.state == JobState.QUEUED)
+                    ((Job.state == JobState.QUEUED) & Job.held.is_(False)
                      & (Job.published_at.is_(None) | (Job.published_at < old_publish)))
                     # A deferred job whose due time passed long ago lost its countdown
                     # message (the worker holding it died): send it again.
@@ -542,12 +575,52 @@ class Store:
         return job
 
     def queue_position(self, job: Job) -> int:
-        """How many jobs of the same kind were queued before this one and wait still."""
+        """How many jobs of the same kind were queued before this one and wait still (jobs
+        held back for fair share are not in the queue)."""
         with self.session() as s:
             return int(s.scalar(
                 select(func.count()).select_from(Job).where(
                     Job.state.in_([JobState.QUEUED, JobState.RUNNING]), Job.kind == job.kind,
-                    Job.created_at < job.created_at)) or 0)
+                    Job.held.is_(False), Job.created_at < job.created_at)) or 0)
+
+    # -- fair share ---------------------------------------------------------------------------
+
+    def in_flight(self, requester: int, kind: str, *, excluding: str | None = None) -> int:
+        """A person's jobs of one kind in the queue or running (not held back): one query on
+        ``ix_jobs_requester_state``."""
+        with self.session() as s:
+            query = select(func.count()).select_from(Job).where(
+                Job.requester == requester, Job.kind == kind,
+                Job.state.in_([JobState.QUEUED, JobState.RUNNING]), Job.held.is_(False))
+            if excluding is not None:
+                query = query.where(Job.id != excluding)
+            return int(s.scalar(query) or 0)
+
+    def release_next(self, requester: int, kind: str, cap: int) -> Job | None:
+        """The person's oldest held job of ``kind``, released (to be published now), when they
+        have fewer than ``cap`` jobs of that kind in flight; else None."""
+        if self.in_flight(requester, kind) >= cap:
+            return None
+        with self.session() as s:
+            job = s.scalar(select(Job).where(
+                Job.requester == requester, Job.kind == kind, Job.held.is_(True),
+                Job.state == JobState.QUEUED).order_by(Job.created_at, Job.id).limit(1))
+            if job is None:
+                return None
+            released = s.execute(update(Job).where(Job.id == job.id, Job.held.is_(True))
+                                 .values(held=False, published_at=None, updated_at=utcnow()))
+            if not rows_changed(released):
+                return None
+            job.held = False
+            return job
+
+    def held_requesters(self) -> list[tuple[int, str]]:
+        """(person, kind) pairs that have jobs held back."""
+        with self.session() as s:
+            return [(int(r), str(k)) for r, k in s.execute(
+                select(Job.requester, Job.kind).where(
+                    Job.held.is_(True), Job.state == JobState.QUEUED,
+                    Job.requester.is_not(None)).distinct()) if r is not None]
 
     # -- rate limits --------------------------------------------------------------------------
 
@@ -629,6 +702,14 @@ class Store:
             return s.scalars(select(LocalMessage).where(
                 LocalMessage.chat_id == chat_id, LocalMessage.id > after_id)
                 .order_by(LocalMessage.id)).all()
+
+    def remove_local_message(self, message_id: int) -> bool:
+        """Take a message out of the local chat (🗑️, a report). The row stays, emptied: its
+        number must not go to the next message (SQLite reuses a deleted last row id)."""
+        with self.session() as s:
+            return bool(rows_changed(s.execute(
+                update(LocalMessage).where(LocalMessage.id == message_id)
+                .values(kind="removed", text="(removed)", job_id=None, attachments={}))))
 
     def local_message(self, message_id: int) -> LocalMessage | None:
         with self.session() as s:

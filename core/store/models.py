@@ -27,8 +27,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 __all__ = [
     "Artifact",
+    "AuditEvent",
     "Base",
     "Community",
+    "Confirmation",
     "DeliveredMessage",
     "FeedbackEvent",
     "Job",
@@ -37,6 +39,7 @@ __all__ = [
     "LocalMessage",
     "Profile",
     "RateLimit",
+    "RequestLog",
     "User",
     "WebSignIn",
 ]
@@ -91,7 +94,8 @@ class Job(Base):
     """One request to generate something, and its whole life: ``queued -> running -> final``."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_state_created", "state", "created_at"),)
+    __table_args__ = (Index("ix_jobs_state_created", "state", "created_at"),
+                      Index("ix_jobs_requester_state", "requester", "kind", "state"))
 
     id: Mapped[str] = mapped_column(String(16), primary_key=True)
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
@@ -124,6 +128,10 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
     updated_at: Mapped[datetime]
+    #: The person who asked (``users.person``), for fair share: their jobs beyond the in-flight
+    #: cap wait ``held`` (queued, not published) until one of theirs finishes.
+    requester: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    held: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
 
 
 class Artifact(Base):
@@ -237,6 +245,53 @@ class RateLimit(Base):
     platform: Mapped[str] = mapped_column(String(32), primary_key=True)
     chat_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     until: Mapped[datetime]
+
+
+class AuditEvent(Base):
+    """What admins may read with ``/settings audit``: policy changes, reports, blocked
+    prompts and pictures. Rows of a person who sends ``/forget everything`` go with them."""
+
+    __tablename__ = "audit_events"
+    __table_args__ = (Index("ix_audit_events_community_created", "community_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    community_id: Mapped[int | None] = mapped_column(
+        ForeignKey("communities.id", ondelete="CASCADE"), nullable=True)
+    actor_user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
+    #: Whose content the event is about (the requester of a reported or blocked result).
+    subject_user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime]
+
+
+class RequestLog(Base):
+    """One row per accepted request (not per job): what quotas count, one indexed query."""
+
+    __tablename__ = "request_log"
+    __table_args__ = (Index("ix_request_log_person_created", "person_id", "created_at"),
+                      Index("ix_request_log_community_created", "community_id", "created_at"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    person_id: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    community_id: Mapped[int | None] = mapped_column(
+        ForeignKey("communities.id", ondelete="CASCADE"), nullable=True)
+    created_at: Mapped[datetime]
+
+
+class Confirmation(Base):
+    """A one-time code a person repeats to confirm something drastic (``/forget everything``)."""
+
+    __tablename__ = "confirmations"
+
+    code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime]
 
 
 class WebSignIn(Base):
