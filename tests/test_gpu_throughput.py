@@ -87,8 +87,8 @@ def _until(check: Any, *, what: str, timeout: float = RESULT_TIMEOUT_SECONDS,
         time.sleep(poll)
 
 
-def test_a_worker_killed_mid_batch_loses_no_picture_and_posts_none_twice(make_stack: Any,
-                                                                          model_cache: Path) -> None:
+def test_a_worker_killed_mid_batch_loses_no_picture_and_posts_none_twice(
+        make_stack: Any, model_cache: Path) -> None:
     # Many steps, so the batch is still rendering when the worker is killed.
     stack = make_stack(MUSESPARK_IMAGE_BATCH_MAX="4", MUSESPARK_IMAGE_BATCH_WAIT_MS="300")
     # Enough steps that the batch is still rendering when the worker is killed (a fraction

@@ -104,8 +104,8 @@ def _queue() -> Any:
 
         connection = app.connection_for_read()
         queue = Queue(QUEUE_FOR_KIND["image"])  # type: ignore[no-untyped-call]
-        _process.update(pid=os.getpid(), connection=connection,
-                        queue=queue.bind(connection.default_channel))  # type: ignore[no-untyped-call]
+        bound = queue.bind(connection.default_channel)  # type: ignore[no-untyped-call]
+        _process.update(pid=os.getpid(), connection=connection, queue=bound)
     return _process["queue"]
 
 
