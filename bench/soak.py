@@ -10,8 +10,10 @@ worker killed every so often. Is every request answered once, how fast, and does
 * ``--people`` simulated people, half on each platform, send ``--requests`` picture requests at
   ``--rate`` per second (open loop: a person may have several waiting).
 
-Figures: delivered (requests with a result), lost (none after ``--drain-timeout``), duplicated
-(more than one result for one request), p50/p99 from request to result (as the fakes saw them),
+Figures: delivered (requests with a result), lost (no result and a job that will not post one:
+failed or missing), late (still queued or running when ``--drain-timeout`` after the last
+request ran out; kills stop when the last request is sent), duplicated (more than one result
+for one request), p50/p99 from request to result (as the fakes saw them),
 kills, and the bot's resident memory at start, after warm-up and at the end against a stated
 bound (``--rss-bound-mib`` above the warm-up figure).
 
@@ -90,6 +92,27 @@ class Results:
         return found
 
 
+def _why(stack: Stack, numbers: list[int]) -> dict[str, object]:
+    """What became of the jobs of requests that got no result (for the report)."""
+    from sqlalchemy import select
+
+    from core.store import Job, Store
+
+    if not numbers:
+        return {}
+    states: dict[str, list[str]] = {}
+    store = Store(stack.settings.resolved_database_url)
+    with store.session() as s:
+        for number in numbers:
+            job = s.scalars(select(Job).where(Job.prompt.like(f"soak-{number} %"))).first()
+            key = "no job" if job is None else (
+                f"{job.state} (attempts {job.attempts}, {job.platform}"
+                f"{', ' + (job.failure_reason or '')[:60] if job.failure_reason else ''})")
+            states.setdefault(key, []).append(f"{number}:{job.id if job else '-'}")
+    store.dispose()
+    return dict(states)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=5000)
@@ -97,7 +120,7 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=10.0, help="requests per second")
     parser.add_argument("--kill-every", type=float, default=60.0, metavar="SECONDS",
                         help="SIGKILL a worker this often (0: never)")
-    parser.add_argument("--drain-timeout", type=float, default=300.0, metavar="SECONDS",
+    parser.add_argument("--drain-timeout", type=float, default=600.0, metavar="SECONDS",
                         help="after the last request, how long to wait for results")
     parser.add_argument("--rss-bound-mib", type=float, default=64.0,
                         help="allowed bot memory growth from warm-up to the end")
@@ -191,16 +214,19 @@ def main() -> int:
                 if number == warm_at:
                     rss["warm"] = rss_mib(bot.pid)
             sending_took = time.monotonic() - began
+            stop_killing.set()  # the drain measures recovery, not more kills
             deadline = time.monotonic() + args.drain_timeout
             while time.monotonic() < deadline:
                 if len(set(results.collect()) & set(sent)) >= args.requests:
                     break
                 time.sleep(1.0)
-            stop_killing.set()
             time.sleep(3.0)  # a duplicate post would land now
             rss["end"] = rss_mib(bot.pid)
             found = results.collect()
             found = {n: times for n, times in found.items() if n in sent}
+            missing = sorted(set(sent) - set(found))
+            why_lost = _why(stack, missing)
+            twice = sorted(n for n, times in found.items() if len(times) > 1)
             latency = [min(found[n]) - sent[n] for n in found]
             delivered = len(found)
             duplicated = sum(1 for times in found.values() if len(times) > 1)
@@ -209,7 +235,12 @@ def main() -> int:
                 "kill_every": args.kill_every, "kills": kills,
                 "sending_seconds": round(sending_took, 1),
                 "total_seconds": round(time.monotonic() - began, 1),
-                "delivered": delivered, "lost": args.requests - delivered,
+                "delivered": delivered,
+                # Still queued or running when the drain ended: late, not lost.
+                "late": sum(len(v) for k, v in why_lost.items()
+                            if k.startswith(("queued", "running"))),
+                "lost": sum(len(v) for k, v in why_lost.items()
+                            if not k.startswith(("queued", "running"))),
                 "duplicated": duplicated,
                 "p50_seconds": round(percentile(latency, 0.5), 2) if latency else None,
                 "p99_seconds": round(percentile(latency, 0.99), 2) if latency else None,
@@ -217,6 +248,8 @@ def main() -> int:
                 "rss_bound_mib": args.rss_bound_mib,
                 "rss_within_bound": rss["end"] - rss.get("warm", rss["start"])
                 <= args.rss_bound_mib,
+                "lost_jobs": why_lost,
+                "duplicated_requests": twice,
             }
         finally:
             if bot is not None:
@@ -231,17 +264,23 @@ def main() -> int:
           f"fakes) at {args.rate}/s, one bot + two workers on Redis + PostgreSQL, a worker "
           f"SIGKILLed every {args.kill_every:g} s ({kills} kills)")
     print(f"  delivered {figures['delivered']}, lost {figures['lost']}, duplicated "
-          f"{figures['duplicated']}")
+          f"{figures['duplicated']}, still queued or running after the drain "
+          f"{figures['late']}")
     print(f"  request to result: p50 {figures['p50_seconds']} s, p99 {figures['p99_seconds']} s"
           f" (sending took {figures['sending_seconds']} s, all done in "
           f"{figures['total_seconds']} s)")
+    if figures["lost_jobs"]:
+        print(f"  lost, by the state of their job: {figures['lost_jobs']}")
+    if figures["duplicated_requests"]:
+        print(f"  posted twice: requests {figures['duplicated_requests']}")
     memory = figures["bot_rss_mib"]
     print(f"  bot RSS: start {memory['start']} MiB, after warm-up {memory.get('warm')} MiB, "
           f"end {memory['end']} MiB (bound: end <= warm-up + {args.rss_bound_mib:g} MiB: "
           f"{'kept' if figures['rss_within_bound'] else 'EXCEEDED'})")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
-    ok = figures["lost"] == 0 and figures["duplicated"] == 0 and figures["rss_within_bound"]
+    ok = (figures["lost"] == 0 and figures["late"] == 0 and figures["duplicated"] == 0
+          and figures["rss_within_bound"])
     return 0 if ok else 1
 
 

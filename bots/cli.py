@@ -129,15 +129,19 @@ def _start_workers(settings: Settings, count: int, log_dir: Path,
                    workers: list[subprocess.Popen[bytes]]) -> None:
     """Start ``count`` worker processes into ``workers`` (given, so a failure midway still
     leaves every started one in the caller's hands). Each watches this process (``--parent-pid``)
-    and goes away by itself if ``run`` dies without stopping it."""
+    and goes away by itself if ``run`` dies without stopping it. With
+    ``MUSESPARK_METRICS_PORT`` set (this process serves it), worker N serves the port N above."""
     log_dir.mkdir(parents=True, exist_ok=True)
     for n in range(count):
+        env = dict(os.environ)
+        if settings.metrics_port:
+            env["MUSESPARK_METRICS_PORT"] = str(settings.metrics_port + n + 1)
         with open(log_dir / f"worker-{n + 1}.log", "ab") as log_file:
             workers.append(subprocess.Popen(
                 [sys.executable, "-m", "workers", "--concurrency", "1",
                  "--name", f"musespark-{n + 1}-{os.getpid()}@%h",
                  "--parent-pid", str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT))
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env))
 
 
 def _wait_all(workers: list[subprocess.Popen[bytes]], timeout: float,
@@ -222,9 +226,19 @@ def _web_server(runtime: BotRuntime) -> Iterator[WebServer | None]:
         yield None
         return
     from bots.web import WebServer
+    from core.errors import ConfigurationError
 
-    with WebServer(runtime) as web:
+    try:
+        web = WebServer(runtime).start()
+    except ConfigurationError as exc:  # the port is taken: the chat still works without it
+        log.warning("no web pages: %s", exc)
+        print(f"(no web pages: {exc})", file=sys.stderr, flush=True)
+        yield None
+        return
+    try:
         yield web
+    finally:
+        web.stop()
 
 
 def _serve_platforms(settings: Settings, platforms: list[str]) -> int:
@@ -364,6 +378,16 @@ def cmd_models_tiny(args: argparse.Namespace) -> int:
                               str(args.path)])
 
 
+def _provenance(command: str) -> Callable[[argparse.Namespace], int]:
+    """``musespark trust …`` and ``musespark verify``: exec'd like ``models tiny``, since they
+    run c2pa and the watermark decoder (worker code the bot side never imports); that module
+    parses their arguments, ``--help`` included."""
+    def run(args: argparse.Namespace) -> int:
+        os.execv(sys.executable, [sys.executable, "-m", "workers.provenance", command,
+                                  *args.rest])
+    return run
+
+
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     from core.export import export_feedback
     from core.store import Store
@@ -429,6 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
                                  "at PATH, for demos and tests without a download.")
     tiny.add_argument("path", type=Path)
     tiny.set_defaults(func=cmd_models_tiny)
+    for name, about in (("trust", "signing keys for the pictures' provenance: trust init"),
+                        ("verify", "say where a picture comes from: verify FILE")):
+        provenance = sub.add_parser(name, help=about, add_help=False)
+        provenance.set_defaults(func=_provenance(name), rest=[])
+
     feedback = sub.add_parser("feedback", help="feedback data")
     feedback_sub = feedback.add_subparsers(dest="feedback_command", required=True)
     export = feedback_sub.add_parser(

@@ -32,11 +32,12 @@ LABELS: dict[str, str] = {
     "down": "👎",
     "delete": "🗑️",
     "ideas": "💡 More ideas",
+    "original": "📎 Original file",
 }
 #: ``varyN`` redraws picture N; ``pickN`` renders brainstorm idea N; ``as-INTENT`` answers the
 #: "what did you mean?" question for a message the bot could not place.
 ASK_PREFIX = "as-"
-ACTION_PATTERN = re.compile(r"(?:reroll|more|upscale|refine|why|up|down|delete|ideas|"
+ACTION_PATTERN = re.compile(r"(?:reroll|more|upscale|refine|why|up|down|delete|ideas|original|"
                             r"vary[1-9]|pick[1-9]|as-(?:imagine|write|story|brainstorm))")
 #: Buttons answered privately that make no new job (platforms acknowledge them quietly).
 QUIET_ACTIONS = frozenset({"delete", "up", "down", "why"})
@@ -90,6 +91,7 @@ def buttons_for(job_id: str, *, kind: str, intent: str, ideas: int = 0) -> tuple
     if kind == "image":
         # Two variations even of one picture: V1 and V2 move it with different seeds.
         variations = [f"vary{n}" for n in range(1, VARIATIONS_SHOWN + 1)]
+        # "original": the PNG as a file, whose signed manifest survives where photos do not.
         return _make(job_id, ["reroll", *variations, "upscale", "more", "refine", "why",
-                              "up", "down", "delete"])
+                              "original", "up", "down", "delete"])
     return _make(job_id, ["reroll", "more", "refine", "why", "up", "down", "delete"])

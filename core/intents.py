@@ -55,6 +55,8 @@ class IntentKind(enum.StrEnum):
     SETTINGS = "settings"
     FORGET = "forget"
     LINK = "link"
+    #: Where a picture comes from (reply to it, or attach it): a worker reads its provenance.
+    VERIFY = "verify"
     #: A zip of everything kept about the person, sent privately.
     MYDATA = "mydata"
     #: A private sign-in link to the community's gallery and dashboard in a browser.
@@ -99,6 +101,8 @@ COMMANDS: dict[str, tuple[IntentKind, str]] = {
                                   "from them; /forget everything erases all I keep about you"),
     "mydata": (IntentKind.MYDATA, "a zip of everything I keep about you, sent privately"),
     "link": (IntentKind.LINK, "link your identities on two platforms: /link, then /link CODE on the other"),
+    "verify": (IntentKind.VERIFY, "where a picture comes from: reply /verify to it, or send it "
+                                  "with the caption /verify"),
     "web": (IntentKind.WEB, "a private link to this community's gallery and dashboard in your browser"),
 }
 
@@ -109,7 +113,8 @@ HIDDEN_COMMANDS: dict[str, tuple[IntentKind, str]] = {
 }
 
 #: Intents whose argument is a free-form instruction rather than a creative prompt.
-_PLAIN_ARGUMENT_KINDS = frozenset({IntentKind.SETTINGS, IntentKind.FORGET, IntentKind.LINK})
+_PLAIN_ARGUMENT_KINDS = frozenset({IntentKind.SETTINGS, IntentKind.FORGET, IntentKind.LINK,
+                                   IntentKind.VERIFY})
 
 _COMMAND = re.compile(r"^/(?P<name>[A-Za-z0-9_]+)(?:@(?P<bot>[A-Za-z0-9_]+))?(?:\s+|$)(?P<rest>.*)$", re.S)
 

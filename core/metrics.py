@@ -271,10 +271,7 @@ def serve_bot_metrics(settings: Settings, store: Store) -> Any:
     registry.register(REGISTRY)  # a registry is a collector too
     registry.register(QueueDepthCollector(settings))
     registry.register(JobsCollector(store))
-    server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_addr,
-                                        registry=registry)
-    log.info("metrics on http://%s:%d/metrics", settings.metrics_addr, settings.metrics_port)
-    return server
+    return _start(settings, registry, "metrics")
 
 
 def serve_worker_metrics(settings: Settings) -> Any:
@@ -285,10 +282,21 @@ def serve_worker_metrics(settings: Settings) -> Any:
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_addr,
-                                        registry=registry)
-    log.info("worker metrics on http://%s:%d/metrics", settings.metrics_addr,
-             settings.metrics_port)
+    return _start(settings, registry, "worker metrics")
+
+
+def _start(settings: Settings, registry: CollectorRegistry, what: str) -> Any:
+    """The HTTP server, or None (logged, not raised) when the port is taken: a process that
+    cannot show its metrics still does its work."""
+    assert settings.metrics_port is not None
+    try:
+        server, _thread = start_http_server(settings.metrics_port, addr=settings.metrics_addr,
+                                            registry=registry)
+    except OSError as exc:
+        log.error("%s NOT served: cannot listen on %s:%d (%s); set MUSESPARK_METRICS_PORT to "
+                  "a free port", what, settings.metrics_addr, settings.metrics_port, exc)
+        return None
+    log.info("%s on http://%s:%d/metrics", what, settings.metrics_addr, settings.metrics_port)
     return server
 
 

@@ -71,7 +71,8 @@ REPORT_EMOJI = "🚩"
 _STATUS_VERB = {IntentKind.IMAGINE: "Drawing", IntentKind.WRITE: "Writing",
                 IntentKind.REMIX: "Remixing your picture", IntentKind.REFINE: "Refining",
                 IntentKind.BRAINSTORM: "Thinking up ideas for",
-                IntentKind.UNDERSTAND: "Reading your message"}
+                IntentKind.UNDERSTAND: "Reading your message",
+                IntentKind.VERIFY: "Checking where this comes from"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +131,7 @@ class Orchestrator:
                     intent = parse_text(event.text, max_prompt_chars=self.settings.max_prompt_chars,
                                         replying=replied is not None
                                         and replied[0].intent != "understand")
-                    if intent.kind is IntentKind.REMIX and event.attachments:
+                    if intent.kind in (IntentKind.REMIX, IntentKind.VERIFY) and event.attachments:
                         intent = Intent(intent.kind, intent.prompt,
                                         {**intent.options, "image": event.attachments[0]})
                     return self._run_intent(event, intent, reply_to=event.message_id,
@@ -138,6 +139,9 @@ class Orchestrator:
                 case CommandInvoked():
                     intent = parse_command(event.name, dict(event.args),
                                            max_prompt_chars=self.settings.max_prompt_chars)
+                    if intent.kind is IntentKind.VERIFY and event.args.get("image"):
+                        intent = Intent(intent.kind, intent.prompt,
+                                        {"image": str(event.args["image"])})
                     return self._run_intent(event, intent, reply_to=event.message_id,
                                             replied=self._replied_result(event))
                 case ReactionChanged():
@@ -169,6 +173,8 @@ class Orchestrator:
         if intent.kind is IntentKind.WEB:
             return [self._web(event, reply_to)]
         origin = self.origin(event, reply_to)
+        if intent.kind is IntentKind.VERIFY:
+            return self._verify(event, intent, origin, replied)
         if intent.kind is IntentKind.REFINE:
             if replied is None or replied[0].intent == "understand":
                 raise PromptError(
@@ -218,13 +224,15 @@ class Orchestrator:
         return self.store.result_of_message(event.platform, event.channel.chat_id,
                                             event.reply_to)
 
-    def _kept_upload(self, intent: Intent, *, local: bool) -> Intent:
-        """A remix's picture, checked and kept in the data dir (see core/uploads.py).
+    def _kept_upload(self, intent: Intent, *, local: bool, intact: bool = False) -> Intent:
+        """A remix's (or a ``/verify``'s) picture, checked and kept in the data dir (see
+        core/uploads.py; ``intact`` keeps its bytes, manifest included).
 
         Chat adapters hand over pictures they already kept under ``uploads/``; only the local
         chat, whose person is on this machine, may name a file anywhere (and it is copied).
         """
         source = intent.options.get("image")
+        what = intent.kind.value
         if not source:
             raise PromptError("Attach the picture to remix: send it with the caption /remix "
                               "and what to make of it (local chat: /remix PATH what to make).")
@@ -233,14 +241,50 @@ class Orchestrator:
         if path.resolve().parent == uploads and path.is_file():
             return intent  # kept and checked by the adapter; a replay makes no second copy
         if not local:
-            raise PromptError("Attach the picture itself to remix it.")
+            raise PromptError(f"Attach the picture itself to {what} it.")
         try:
             data = path.read_bytes()
         except OSError:
             raise PromptError(f"I can't open the file “{path.name}”. Check the path and send "
                               "it again.") from None
-        kept = keep_upload(data, self.settings.resolved_data_dir, name=path.name)
-        return Intent(intent.kind, intent.prompt, {**intent.options, "image": str(kept)})
+        kept = keep_upload(data, self.settings.resolved_data_dir, name=path.name, intact=intact)
+        named = {"name": path.name} if intact else {}
+        return Intent(intent.kind, intent.prompt, {**intent.options, "image": str(kept), **named})
+
+    def _verify(self, event: Event, intent: Intent, origin: Origin,
+                replied: tuple[Job, int] | None) -> list[OutboundMessage]:
+        """``/verify``: a worker reads the picture's provenance (manifest, watermark, job).
+
+        The picture is the one attached (kept byte for byte: re-encoding would drop its
+        manifest) or, for a reply without one, the result replied to, as this bot keeps it.
+        """
+        params: dict[str, Any]
+        if intent.options.get("image"):
+            intent = self._kept_upload(intent, local=event.platform == "local", intact=True)
+            name = str(intent.options.get("name") or "your picture")
+            params = {"verify": {"path": str(intent.options["image"]), "name": name}}
+        elif replied is not None and replied[0].kind == "image" and replied[0].intent != "verify":
+            job, position = replied
+            name = f"the picture of job {job.id}"
+            params = {"verify": {"job_id": job.id, "position": position, "name": name}}
+        else:
+            raise PromptError("Reply /verify to a picture, or send a picture with the caption "
+                              "/verify (Discord: /verify with the image option; local chat: "
+                              "/verify PATH), and I'll say where it comes from.")
+        # A check makes nothing new: no quota, no fair-share hold, no safety policy.
+        job, created = self.store.create_job(
+            idempotency_key=origin.key, kind="image", intent=IntentKind.VERIFY.value,
+            requester=self.taste.person_of(origin.user_id), held=False,
+            user_id=origin.user_id, community_id=origin.community_id, parent_job_id=None,
+            prompt=name, expanded_prompt=name, params=params, seed=0,
+            platform=origin.platform, delivery=origin.target.to_dict(), published=True)
+        if not created:
+            return []
+        if intent.options.get("image"):
+            path = str(intent.options["image"])
+            self.store.add_input(job.id, path, Path(path).read_bytes())
+        return [self._publish([job], Intent(IntentKind.VERIFY, name), origin,
+                              self.store.queue_position(job))]
 
     def origin(self, event: Event, reply_to: str | None) -> Origin:
         target = DeliveryTarget(
@@ -280,15 +324,25 @@ class Orchestrator:
     def _settings(self, event: Event, text: str, reply_to: str | None) -> OutboundMessage:
         words = text.split()
         user_id = self.store.ensure_user(event.platform, event.actor)
-        usage = ("Settings: /settings learning off (or on) for you; in a group, admins can set "
-                 "/settings emoji 🎉 positive (or negative, neutral), /settings safety "
-                 "strict|standard|off, /settings blockword add|remove WORD, /settings quota, "
-                 "and read /settings audit.")
+        usage = ("Settings: /settings learning off (or on) for you; /settings credit on (or "
+                 "off) to be named as creator in your pictures' signed provenance; in a group, "
+                 "admins can set /settings emoji 🎉 positive (or negative, neutral), /settings "
+                 "safety strict|standard|off, /settings blockword add|remove WORD, /settings "
+                 "quota, and read /settings audit.")
         if words and words[0] in ("safety", "blockword", "quota", "audit"):
             community_id = self.store.ensure_community(event.platform, event.channel)
             return _info(self.policy.command(words, actor=event.actor, channel=event.channel,
                                              platform=event.platform, user_id=user_id,
                                              community_id=community_id), reply_to=reply_to)
+        if len(words) == 2 and words[0] == "credit" and words[1] in ("on", "off"):
+            self.store.set_credit(self.taste.identities_of(user_id), words[1] == "on")
+            if words[1] == "on":
+                return _info("Done: your next pictures name you (as "
+                             f"“{event.actor.display_name or event.actor.id}”) as their creator "
+                             "in their signed provenance (C2PA), and /verify shows it. Pictures "
+                             "already made stay as they are.", reply_to=reply_to)
+            return _info("Done: your next pictures no longer name you; their provenance says "
+                         "only that MuseSpark made them.", reply_to=reply_to)
         if len(words) == 2 and words[0] == "learning" and words[1] in ("on", "off"):
             self.taste.set_opt_out(user_id, words[1] == "off")
             if words[1] == "off":
@@ -639,6 +693,17 @@ class Orchestrator:
                               occurred_at=event.occurred_at, toggle=True)
         return []
 
+    def _original_files(self, job: Job) -> OutboundMessage:
+        """A result's pictures as files, byte for byte, signed manifest included."""
+        paths = [a.path for a in self.store.artifacts(job.id, "image")
+                 if a.path and Path(a.path).is_file()]
+        if not paths:
+            return _error("The original files of that result are gone (erased, or lost).",
+                          ephemeral=True)
+        return _info("The original file, byte for byte: it keeps its signed provenance (C2PA "
+                     "manifest), which chat apps' photo compression drops. Anyone can check it "
+                     "with /verify.", originals=tuple(paths))
+
     def _button(self, event: ComponentActivated) -> list[OutboundMessage]:
         """Buttons under results: ``custom_id`` is ``action:job_id`` (see core/actions.py)."""
         action, _, job_id = event.custom_id.partition(":")
@@ -658,6 +723,8 @@ class Orchestrator:
         if action == "refine":
             return [_info("Reply to this result with what to change, for example “make it at "
                           "night” or “same, as a watercolor”.", ephemeral=True)]
+        if action == "original":
+            return [self._original_files(job)]
         if action.startswith(actions.ASK_PREFIX):
             return self._answer_question(event, job, action[len(actions.ASK_PREFIX):])
         self.taste.record(event_key=f"{event.platform}:{event.event_id}:button", job_id=job.id,

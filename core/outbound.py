@@ -44,6 +44,10 @@ class OutboundMessage:
     #: chat, Discord as an ephemeral attachment; the local chat shows the path in ``text``.
     #: The adapter deletes them once sent.
     files: tuple[str, ...] = ()
+    #: Pictures sent as files (Telegram: documents), byte for byte, and kept (they are the
+    #: results' artifacts): unlike photos, which chat apps recompress, they keep their signed
+    #: provenance (C2PA manifest). The 📎 Original file button's answer.
+    originals: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -51,6 +55,7 @@ class OutboundMessage:
         data["images"] = list(self.images)
         data["buttons"] = [asdict(b) for b in self.buttons]
         data["files"] = list(self.files)
+        data["originals"] = list(self.originals)
         return data
 
     @classmethod
@@ -61,7 +66,8 @@ class OutboundMessage:
                    job_id=data.get("job_id"), reply_to=data.get("reply_to"),
                    ephemeral=bool(data.get("ephemeral", False)),
                    delete_message_id=data.get("delete_message_id"),
-                   files=tuple(data.get("files", ())))
+                   files=tuple(data.get("files", ())),
+                   originals=tuple(data.get("originals", ())))
 
 
 @dataclass(frozen=True, slots=True)

@@ -132,6 +132,21 @@ class Settings(BaseSettings):
         "is taking longer than usual (people whose request the broker lost are told at once). "
         "0: no such note.",
     )
+    signing_cert: Path | None = Field(
+        default=None,
+        description="PEM certificate chain (signing certificate first, then its intermediates) "
+        "that signs every picture's C2PA manifest. Unset: the local chain `musespark trust "
+        "init` makes under DATA_DIR/trust (made on a worker's first start when missing).",
+    )
+    signing_key: Path | None = Field(
+        default=None,
+        description="PEM private key of MUSESPARK_SIGNING_CERT. Never logged.",
+    )
+    signing_trust_anchors: Path | None = Field(
+        default=None,
+        description="PEM root certificates whose pictures `musespark verify` and /verify call "
+        "trusted. Unset: DATA_DIR/trust/trust-anchors.pem (the local root CA).",
+    )
     quota_person_hourly: int = Field(
         default=20, ge=0, description="Requests one person may make per hour (0: no limit); "
         "admins may lower it for their community with /settings quota.")
@@ -236,6 +251,11 @@ class Settings(BaseSettings):
     @property
     def embedded_broker(self) -> bool:
         return self.resolved_broker_url.startswith(EMBEDDED_BROKER_SCHEME + ":")
+
+    @property
+    def trust_dir(self) -> Path:
+        """Where ``musespark trust init`` keeps the local CA's certificates and signing key."""
+        return self.resolved_data_dir / "trust"
 
     @property
     def resolved_web_url(self) -> str:

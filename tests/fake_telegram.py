@@ -761,6 +761,17 @@ class FakeTelegram:
             content["caption"] = call.params["caption"]
         return self._new_message(call, **content)
 
+    def _m_sendDocument(self, call: Call) -> Any:  # noqa: N802
+        """A file kept byte for byte (photos are what Telegram recompresses, not documents)."""
+        self._check_caption(call.params.get("caption"))
+        data = call.files.get("document")
+        if data is None:
+            raise ApiError(400, "Bad Request: there is no document in the request")
+        content: dict[str, Any] = {"document": self.add_file(data)}
+        if call.params.get("caption"):
+            content["caption"] = call.params["caption"]
+        return self._new_message(call, **content)
+
     def _m_sendMediaGroup(self, call: Call) -> Any:  # noqa: N802
         media = call.params.get("media") or []
         if not 2 <= len(media) <= 10:

@@ -335,6 +335,12 @@ async def press_and_check(fake: FakeDiscord, client: MuseSparkDiscord, runtime: 
     if action == "refine":
         assert callback.json["type"] == 9, callback.json  # a modal is the first answer
         return await submit_refine(fake, client, runtime, job, message, callback.json["data"])
+    if action == "original":  # no files here (no worker drew it): said privately
+        assert callback.json == {"type": 5}, (custom_id, callback.json)
+        answer = (await until(lambda: [c for c in token_calls(fake, press)
+                                       if c.method == "POST" and "/webhooks/" in c.path]))[0]
+        assert answer.json["flags"] == EPHEMERAL and "gone" in answer.json["content"]
+        return None
     if action in QUIET_ACTIONS:
         assert callback.json == {"type": 6}, (custom_id, callback.json)  # deferred update
         if action == "delete":

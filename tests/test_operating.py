@@ -307,3 +307,23 @@ def test_status_says_what_is_wrong_with_a_database_it_cannot_read(tmp_path: Path
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 2
     assert "run `musespark db upgrade`" in shown.stderr and "Traceback" not in shown.stderr
+
+
+def test_a_metrics_port_in_use_is_reported_and_the_process_goes_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+
+    from core.metrics import serve_bot_metrics
+    from core.settings import Settings
+    from core.store import Store
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = Settings(_env_file=None, data_dir=tmp_path,  # type: ignore[call-arg]
+                            metrics_port=port, metrics_addr="127.0.0.1")
+        store = Store(settings.resolved_database_url)
+        assert serve_bot_metrics(settings, store) is None
+    assert f"cannot listen on 127.0.0.1:{port}" in caplog.text
+    assert "MUSESPARK_METRICS_PORT" in caplog.text

@@ -114,3 +114,17 @@ def test_the_loopback_playground_refuses_other_host_names(runtime: BotRuntime) -
         assert bad.status_code == 422
         # A person this browser did not make cannot be spoken for.
         assert client.post("/say", data={"text": "hi", "as": "f" * 16}).status_code == 404
+
+
+def test_a_taken_port_leaves_the_chat_running_without_the_web_pages(tmp_path: Path) -> None:
+    import socket
+
+    from bots.cli import _web_server
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        settings = Settings(_env_file=None, data_dir=tmp_path / "data",  # type: ignore[call-arg]
+                            web_port=taken.getsockname()[1])
+        with BotRuntime(settings, redrive=False) as runtime, _web_server(runtime) as web:
+            assert web is None

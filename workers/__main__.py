@@ -37,6 +37,8 @@ PARENT_GONE_WARM_SECONDS = 2.0
 PARENT_GONE_COLD_SECONDS = 5.0
 
 _PR_SET_PDEATHSIG = 1
+#: Exit status of a picture worker whose signing chain or key cannot be used.
+EXIT_CANNOT_SIGN = 3
 #: prometheus-client's multiprocess mode: where each process of the worker writes its samples.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -193,6 +195,16 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.loglevel.upper(),
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     settings = get_settings()
+    if QUEUE_FOR_KIND["image"] in args.queues.split(","):
+        # Every picture is signed: a worker that could not sign must not start taking jobs.
+        from workers.provenance import TrustError, check_signing
+
+        try:
+            check_signing(settings)
+        except TrustError as exc:
+            log.error("cannot sign pictures: %s", exc)
+            print(f"musespark worker: cannot sign pictures: {exc}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_CANNOT_SIGN)
     own_metrics_dir = _prepare_metrics_dir() if settings.metrics_port else None
     from celery.signals import worker_process_init, worker_process_shutdown
 

@@ -39,6 +39,7 @@ from core.errors import (
 from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Artifact, Claim, DeliveredMessage, Job, JobState, Store, content_hash, utcnow
+from workers import provenance
 from workers import shutdown
 from workers.delivery import RemoteDeliverer, TransactionalDeliverer, get_deliverer
 
@@ -351,7 +352,9 @@ def picture_outcome(job: Job, ask: PictureAsk, result: Any, settings: Settings,
     folder = settings.artifacts_dir / job.id
     folder.mkdir(parents=True, exist_ok=True)
     artifacts, paths = [], []
+    creator = store.credit_name(job.user_id) if store is not None else None
     for position, image in enumerate(result.images):
+        image, watermark_note = provenance.watermark(image, job.id)
         recipe: dict[str, Any] = {
             "job_id": job.id, "prompt": prompt, "expanded_prompt": expanded,
             "seed": result.seed, "position": position, "model": result.model_name,
@@ -365,7 +368,11 @@ def picture_outcome(job: Job, ask: PictureAsk, result: Any, settings: Settings,
             recipe["variation_of"] = {**job.params["vary_from"], "path": str(source),
                                       "strength": job.params.get("variation_strength")}
         recipe.update(ask.extra_recipe)
+        recipe["provenance"] = {"c2pa": "signed manifest (c2pa.created, trainedAlgorithmicMedia)",
+                                "watermark": watermark_note, "credited": creator is not None}
         path = save_png(image, folder / f"{position + 1}.png", recipe)
+        provenance.stamp(path, settings, job_id=job.id, model=result.model_name,
+                         seed=result.seed, creator=creator, source=source)
         paths.append(str(path))
         artifacts.append(Artifact(job_id=job.id, kind="image", position=position, path=str(path),
                                   content_hash=content_hash(Path(path).read_bytes()),
@@ -719,7 +726,8 @@ def finish_generated(store: Store, claim: Claim, job: Job, outcome: _Outcome,
 
 _PROGRESS = {"story": "✍️ Writing the story…", "brainstorm": "💡 Thinking up ideas…",
              "understand": "🤔 Reading your message…", "refine": "✏️ Refining…",
-             "remix": "🎨 Remixing your picture…"}
+             "remix": "🎨 Remixing your picture…",
+             "verify": "🔎 Checking where this picture comes from…"}
 
 
 def _generate(store: Store, job: Job, settings: Settings) -> _Outcome:
@@ -728,10 +736,40 @@ def _generate(store: Store, job: Job, settings: Settings) -> _Outcome:
         return _understand(store, job, settings)
     if job.intent == "brainstorm":
         return _brainstorm(job, settings)
+    if job.intent == "verify":
+        return _verify(store, job, settings)
     if job.kind == "text":
         thread, history = _thread_history(store, job)
         return _generate_text(job, settings, thread=thread, history=history)
     return _generate_image(job, settings, source=_variation_source(store, job), store=store)
+
+
+# -- /verify ---------------------------------------------------------------------------------
+
+
+def _verify(store: Store, job: Job, settings: Settings) -> _Outcome:
+    """Say where a picture comes from: its manifest, its watermark, what the store knows."""
+    asked = job.params["verify"]
+    if asked.get("path"):
+        path = Path(asked["path"])
+    else:
+        images = [a.path for a in store.artifacts(asked["job_id"], "image") if a.path]
+        path = Path(images[min(int(asked.get("position", 0)), len(images) - 1)]) if images \
+            else Path()
+    try:
+        data = path.read_bytes()
+    except OSError:
+        raise UserInputError("That picture is gone (erased with /forget, or lost), so there "
+                             "is nothing left to check; send the picture itself with the "
+                             "caption /verify.") from None
+    found = provenance.verify_bytes(data, str(asked.get("name") or path.name),
+                                    settings=settings, store=store)
+    message = OutboundMessage(MessageKind.RESULT, found.text(), job_id=job.id)
+    return _Outcome("provenance check", [message], [Artifact(
+        job_id=job.id, kind="text", position=0, text=found.text(),
+        content_hash=content_hash(found.text().encode()),
+        recipe={"job_id": job.id, "verified": str(path.name), "found_job": found.job_id,
+                "manifest": found.manifest.state or "none"}, created_at=utcnow())], {})
 
 
 # -- free text the rules could not place ----------------------------------------------------

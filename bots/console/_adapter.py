@@ -83,7 +83,8 @@ class ConsoleChat:
                 self._jobs.add(reply.job_id)
             self.store.add_local_message(
                 chat_id=self.chat_id, author="bot", job_id=reply.job_id, kind=reply.kind.value,
-                text=reply.text, attachments={"images": list(reply.images), "buttons": []},
+                text=reply.text, attachments={"images": [*reply.images, *reply.originals],
+                                              "buttons": []},
                 reply_to=reply_to)
 
     def say(self, text: str) -> list[ShownMessage]:
@@ -94,7 +95,7 @@ class ConsoleChat:
         words = text.split()
         if words and words[0] in ("/react", "/unreact", "/press"):
             replies = self._console_command(words, number)
-        elif words and words[0] in ("/reply", "/remix"):
+        elif words and words[0] in ("/reply", "/remix", "/verify") and len(words) > 1:
             replies = self._with_reference(text, number)
         else:
             event = MessageReceived(platform=PLATFORM, event_id=f"msg:{number}", actor=self.user,
@@ -131,8 +132,9 @@ class ConsoleChat:
             return [OutboundMessage(MessageKind.ERROR, exc.user_message)]
 
     def _with_reference(self, text: str, number: int) -> list[OutboundMessage]:
-        """``/reply N instruction`` (a reply to message N, as on Telegram) and ``/remix PATH
-        prompt`` (a picture from disk, as an attachment would bring it)."""
+        """``/reply N instruction`` (a reply to message N, as on Telegram), ``/remix PATH
+        prompt`` (a picture from disk, as an attachment would bring it) and ``/verify N`` or
+        ``/verify PATH`` (where result N, or that file, comes from)."""
         head, _, rest = text.strip().partition(" ")
         target, _, words = rest.strip().partition(" ")
         try:
@@ -147,6 +149,14 @@ class ConsoleChat:
                 event = MessageReceived(platform=PLATFORM, event_id=f"msg:{number}",
                                         actor=self.user, channel=self.channel, text=words,
                                         message_id=str(number), reply_to=target)
+            elif head == "/verify" and target.isdigit():
+                event = MessageReceived(platform=PLATFORM, event_id=f"msg:{number}",
+                                        actor=self.user, channel=self.channel, text="/verify",
+                                        message_id=str(number), reply_to=target)
+            elif head == "/verify":
+                event = MessageReceived(platform=PLATFORM, event_id=f"msg:{number}",
+                                        actor=self.user, channel=self.channel, text="/verify",
+                                        message_id=str(number), attachments=(rest.strip(),))
             else:
                 if not target:
                     raise UserInputError("Use it like this: /remix ~/pictures/cat.png as a "

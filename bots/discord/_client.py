@@ -241,12 +241,16 @@ class MuseSparkDiscord(discord.Client):
         await self._answer(interaction, replies, original_pending=True, original_private=private)
 
     async def run_remix(self, interaction: discord.Interaction[Any], image: discord.Attachment,
-                        args: dict[str, Any]) -> None:
+                        args: dict[str, Any], *, command: str = "remix") -> None:
         """``/remix``: check the prompt and the attachment's size at once, then defer, download
-        and check the picture (core/uploads.py) before core sees it; each refusal is private."""
+        and check the picture (core/uploads.py) before core sees it; each refusal is private.
+
+        ``/verify`` (``command="verify"``) takes the same path; its picture is kept byte for
+        byte, since re-encoding would drop the C2PA manifest it is asked about.
+        """
         args = {k: v for k, v in args.items() if v is not None}
         try:
-            parse_command("remix", args, max_prompt_chars=self.max_prompt_chars)
+            parse_command(command, args, max_prompt_chars=self.max_prompt_chars)
         except UserInputError as exc:
             await interaction.response.send_message(_clip(exc.user_message), ephemeral=True)
             return
@@ -260,7 +264,7 @@ class MuseSparkDiscord(discord.Client):
             data = await image.read()
             staged = await asyncio.to_thread(keep_upload, data,
                                              self.orchestrator.settings.resolved_data_dir,
-                                             name=image.filename)
+                                             name=image.filename, intact=command == "verify")
         except UserInputError as exc:
             await self._answer(interaction, [OutboundMessage(MessageKind.ERROR, exc.user_message)],
                                original_pending=True, original_private=False)
@@ -274,7 +278,7 @@ class MuseSparkDiscord(discord.Client):
         replies: list[OutboundMessage] = []
         try:
             replies = await self.handle(command_event(
-                interaction, "remix", {**args, "image": str(staged)},
+                interaction, command, {**args, "image": str(staged)},
                 nsfw=await self.nsfw(interaction.channel)))
         finally:
             await asyncio.to_thread(self._drop_staged, staged, replies)
@@ -351,15 +355,22 @@ class MuseSparkDiscord(discord.Client):
                     for path in reply.files:
                         Path(path).unlink(missing_ok=True)
                 continue
+            files = [discord.File(path) for path in reply.originals]  # kept, bytes intact
             if original_pending:
                 original_pending = False
                 if _private(reply) and not original_private:
                     await interaction.delete_original_response()
                     await interaction.followup.send(text, ephemeral=True)
                     continue
-                await interaction.edit_original_response(content=text)
+                if files:
+                    await interaction.edit_original_response(content=text, attachments=files)
+                else:
+                    await interaction.edit_original_response(content=text)
                 continue
-            await interaction.followup.send(text, ephemeral=_private(reply))
+            if files:
+                await interaction.followup.send(text, ephemeral=_private(reply), files=files)
+            else:
+                await interaction.followup.send(text, ephemeral=_private(reply))
         if original_pending:  # a replayed event: core made nothing and has nothing to say
             await interaction.delete_original_response()
 

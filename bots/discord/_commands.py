@@ -38,7 +38,7 @@ class CommandRunner(Protocol):
                           args: dict[str, Any]) -> None: ...
 
     async def run_remix(self, interaction: discord.Interaction[Any], image: discord.Attachment,
-                        args: dict[str, Any]) -> None: ...
+                        args: dict[str, Any], *, command: str = "remix") -> None: ...
 
 
 __all__ = ["IMAGE_STYLES", "WRITE_MODES", "command_names", "register_commands"]
@@ -49,7 +49,7 @@ IMAGE_STYLES: tuple[str, ...] = tuple(CATALOGUE["image"]["style"])
 #: ``/write``'s mode: a form (prose, verse, list) or a tone (playful ...); core maps it back.
 WRITE_MODES: tuple[str, ...] = (*CATALOGUE["text"]["form"], *CATALOGUE["text"]["tone"])
 #: Commands with their own options below; the rest take one optional ``text``.
-_OWN_OPTIONS = ("imagine", "write", "story", "brainstorm", "remix")
+_OWN_OPTIONS = ("imagine", "write", "story", "brainstorm", "remix", "verify")
 
 
 def _choices(values: tuple[str, ...]) -> list[app_commands.Choice[str]]:
@@ -126,8 +126,15 @@ def register_commands(tree: app_commands.CommandTree[Any], client: CommandRunner
         await client.run_remix(interaction, image, {
             "prompt": prompt, "style": style.value if style else None})
 
+    @app_commands.command(name="verify", description="Where a picture comes from: its signed "
+                                                     "provenance, watermark and job")
+    @app_commands.describe(image=f"The picture to check (the original file keeps its signed "
+                                 f"manifest; up to {UPLOAD_MAX_BYTES // 10**6} MB)")
+    async def verify(interaction: discord.Interaction[Any], image: discord.Attachment) -> None:
+        await client.run_remix(interaction, image, {}, command="verify")
+
     own: tuple[app_commands.Command[Any, Any, None], ...] = (imagine, write, story, brainstorm,
-                                                             remix)
+                                                             remix, verify)
     for command in own:
         tree.add_command(command)
     for name in command_names():

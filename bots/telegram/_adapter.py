@@ -22,6 +22,7 @@ import asyncio
 import dataclasses
 import functools
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -46,6 +47,7 @@ from bots.runtime import BotRuntime
 from bots.telegram._concurrency import StatusCoalescer
 from bots.telegram._payloads import (
     REMIX_CAPTION,
+    VERIFY_CAPTION,
     addressed_text,
     button_event,
     message_event,
@@ -114,6 +116,8 @@ class TelegramAdapter:
         # Before on_text, which would take the caption for free text.
         app.add_handler(MessageHandler(filters.CaptionRegex(REMIX_CAPTION) & message_only,
                                        self.on_remix))
+        app.add_handler(MessageHandler(filters.CaptionRegex(VERIFY_CAPTION) & message_only,
+                                       self.on_verify))
         app.add_handler(MessageHandler((filters.TEXT | filters.CAPTION) & ~filters.COMMAND
                                        & message_only, self.on_text))
         app.add_handler(CallbackQueryHandler(self.on_button))
@@ -160,8 +164,23 @@ class TelegramAdapter:
         message = update.effective_message
         if message is None or message.from_user is None or not message.text:
             return
-        event: Event = message_event(update, _strip_bot_name(message.text, context.bot.username))
+        text = _strip_bot_name(message.text, context.bot.username)
+        event: Event = message_event(update, text)
         command = message.text.split()[0].split("@")[0]
+        replied = message.reply_to_message
+        if command.lower() == "/verify" and replied is not None and (
+                replied.photo or replied.document):
+            # /verify as a reply to a picture: the picture as people see it in this chat.
+            kept = await self._fetch_picture(context, replied, message, "verify")
+            if kept is None:
+                return
+            try:
+                await self._handle_message(message_event(update, text,
+                                                         attachments=(str(kept),)),
+                                           message, context)
+            finally:
+                await asyncio.to_thread(self._drop_unless_kept, kept)
+            return
         if message.chat.type != ChatType.PRIVATE and command in ("/settings", "/web"):
             event = await self._with_admin_flag(event, context)
         if message.chat.type != ChatType.PRIVATE and command == "/web":
@@ -237,11 +256,21 @@ class TelegramAdapter:
         job. Size and type are checked before downloading. In groups a ``/remix`` caption is
         addressed to the bot, unless it names another bot (then it is left alone).
         """
+        await self._captioned_picture(update, context, REMIX_CAPTION, "remix")
+
+    async def on_verify(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A picture captioned ``/verify``: as :meth:`on_remix`, but kept byte for byte (a
+        document keeps its C2PA manifest; a photo was recompressed by Telegram and has only the
+        watermark left)."""
+        await self._captioned_picture(update, context, VERIFY_CAPTION, "verify")
+
+    async def _captioned_picture(self, update: Update, context: ContextTypes.DEFAULT_TYPE,
+                                 caption_pattern: re.Pattern[str], verb: str) -> None:
         message = update.effective_message
         if message is None or message.from_user is None or not message.caption:
             return
         caption = message.caption.strip()
-        match = REMIX_CAPTION.match(caption)
+        match = caption_pattern.match(caption)
         addressee = match["bot"] if match else None
         if addressee and addressee.lower() != context.bot.username.lower() and (
                 message.chat.type != ChatType.PRIVATE):
@@ -254,35 +283,44 @@ class TelegramAdapter:
         except UserInputError as exc:
             await self._refuse(context, message, exc.user_message)
             return
-        upload = remix_upload(message)
-        if isinstance(upload, str):
-            await self._refuse(context, message, upload)
-            return
-        if upload.file_size is not None and upload.file_size > UPLOAD_MAX_BYTES:
-            await self._refuse(context, message, (
-                f"That picture is {upload.file_size / 1e6:.1f} MB; I take pictures up to "
-                f"{UPLOAD_MAX_BYTES / 1e6:.0f} MB. Send a smaller one (a photo rather than a "
-                "file: Telegram makes photos smaller)."))
-            return
-        try:
-            file = await context.bot.get_file(upload.file_id)
-            data = bytes(await file.download_as_bytearray())
-        except TelegramError as exc:
-            log.info("remix picture %s not fetched: %s", upload.file_id, exc)
-            await self._refuse(context, message, "I couldn't fetch your picture from Telegram; "
-                                                 "please send it again.")
-            return
-        try:
-            kept = await asyncio.to_thread(keep_upload, data, settings.resolved_data_dir,
-                                           name=upload.name)
-        except UserInputError as exc:
-            await self._refuse(context, message, exc.user_message)
+        kept = await self._fetch_picture(context, message, message, verb)
+        if kept is None:
             return
         try:
             await self._handle_message(message_event(update, text, attachments=(str(kept),)),
                                        message, context)
         finally:
             await asyncio.to_thread(self._drop_unless_kept, kept)
+
+    async def _fetch_picture(self, context: ContextTypes.DEFAULT_TYPE, holder: Message,
+                             answer_to: Message, verb: str) -> Path | None:
+        """The picture in ``holder``, downloaded and kept (``/verify``: byte for byte); None
+        when there is none or it cannot be had, after telling the person why."""
+        upload = remix_upload(holder, verb)
+        if isinstance(upload, str):
+            await self._refuse(context, answer_to, upload)
+            return None
+        if upload.file_size is not None and upload.file_size > UPLOAD_MAX_BYTES:
+            await self._refuse(context, answer_to, (
+                f"That picture is {upload.file_size / 1e6:.1f} MB; I take pictures up to "
+                f"{UPLOAD_MAX_BYTES / 1e6:.0f} MB. Send a smaller one (a photo rather than a "
+                "file: Telegram makes photos smaller)."))
+            return None
+        try:
+            file = await context.bot.get_file(upload.file_id)
+            data = bytes(await file.download_as_bytearray())
+        except TelegramError as exc:
+            log.info("%s picture %s not fetched: %s", verb, upload.file_id, exc)
+            await self._refuse(context, answer_to, "I couldn't fetch your picture from "
+                                                   "Telegram; please send it again.")
+            return None
+        try:
+            return await asyncio.to_thread(keep_upload, data,
+                                           self.orchestrator.settings.resolved_data_dir,
+                                           name=upload.name, intact=verb == "verify")
+        except UserInputError as exc:
+            await self._refuse(context, answer_to, exc.user_message)
+            return None
 
     async def on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query
@@ -447,6 +485,18 @@ class TelegramAdapter:
                 with open(path, "rb") as picture:
                     sent = await context.bot.send_photo(
                         where.chat.id, picture, caption=caption, message_thread_id=thread,
+                        reply_parameters=ReplyParameters(reply_to_message_id,
+                                                         allow_sending_without_reply=True)
+                        if reply_to_message_id and number == 0 else None)
+                if caption:
+                    text, reply_to_message_id = text.strip()[len(caption):], None
+            for number, path in enumerate(reply.originals):  # documents keep their bytes
+                caption = (split_text(text, CAPTION_MAX_CHARS, TELEGRAM.units)[0] or None
+                           if number == 0 and text.strip() else None)
+                with open(path, "rb") as original:
+                    sent = await context.bot.send_document(
+                        where.chat.id, original, filename=Path(path).name, caption=caption,
+                        message_thread_id=thread, disable_content_type_detection=True,
                         reply_parameters=ReplyParameters(reply_to_message_id,
                                                          allow_sending_without_reply=True)
                         if reply_to_message_id and number == 0 else None)

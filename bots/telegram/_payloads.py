@@ -40,6 +40,7 @@ from core.events import (
 __all__ = [
     "PLATFORM",
     "REMIX_CAPTION",
+    "VERIFY_CAPTION",
     "Upload",
     "addressed_text",
     "button_event",
@@ -56,6 +57,8 @@ PLATFORM = "telegram"
 ANONYMOUS = Actor("anonymous", "anonymous")
 #: The caption of a picture sent to remix: ``/remix ...`` or ``/remix@somebot ...``.
 REMIX_CAPTION = re.compile(r"^\s*/remix(?:@(?P<bot>[A-Za-z0-9_]+))?(?:\s|$)", re.IGNORECASE)
+#: The caption of a picture sent to be checked: ``/verify`` or ``/verify@somebot``.
+VERIFY_CAPTION = re.compile(r"^\s*/verify(?:@(?P<bot>[A-Za-z0-9_]+))?(?:\s|$)", re.IGNORECASE)
 #: Document types that are surely not pictures are refused without downloading; these two say
 #: nothing either way, so the bytes decide (core/uploads.py).
 _UNTYPED = frozenset({"", "application/octet-stream"})
@@ -183,8 +186,15 @@ class Upload:
     name: str
 
 
-def remix_upload(message: Message) -> Upload | str:
-    """The picture sent with a ``/remix`` caption, or why there is none (words for the person).
+_HOW = {"remix": "Send a photo (or a PNG, JPEG or WebP file) with the caption /remix and what "
+                 "to make of it, for example /remix as a watercolor.",
+        "verify": "Send a picture (a photo, or better the original file) with the caption "
+                  "/verify, or reply /verify to a picture."}
+
+
+def remix_upload(message: Message, verb: str = "remix") -> Upload | str:
+    """The picture sent with a ``/remix`` (or ``/verify``) caption, or in a message replied to
+    with ``/verify``; or why there is none (words for the person).
 
     A photo comes in several sizes: the largest is taken. A document is taken when its type is
     an image, or untyped (the bytes are checked after download); any other type, or another
@@ -193,13 +203,12 @@ def remix_upload(message: Message) -> Upload | str:
     if message.photo:
         largest = max(message.photo, key=lambda p: (p.width * p.height, p.file_size or 0))
         return Upload(largest.file_id, largest.file_size, "your photo")
-    how = ("Send a photo (or a PNG, JPEG or WebP file) with the caption /remix and what to make "
-           "of it, for example /remix as a watercolor.")
+    how = _HOW[verb]
     document = message.document
     if document is not None and message.animation is None:
         mime = (document.mime_type or "").lower()
         name = document.file_name or "your file"
         if mime.startswith("image/") or mime in _UNTYPED:
             return Upload(document.file_id, document.file_size, name)
-        return f"“{name}” is not a picture ({mime}), so I can't remix it. {how}"
-    return f"I can only remix pictures. {how}"
+        return f"“{name}” is not a picture ({mime}), so I can't {verb} it. {how}"
+    return f"I can only {verb} pictures. {how}"

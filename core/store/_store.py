@@ -221,6 +221,20 @@ class Store:
                 return s.scalars(select(Community.id).where(
                     Community.platform == platform, Community.platform_community_id == key)).one()
 
+    def set_credit(self, user_ids: Sequence[int], credit: bool) -> None:
+        """Name (or stop naming) these identities as creator in their pictures' manifests."""
+        with self.session() as s:
+            for user in s.scalars(select(User).where(User.id.in_(list(user_ids)))).all():
+                user.credit_opt_in = credit
+
+    def credit_name(self, user_id: int) -> str | None:
+        """The name to credit in a picture's manifest: only for a person who opted in."""
+        with self.session() as s:
+            user = s.get(User, user_id)
+            if user is None or not user.credit_opt_in:
+                return None
+            return user.display_name or f"{user.platform} user {user.platform_user_id}"
+
     # -- jobs ---------------------------------------------------------------------------------
 
     def create_job(self, *, idempotency_key: str, published: bool = False,

@@ -70,6 +70,8 @@ class User(Base):
     platform_user_id: Mapped[str] = mapped_column(String(64))
     display_name: Mapped[str] = mapped_column(String(200), default="")
     learning_opt_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Named as the creator in their pictures' C2PA manifests (``/settings credit on``).
+    credit_opt_in: Mapped[bool] = mapped_column(Boolean, default=False)
     #: The person behind this identity: identities linked with /link share it. None: own id.
     person_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     created_at: Mapped[datetime]
