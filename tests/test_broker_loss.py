@@ -227,20 +227,25 @@ def test_a_failed_resend_is_tried_again_next_round(store: Store, tmp_path: Path)
     assert [j for j, _, _ in publisher.published] == [job_id]
 
 
+NOTICE_AFTER_SECONDS = 1.0
+
+
 def test_a_request_that_waits_too_long_is_told_once(store: Store, tmp_path: Path) -> None:
     told_elsewhere = Told()
     redriver = Redriver(store, RecordingPublisher(),
-                        _settings(tmp_path, delayed_notice_seconds=0.2),
+                        _settings(tmp_path, delayed_notice_seconds=NOTICE_AFTER_SECONDS),
                         probe=ScriptedProbe("run-1"),
                         notifiers={"local": local_delay_notifier(store), "discord": told_elsewhere})
+    made = time.monotonic()
     local = _queued(store, "local")
     remote = _queued(store, "remote", platform="discord")
     no_notifier = _queued(store, "tg", platform="telegram")
     started = _queued(store, "started")
     assert store.claim(started, worker="w", stale_after=30, max_attempts=3) is not None
     redriver.round()
-    assert _notices(store, local) == [] and told_elsewhere.notices == [], "not yet"
-    time.sleep(0.3)
+    if time.monotonic() - made < NOTICE_AFTER_SECONDS:  # (a loaded machine can take longer)
+        assert _notices(store, local) == [] and told_elsewhere.notices == [], "not yet"
+    time.sleep(max(0.0, made + NOTICE_AFTER_SECONDS + 0.1 - time.monotonic()))
     for _ in range(3):
         redriver.round()
     (notice,) = _notices(store, local)

@@ -107,3 +107,30 @@ def test_a_deferred_job_waits_its_turn_and_keeps_its_attempts(store: Store) -> N
     again = store.claim(job_id, worker="w", stale_after=30, max_attempts=1)
     assert again is not None and again.attempt == 1 and not again.exhausted
     assert store.get_job(job_id).outbox == [{"kind": "result", "text": "hi"}]  # type: ignore[union-attr]
+
+
+def test_params_are_checked_on_every_write_and_carry_their_version(store: Store) -> None:
+    """core/params.py: a wrong type fails where it is written, not in the reader."""
+    from sqlalchemy import update
+    from sqlalchemy.exc import StatementError
+
+    from core.params import PARAMS_VERSION, InvalidParams, JobParams
+    from core.store import Job
+
+    job_id = _job(store)
+    stored = store.get_job(job_id)
+    assert stored is not None and stored.params["v"] == PARAMS_VERSION
+    assert JobParams.of(stored.params).max_new_tokens == 8
+    user = store.ensure_user("local", Actor("alice", "Alice"))
+    with pytest.raises(StatementError, match="max_new_tokens") as refused:
+        store.create_job(idempotency_key="bad", kind="text", intent="write", user_id=user,
+                         prompt="p", expanded_prompt="p", params={"max_new_tokens": "many"},
+                         seed=1, platform="local", delivery={})
+    assert isinstance(refused.value.orig, InvalidParams)
+    with pytest.raises(StatementError, match="takes"):  # an UPDATE is checked too
+        with store.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(
+                params={"takes": {"index": -1, "of": 2}}))
+    with store.session() as s:  # a feature's own key is allowed
+        s.execute(update(Job).where(Job.id == job_id).values(params={"my_feature": [1, 2]}))
+    assert store.get_job(job_id).params == {"v": PARAMS_VERSION, "my_feature": [1, 2]}  # type: ignore[union-attr]

@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from core.params import ParamsJSON
+
 __all__ = [
     "Artifact",
     "AuditEvent",
@@ -111,7 +113,8 @@ class Job(Base):
     parent_job_id: Mapped[str | None] = mapped_column(String(16), nullable=True)
     prompt: Mapped[str] = mapped_column(Text)
     expanded_prompt: Mapped[str] = mapped_column(Text)
-    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Typed, versioned and checked on every write: core/params.py.
+    params: Mapped[dict[str, Any]] = mapped_column(ParamsJSON, default=dict)
     seed: Mapped[int] = mapped_column(BigInteger)
     model: Mapped[str | None] = mapped_column(String(300), nullable=True)
     platform: Mapped[str] = mapped_column(String(32))
