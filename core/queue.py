@@ -42,13 +42,19 @@ SLOWEST_SECONDS_PER_IMAGE_STEP = 6.0
 SOFT_LIMIT_MARGIN_SECONDS = 15.0
 
 
-def job_time_limits(kind: str, params: dict[str, Any]) -> tuple[float, float]:
-    """``(soft, hard)`` time limits in seconds from the job's size."""
+def job_time_limits(kind: str, params: dict[str, Any], *,
+                    image_batch: int = 1) -> tuple[float, float]:
+    """``(soft, hard)`` time limits in seconds from the job's size.
+
+    A picture task may render up to ``image_batch`` compatible jobs in one call
+    (``MUSESPARK_IMAGE_BATCH_MAX``, workers/batching.py), so its budget covers that many.
+    """
     if kind == "text":
         budget = params.get("max_new_tokens", 160) / SLOWEST_TOKENS_PER_SECOND
     else:
         steps = params.get("steps") or 30
-        budget = params.get("count", 1) * steps * SLOWEST_SECONDS_PER_IMAGE_STEP
+        budget = (params.get("count", 1) * steps * SLOWEST_SECONDS_PER_IMAGE_STEP
+                  * max(1, image_batch))
     hard = BASE_TIME_LIMIT_SECONDS + budget
     return hard - SOFT_LIMIT_MARGIN_SECONDS, hard
 
@@ -121,6 +127,7 @@ class CeleryPublisher:
 
     def __init__(self, settings: Settings) -> None:
         self.app = make_celery(settings, name="musespark-publisher")
+        self.image_batch = settings.image_batch_max
         #: Times a publish succeeded after one failed: the broker came back from an outage
         #: (the redriver's sign of a possible loss where the broker cannot tell who it is).
         self.recoveries = 0
@@ -128,7 +135,7 @@ class CeleryPublisher:
 
     def publish(self, job_id: str, kind: str, params: dict[str, Any], *,
                 countdown: float | None = None) -> None:
-        soft, hard = job_time_limits(kind, params)
+        soft, hard = job_time_limits(kind, params, image_batch=self.image_batch)
         try:
             self.app.send_task(
                 TASK_FOR_KIND[kind], args=[job_id], queue=QUEUE_FOR_KIND[kind],

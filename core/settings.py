@@ -87,6 +87,31 @@ class Settings(BaseSettings):
     image_size: int | None = Field(
         default=None, description="Image side in pixels; unset: the model's native size."
     )
+    image_batch_max: int = Field(
+        default=8, ge=1, le=64,
+        description="Pictures of compatible requests (same model, size, steps, guidance) a "
+        "worker renders in one pipeline call. 1: one job at a time.")
+    image_batch_wait_ms: float = Field(
+        default=30.0, ge=0, le=5000,
+        description="How long a worker that took a picture job waits for more compatible "
+        "ones before rendering, in milliseconds (0: only what is queued already).")
+    compile: bool = Field(
+        default=False,
+        description="torch.compile the models (CUDA): slower start, faster steps. The worker "
+        "warms them up before it takes jobs.")
+    model_memory_gb: float | None = Field(
+        default=None, gt=0,
+        description="Memory the models of one worker may use, in GB. Unset: what the device "
+        "has free. A model that does not fit is refused with a clear message.")
+    text_api_url: str | None = Field(
+        default=None,
+        description="Base URL of an OpenAI-compatible server (vLLM, llama.cpp server, Ollama), "
+        "e.g. http://gpu-box:8000/v1. Set: text comes from there, not from a local model.")
+    text_api_model: str | None = Field(
+        default=None,
+        description="Model name sent to the text API. Unset: the first model it lists.")
+    text_api_key: SecretStr | None = Field(
+        default=None, description="API key for the text API (environment only).")
     job_heartbeat_seconds: float = Field(
         default=2.0, gt=0, description="How often a running job proves its worker is alive."
     )

@@ -144,6 +144,37 @@ def _pool_child_init(main_pid: int) -> Any:
     return init
 
 
+def choose_pool(asked: str, device: str, concurrency: int) -> str:
+    """The Celery pool: ``asked`` unless ``auto``; auto is prefork unless the models run on
+    CUDA, where a forked child cannot use a CUDA context (solo, or threads for several)."""
+    if asked != "auto":
+        return asked
+    cuda = device.startswith("cuda") or (device == "auto" and Path("/proc/driver/nvidia").exists())
+    if not cuda:
+        return "prefork"
+    return "threads" if concurrency > 1 else "solo"
+
+
+def warm_up(queues: list[str], settings: Any) -> None:
+    """Load the models this worker's queues need and run them once (compiling them when
+    ``MUSESPARK_COMPILE`` is on), so the first job does not pay for it. A model that fails to
+    load is logged; its jobs then fail with a clear message."""
+    from core.errors import ModelUnavailableError
+
+    try:
+        if QUEUE_FOR_KIND["image"] in queues:
+            from workers.runner import _image_generator
+
+            _image_generator(settings).warm_up()
+        if QUEUE_FOR_KIND["text"] in queues and not settings.text_api_url:
+            from workers.runner import _text_generator
+
+            _text_generator(settings).generate([{"role": "user", "content": "Hello"}],
+                                               max_new_tokens=4, seed=0)
+    except ModelUnavailableError as exc:
+        log.error("warm-up: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="musespark worker", description=(
         "Run a worker that takes jobs from the queue, runs the models and posts results. "
@@ -155,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--loglevel", default="info")
     parser.add_argument("--name", default=f"musespark-{os.getpid()}@{socket.gethostname()}",
                         help="worker node name")
+    parser.add_argument("--pool", choices=("auto", "prefork", "solo", "threads"), default="auto",
+                        help="auto: prefork on CPU; on CUDA solo (threads with --concurrency "
+                        "above 1), because CUDA does not survive fork (default: %(default)s)")
     parser.add_argument("--parent-pid", type=int, default=None, metavar="PID",
                         help="shut down when this process is gone (set by `musespark run`)")
     args = parser.parse_args(argv)
@@ -190,8 +224,12 @@ def main(argv: list[str] | None = None) -> None:
 
         worker_process_init.connect(_pool_child_init(os.getpid()), weak=False)
         watch_parent(args.parent_pid)
+    pool = choose_pool(args.pool, settings.device, args.concurrency)
+    if pool != "prefork":
+        # No fork: the models load (and compile) here, before the worker takes a job.
+        warm_up(args.queues.split(","), settings)
     worker_argv = ["worker", "--queues", args.queues, "--concurrency", str(args.concurrency),
-                   "--pool", "prefork", "--loglevel", args.loglevel, "--hostname", args.name]
+                   "--pool", pool, "--loglevel", args.loglevel, "--hostname", args.name]
     if settings.embedded_broker:
         worker_argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
     try:

@@ -43,7 +43,8 @@ from workers import provenance
 from workers import shutdown
 from workers.delivery import RemoteDeliverer, TransactionalDeliverer, get_deliverer
 
-__all__ = ["execute_job", "last_failure_cause", "worker_name"]
+__all__ = ["PictureAsk", "claim_job", "execute_job", "last_failure_cause", "picture_ask",
+           "picture_outcome", "run_claimed", "worker_name"]
 
 log = logging.getLogger(__name__)
 
@@ -164,9 +165,40 @@ def _thread_history(store: Store, job: Job) -> tuple[list[str], list[dict[str, s
 
 
 def _text_generator(settings: Settings) -> Any:
+    """The text model: an OpenAI-compatible server when ``MUSESPARK_TEXT_API_URL`` is set,
+    else the local causal LM."""
+    if settings.text_api_url:
+        from workers.pipelines.text_openai import get_api_text_generator
+
+        key = settings.text_api_key.get_secret_value() if settings.text_api_key else None
+        return get_api_text_generator(settings.text_api_url, settings.text_api_model, key)
     from workers.pipelines.text_causal_lm import get_text_generator
 
     return get_text_generator(settings.text_model, settings.models_dir, settings.device)
+
+
+#: A streamed reply edits the job's status message at most once per this many seconds
+#: (Telegram allows about one message a second per chat; Discord rate-limits edits too).
+STREAM_EDIT_SECONDS = 1.0
+#: Shown after the text so far while a reply streams in.
+STREAM_CURSOR = " ▌"
+
+
+class _StreamEdits:
+    """Turns a streaming reply into throttled edits of the job's status message."""
+
+    def __init__(self, job: Job, settings: Settings) -> None:
+        self._job, self._settings = job, settings
+        self._last = 0.0
+        self.edits = 0
+
+    def __call__(self, text: str) -> None:
+        now = time.monotonic()
+        if now - self._last < STREAM_EDIT_SECONDS or not text.strip():
+            return
+        self._last = now
+        self.edits += 1
+        _show_progress(self._job, self._settings, text + STREAM_CURSOR)
 
 
 def _generate_text(job: Job, settings: Settings, *, thread: list[str] | None = None,
@@ -178,9 +210,10 @@ def _generate_text(job: Job, settings: Settings, *, thread: list[str] | None = N
         request = f"Rewrite your last text with this change: {request}"
     messages = [{"role": "system", "content": SYSTEM_PROMPT}, *(history or []),
                 {"role": "user", "content": request}]
+    streaming = {"on_text": _StreamEdits(job, settings)} if settings.text_api_url else {}
     result = generator.generate(messages, max_new_tokens=int(job.params["max_new_tokens"]),
                                 seed=job.seed, temperature=TEXT_TEMPERATURE,
-                                repetition_penalty=TEXT_REPETITION_PENALTY)
+                                repetition_penalty=TEXT_REPETITION_PENALTY, **streaming)
     recipe = {"job_id": job.id, "prompt": job.prompt, "expanded_prompt": job.expanded_prompt,
               "seed": job.seed, "model": result.model_name, **_taste_recipe(job),
               "params": {k: v for k, v in job.params.items() if k != "taste"},
@@ -222,11 +255,37 @@ def _refined_prompt(store: Store, job: Job, settings: Settings) -> tuple[str, fl
     return rewrite.prompt, cocreation.REFINE_STRENGTH[rewrite.change]
 
 
-def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
-                    store: Store | None = None) -> _Outcome:
-    from workers.pipelines.image_diffusion import get_image_generator, save_png
+@dataclass(slots=True)
+class PictureAsk:
+    """What one image job asks the picture model for, after its params and defaults.
 
-    generator = get_image_generator(settings.image_model, settings.models_dir, settings.device)
+    Jobs whose :meth:`batch_key` is equal can share one pipeline call
+    (:func:`workers.batching.run_image_batch`).
+    """
+
+    prompt: str
+    expanded: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    count: int
+    seed: int
+    strength: float
+    source: Path | None = None
+    extra_recipe: dict[str, Any] = field(default_factory=dict)
+
+    def batch_key(self, model: str) -> tuple[object, ...] | None:
+        """Jobs with the same key render together; ``None``: this one renders alone
+        (image to image needs its own picture)."""
+        if self.source is not None:
+            return None
+        return (model, self.width, self.height, self.steps, self.guidance)
+
+
+def picture_ask(job: Job, settings: Settings, generator: Any, *, source: Path | None = None,
+                store: Store | None = None) -> PictureAsk:
+    """The picture ``job`` asks for (a refinement's new prompt comes from the text model)."""
     strength = float(job.params.get("variation_strength", 0.6))
     prompt, expanded = job.prompt, job.expanded_prompt
     extra_recipe: dict[str, Any] = {}
@@ -245,18 +304,51 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
         extra_recipe["story"] = job.params["story"]
     side = (job.params.get("size") or generator.default_size) * float(job.params.get("scale", 1))
     width, height = _dimensions(round(side), job.params.get("aspect_ratio") or (1, 1))
+    # What the pipeline will really use, so equal keys mean equal calls.
+    width, height = generator.round_size(width), generator.round_size(height)
     guidance = generator.default_guidance * float(job.params.get("guidance_factor", 1.0))
     steps = max(1, round((job.params.get("steps") or generator.default_steps)
                          * float(job.params.get("steps_factor", 1.0))))
-    if source is not None:
-        with PIL.Image.open(source) as picture:
-            result = generator.vary(expanded, picture, seed=job.seed, steps=steps,
-                                    strength=strength, guidance=guidance)
+    return PictureAsk(prompt=prompt, expanded=expanded, width=width, height=height, steps=steps,
+                      guidance=float(guidance), count=int(job.params.get("count", 1)),
+                      seed=job.seed, strength=strength, source=source, extra_recipe=extra_recipe)
+
+
+def _image_generator(settings: Settings) -> Any:
+    from workers.pipelines.image_diffusion import get_image_generator
+
+    return get_image_generator(settings.image_model, settings.models_dir, settings.device)
+
+
+def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
+                    store: Store | None = None) -> _Outcome:
+    generator = _image_generator(settings)
+    ask = picture_ask(job, settings, generator, source=source, store=store)
+    if ask.source is not None:
+        with PIL.Image.open(ask.source) as picture:
+            result = generator.vary(ask.expanded, picture, seed=job.seed, steps=ask.steps,
+                                    strength=ask.strength, guidance=ask.guidance)
     else:
-        result = generator.generate(expanded, n=int(job.params.get("count", 1)),
-                                    seed=job.seed, steps=steps,
-                                    guidance=guidance, width=width, height=height)
+        result = generator.generate(ask.expanded, n=ask.count, seed=job.seed, steps=ask.steps,
+                                    guidance=ask.guidance, width=ask.width, height=ask.height)
+    return picture_outcome(job, ask, result, settings, store)
+
+
+def picture_outcome(job: Job, ask: PictureAsk, result: Any, settings: Settings,
+                    store: Store | None = None) -> _Outcome:
+    """Check a job's rendered pictures, save them (with their recipes) and make its result
+    message.
+
+    The one place a picture becomes a file, whether it was drawn alone or in a batch: hooks
+    that act on every saved picture belong here.
+
+    Raises:
+        ContentBlockedError: the community's safety policy refuses a picture.
+    """
+    from workers.pipelines.image_diffusion import save_png
+
     _check_pictures(job, result.images, settings, store)
+    prompt, expanded, source = ask.prompt, ask.expanded, ask.source
     folder = settings.artifacts_dir / job.id
     folder.mkdir(parents=True, exist_ok=True)
     artifacts, paths = [], []
@@ -275,7 +367,7 @@ def _generate_image(job: Job, settings: Settings, *, source: Path | None = None,
         if job.params.get("vary_from") and source is not None:
             recipe["variation_of"] = {**job.params["vary_from"], "path": str(source),
                                       "strength": job.params.get("variation_strength")}
-        recipe.update(extra_recipe)
+        recipe.update(ask.extra_recipe)
         recipe["provenance"] = {"c2pa": "signed manifest (c2pa.created, trainedAlgorithmicMedia)",
                                 "watermark": watermark_note, "credited": creator is not None}
         path = save_png(image, folder / f"{position + 1}.png", recipe)
@@ -499,6 +591,16 @@ def _post_outbox(store: Store, claim: Claim, job: Job, target: DeliveryTarget,
                        on_part=record, key=f"{job.id}:{position}")
 
 
+def claim_job(store: Store, job_id: str, settings: Settings) -> Claim | None:
+    """This worker's claim on ``job_id``, or None when it is not ours to run."""
+    claim = store.claim(job_id, worker=worker_name(),
+                        stale_after=settings.job_stale_after_seconds,
+                        max_attempts=settings.job_max_attempts)
+    if claim is None:
+        log.info("job %s is done, waiting, or held by a live worker; skipping", job_id)
+    return claim
+
+
 def execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
     """Run one job if it is ours to run. Returns what happened, for logs and tests.
 
@@ -531,12 +633,15 @@ def _execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
     A job generates once: its result (artifacts and the messages to post) is kept with the job,
     so a delivery interrupted by a rate limit or a crash resumes without generating again.
     """
-    claim = store.claim(job_id, worker=worker_name(),
-                        stale_after=settings.job_stale_after_seconds,
-                        max_attempts=settings.job_max_attempts)
+    claim = claim_job(store, job_id, settings)
     if claim is None:
-        log.info("job %s is done, waiting, or held by a live worker; skipping", job_id)
         return "skipped"
+    return run_claimed(store, claim, settings)
+
+
+def run_claimed(store: Store, claim: Claim, settings: Settings) -> str:
+    """Run a job this worker has claimed (see :func:`execute_job`)."""
+    job_id = claim.job_id
     job = store.get_job(job_id)
     assert job is not None
     if claim.exhausted:
@@ -549,10 +654,7 @@ def _execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
         log.info("job %s attempt %d: resuming delivery", job_id, claim.attempt)
         return _deliver(store, claim, job, messages, settings)
     started = time.monotonic()
-    log.info("job %s attempt %d: %s %s %r", job_id, claim.attempt, job.kind, job.intent,
-             job.prompt[:60])
-    _show_progress(job, settings, _PROGRESS.get(job.intent) or (
-        "🎨 Drawing…" if job.kind == "image" else "✍️ Writing…"))
+    announce(job, claim, settings)
     try:
         with _Heartbeat(store, claim, settings.job_heartbeat_seconds), shutdown.interruptible():
             if job.intent == "story":
@@ -560,24 +662,46 @@ def _execute_job(job_id: str, *, store: Store, settings: Settings) -> str:
             outcome = _generate(store, job, settings)
     except shutdown.HandBack:
         return _hand_back(store, claim, job, settings)
-    except UserInputError as exc:
+    except Exception as exc:
+        return generation_failed(store, claim, job, exc, settings, started)
+    return finish_generated(store, claim, job, outcome, settings, started)
+
+
+def announce(job: Job, claim: Claim, settings: Settings) -> None:
+    """Log that a job starts and show it on its progress message."""
+    log.info("job %s attempt %d: %s %s %r", job.id, claim.attempt, job.kind, job.intent,
+             job.prompt[:60])
+    _show_progress(job, settings, _PROGRESS.get(job.intent) or (
+        "🎨 Drawing…" if job.kind == "image" else "✍️ Writing…"))
+
+
+def generation_failed(store: Store, claim: Claim, job: Job, exc: Exception, settings: Settings,
+                      started: float) -> str:
+    """Fail a job whose generation raised ``exc``, telling the person in plain words."""
+    job_id = job.id
+    if isinstance(exc, UserInputError):
         return _fail(store, claim, job, exc.user_message, settings, cause="user_input")
-    except ModelUnavailableError as exc:
+    if isinstance(exc, ModelUnavailableError):
         log.error("job %s: model unavailable: %s", job_id, exc)
         return _fail(store, claim, job, exc.user_message, settings, cause="model_unavailable")
-    except SoftTimeLimitExceeded:
+    if isinstance(exc, SoftTimeLimitExceeded):
         log.error("job %s hit its time limit after %.0f s", job_id, time.monotonic() - started)
         return _fail(store, claim, job, (
             "That took longer than this request is allowed to take, so I stopped it. "
             "Try a shorter request or fewer images."), settings, cause="time_limit")
-    except MuseSparkError as exc:
-        log.exception("job %s failed", job_id)
+    if isinstance(exc, MuseSparkError):
+        log.error("job %s failed", job_id, exc_info=exc)
         return _fail(store, claim, job, exc.user_message, settings)
-    except Exception as exc:
-        log.exception("job %s crashed", job_id)
-        return _fail(store, claim, job, (
-            f"Something broke while making this ({type(exc).__name__}). The operator can "
-            f"find job {job_id} in the worker log."), settings, cause="crash")
+    log.error("job %s crashed", job_id, exc_info=exc)
+    return _fail(store, claim, job, (
+        f"Something broke while making this ({type(exc).__name__}). The operator can "
+        f"find job {job_id} in the worker log."), settings, cause="crash")
+
+
+def finish_generated(store: Store, claim: Claim, job: Job, outcome: _Outcome,
+                     settings: Settings, started: float) -> str:
+    """Keep a generated job's outcome (its outbox) and deliver it, fenced on the claim."""
+    job_id = job.id
     log.info("job %s generated in %.1f s by %s", job_id, time.monotonic() - started,
              outcome.model)
     if not store.save_outcome(claim, model=outcome.model,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 import os
 import time
 from datetime import UTC, datetime
@@ -11,6 +12,7 @@ from core.queue import TASK_FOR_KIND
 from core.settings import Settings, get_settings
 from core.store import Job, JobState, Store, utcnow
 from workers.celery_app import app
+from workers.batching import run_image_task
 from workers.runner import execute_job, last_failure_cause
 
 __all__ = ["run_image_job", "run_text_job"]
@@ -42,7 +44,7 @@ def _model_label(job: Job, settings: Settings) -> str:
     return job.model or configured or DEFAULT_MODEL_LABELS.get(job.kind, job.kind)
 
 
-def _observed(job_id: str) -> str:
+def _observed(job_id: str, run: Callable[..., str] = execute_job) -> str:
     """Run the job and record its metrics (see ``core.metrics``): the time it waited since it
     was (re)published, the time it ran, and what became of it."""
     from core import metrics
@@ -54,7 +56,7 @@ def _observed(job_id: str) -> str:
         since = max(_aware(before.published_at or before.created_at), _aware(before.created_at))
         metrics.JOB_QUEUE_WAIT.labels(before.kind, _model_label(before, settings)).observe(
             max(0.0, (utcnow() - since).total_seconds()))
-    outcome = execute_job(job_id, store=store, settings=settings)
+    outcome = run(job_id, store=store, settings=settings)
     if outcome in ("skipped", "lost") or before is None:
         return outcome
     after = store.get_job(job_id) or before
@@ -74,4 +76,5 @@ def run_text_job(job_id: str) -> str:
 
 @app.task(name=TASK_FOR_KIND["image"])
 def run_image_job(job_id: str) -> str:
-    return _observed(job_id)
+    """A picture job, rendered together with compatible queued ones (workers/batching.py)."""
+    return _observed(job_id, run_image_task)

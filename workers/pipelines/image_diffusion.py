@@ -29,6 +29,7 @@ import os
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,8 @@ from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, Dif
 
 from core.errors import ModelUnavailableError
 from core.metrics import model_loaded
+from core.settings import get_settings
+from workers.residency import check_fits, estimate_bytes, register
 from workers.pipelines.tiny_diffusion import build_tiny_pipeline, is_demo_pipeline
 
 __all__ = [
@@ -142,6 +145,12 @@ class ImageResult:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    images: list[PIL.Image.Image]
+    seconds: float
+
+
 class DiffusionGenerator:
     """A loaded text-to-image pipeline; create it once per process and keep it.
 
@@ -185,6 +194,11 @@ class DiffusionGenerator:
         self.default_size = self.defaults.size or self.native_size
         self._lock = threading.Lock()
         self._img2img: DiffusionPipeline | None = None
+        #: The cost of a call, ``pictures * (seconds_per_picture + steps *
+        #: seconds_per_picture_step)``, measured by :meth:`warm_up` and raised whenever a call
+        #: takes longer: what a batcher uses to keep a batch inside its time limit.
+        self.seconds_per_picture = 0.0
+        self.seconds_per_picture_step: float | None = None
 
     def __repr__(self) -> str:
         return (
@@ -229,11 +243,79 @@ class DiffusionGenerator:
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         steps, guidance = self._checked(steps, guidance)
-        width = self._round_size(self.default_size if width is None else width)
-        height = self._round_size(self.default_size if height is None else height)
-        return self._run(self.pipe, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-                         n=n, steps=steps, guidance=guidance, width=width, height=height,
-                         inputs={"width": width, "height": height, "num_images_per_prompt": n})
+        width = self.round_size(self.default_size if width is None else width)
+        height = self.round_size(self.default_size if height is None else height)
+        return self.generate_many([(prompt, n, seed)], negative_prompt=negative_prompt,
+                                  steps=steps, guidance=guidance, width=width, height=height)[0]
+
+    def generate_many(
+        self,
+        asks: Sequence[tuple[str, int, int]],
+        *,
+        negative_prompt: str | None = None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        width: int | None = None,
+        height: int | None = None,
+    ) -> list[ImageResult]:
+        """Draw several requests' pictures in one pipeline call (micro-batching).
+
+        Each ask is ``(prompt, n, seed)``; its image ``i`` comes from its own generator seeded
+        ``seed + i``, so every picture is the one :meth:`generate` gives for that ask alone (up
+        to floating-point differences between batch sizes). All asks share the size, steps
+        and guidance: the caller groups compatible requests. Every result reports the whole
+        call's wall time in ``seconds``.
+
+        Raises:
+            ValueError: no asks, an ``n`` below 1, or as in :meth:`generate`.
+        """
+        if not asks:
+            raise ValueError("asks must not be empty")
+        if any(n < 1 for _, n, _ in asks):
+            raise ValueError(f"every n must be at least 1, got {[n for _, n, _ in asks]}")
+        steps, guidance = self._checked(steps, guidance)
+        width = self.round_size(self.default_size if width is None else width)
+        height = self.round_size(self.default_size if height is None else height)
+        prompts = [prompt for prompt, n, _ in asks for _ in range(n)]
+        seeds = [seed + i for _, n, seed in asks for i in range(n)]
+        call = self._run(self.pipe, prompt=prompts, negative_prompt=negative_prompt,
+                         seeds=seeds, steps=steps, guidance=guidance,
+                         inputs={"width": width, "height": height})
+        results, start = [], 0
+        for _, n, seed in asks:
+            results.append(ImageResult(
+                images=call.images[start:start + n], seed=seed, steps=steps, guidance=guidance,
+                width=width, height=height, model_name=self.model_name, is_demo=self.is_demo,
+                seconds=call.seconds))
+            start += n
+        return results
+
+    def warm_up(self) -> float:
+        """Render throw-away pictures at the default size: the first pays for lazy
+        initialisation (and ``torch.compile``'s compilation); a one-step and a three-step one
+        then measure the cost of a call (:meth:`predict_seconds`). Returns the one-step
+        picture's wall time in seconds."""
+        self.generate("warm-up", n=1, seed=0, steps=1)
+        one = self.generate("warm-up", n=1, seed=1, steps=1).seconds
+        three = self.generate("warm-up", n=1, seed=2, steps=3).seconds
+        # A busy machine makes the difference noisy: never below a tenth of the mean step.
+        per_step = max((three - one) / 2, three / 30)
+        self.seconds_per_picture = max(one - per_step, 0.0)
+        self.seconds_per_picture_step = per_step
+        return one
+
+    def predict_seconds(self, pictures: int, steps: int, width: int | None = None,
+                        height: int | None = None) -> float | None:
+        """Seconds a call of ``pictures`` at ``steps`` should take (None before warm-up).
+
+        The measured cost is at the default size; other sizes scale with their pixel count.
+        """
+        if self.seconds_per_picture_step is None:
+            return None
+        side = self.round_size(self.default_size)
+        scale = ((width or side) * (height or side)) / (side * side)
+        return pictures * scale * (self.seconds_per_picture
+                                   + steps * self.seconds_per_picture_step)
 
     def vary(
         self,
@@ -259,14 +341,17 @@ class DiffusionGenerator:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         steps, guidance = self._checked(steps, guidance)
         steps = max(steps, math.ceil(1.0 / strength))
-        width, height = self._round_size(image.width), self._round_size(image.height)
+        width, height = self.round_size(image.width), self.round_size(image.height)
         with self._lock:
             if self._img2img is None:
                 self._img2img = AutoPipelineForImage2Image.from_pipe(self.pipe)
-        return self._run(self._img2img, prompt=prompt, negative_prompt=negative_prompt, seed=seed,
-                         n=1, steps=steps, guidance=guidance, width=width, height=height,
+        call = self._run(self._img2img, prompt=[prompt], negative_prompt=negative_prompt,
+                         seeds=[seed], steps=steps, guidance=guidance,
                          inputs={"image": image.convert("RGB").resize((width, height)),
                                  "strength": strength})
+        return ImageResult(images=call.images, seed=seed, steps=steps, guidance=guidance,
+                           width=width, height=height, model_name=self.model_name,
+                           is_demo=self.is_demo, seconds=call.seconds)
 
     def _checked(self, steps: int | None, guidance: float | None) -> tuple[int, float]:
         """Steps and guidance with the family's defaults for ``None``, validated."""
@@ -278,19 +363,20 @@ class DiffusionGenerator:
             raise ValueError(f"guidance must be >= 0, got {guidance}")
         return steps, float(guidance)
 
-    def _run(self, pipe: DiffusionPipeline, *, prompt: str, negative_prompt: str | None,
-             seed: int, n: int, steps: int, guidance: float, width: int, height: int,
-             inputs: dict[str, Any]) -> ImageResult:
-        """One pipeline call (``inputs`` are the call's own arguments), timed, under the lock."""
+    def _run(self, pipe: DiffusionPipeline, *, prompt: list[str], negative_prompt: str | None,
+             seeds: list[int], steps: int, guidance: float,
+             inputs: dict[str, Any]) -> _Call:
+        """One pipeline call, one picture per prompt, each from its own seeded generator."""
         # mps generators are unreliable; diffusers draws on cpu and moves the noise over.
         gen_device = "cpu" if self.device.type == "mps" else self.device
-        generators = [torch.Generator(gen_device).manual_seed(seed + i) for i in range(n)]
+        generators = [torch.Generator(gen_device).manual_seed(seed) for seed in seeds]
+        negative = [negative_prompt] * len(prompt) if negative_prompt and guidance > 1.0 else None
         with self._lock:
             start = time.perf_counter()
             with torch.inference_mode():
                 output = pipe(
                     prompt=prompt,
-                    negative_prompt=negative_prompt if guidance > 1.0 else None,
+                    negative_prompt=negative,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
                     generator=generators,
@@ -298,19 +384,16 @@ class DiffusionGenerator:
                     **inputs,
                 )
             seconds = time.perf_counter() - start
-        return ImageResult(
-            images=[image.convert("RGB") for image in output.images],
-            seed=seed,
-            steps=steps,
-            guidance=guidance,
-            width=width,
-            height=height,
-            model_name=self.model_name,
-            is_demo=self.is_demo,
-            seconds=seconds,
-        )
+            predicted = self.predict_seconds(len(prompt), steps, inputs.get("width"),
+                                             inputs.get("height"))
+            if predicted is not None and seconds > predicted:
+                # Slower than the model of its cost says (a busy machine): scale it up.
+                self.seconds_per_picture *= seconds / predicted
+                self.seconds_per_picture_step = (self.seconds_per_picture_step or 0.0) * (
+                    seconds / predicted)
+        return _Call([image.convert("RGB") for image in output.images], seconds)
 
-    def _round_size(self, pixels: int) -> int:
+    def round_size(self, pixels: int) -> int:
         m = int(self.size_multiple)
         return max(m, int(round(pixels / m)) * m)
 
@@ -367,11 +450,16 @@ def load_image_generator(
     if demo and spec is not None:
         name = f"{name} (demo, untrained)"
 
+    check_fits("image", name, estimate_bytes(
+        source, bytes_per_param=2 if torch_device.type == "cuda" else 4), torch_device,
+        setting=_SETTING)
     try:
         pipe = _from_pretrained(source, torch_device)
     except Exception as exc:  # diffusers raises OSError, ValueError, KeyError, ... alike
         raise _unavailable(spec, f"{type(exc).__name__}: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
+    register("image", name, [c for c in pipe.components.values()
+                             if isinstance(c, torch.nn.Module)], torch_device)
     family = "demo" if demo else _detect_family(pipe, source)
     return DiffusionGenerator(
         pipe, model_name=name, is_demo=demo, family=family, device=torch_device
@@ -431,6 +519,10 @@ def _from_pretrained(source: str, device: torch.device) -> DiffusionPipeline:
     else:
         pipe = AutoPipelineForText2Image.from_pretrained(source, dtype=torch.float32)
     pipe.to(device)
+    # Attention runs on torch's scaled_dot_product_attention (diffusers' default processor).
+    if device.type == "cuda" and get_settings().compile:
+        # Compiled once, in the warm-up (workers/batching.py) before the first real picture.
+        pipe.unet = torch.compile(pipe.unet, mode="max-autotune-no-cudagraphs")
     if device.type == "mps":
         pipe.enable_attention_slicing()  # diffusers' advice for unified-memory Macs
     return pipe

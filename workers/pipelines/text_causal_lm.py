@@ -43,6 +43,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from core.errors import ModelUnavailableError
 from core.metrics import model_loaded
+from core.settings import get_settings
+from workers.residency import check_fits, estimate_bytes, register
 
 __all__ = [
     "DEFAULT_CACHE_NAME",
@@ -434,11 +436,18 @@ def load_text_generator(
         raise _unavailable(spec, f"no such folder: {path}")
     else:
         source, name = spec, spec
+    check_fits("text", name, estimate_bytes(source, bytes_per_param=_bytes_per_param(
+        torch_device)), torch_device, setting=_SETTING)
     try:
         model, tokenizer = _from_pretrained(source, torch_device)
     except Exception as exc:  # from_pretrained raises OSError, ValueError, KeyError, ... alike
         raise _unavailable(spec, f"{type(exc).__name__}: {exc}") from exc
+    register("text", name, [model], torch_device)
     return CausalLMGenerator(model, tokenizer, model_name=name, device=torch_device)
+
+
+def _bytes_per_param(device: torch.device) -> int:
+    return 4 if device.type == "cpu" else 2
 
 
 _generators: dict[tuple[str | None, Path, str], CausalLMGenerator] = {}
@@ -484,11 +493,18 @@ def _resolve_device(device: str, spec: str | None) -> torch.device:
 
 def _from_pretrained(source: str, device: torch.device) -> tuple[PreTrainedModel, Any]:
     tokenizer = AutoTokenizer.from_pretrained(source)
-    # fp32 on cpu: half precision matmuls are slow or unsupported there.
-    dtype: Any = torch.float32 if device.type == "cpu" else "auto"
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    # fp32 on cpu: half precision matmuls are slow or unsupported there; bf16 on GPUs that
+    # have it (Ampere and later), else fp16. Attention: torch's scaled_dot_product_attention.
+    dtype: Any = torch.float32
+    if device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    elif device.type != "cpu":
+        dtype = "auto"
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
     model.to(device)
     model.eval()
+    if device.type == "cuda" and get_settings().compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
     return model, tokenizer
 
 
@@ -523,8 +539,11 @@ def _load_default(cache_dir: Path, device: torch.device) -> CausalLMGenerator:
         if not (target / _CACHE_MARKER).is_file():
             _convert_default(cache_dir, target)
         seen_inode = _inode(target)
+        check_fits("text", DEFAULT_MODEL_NAME, estimate_bytes(
+            target, bytes_per_param=_bytes_per_param(device)), device, setting=_SETTING)
         try:
             model, tokenizer = _from_pretrained(str(target), device)
+            register("text", DEFAULT_MODEL_NAME, [model], device)
             return CausalLMGenerator(
                 model, tokenizer, model_name=DEFAULT_MODEL_NAME, device=device
             )

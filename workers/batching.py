@@ -1,0 +1,325 @@
+"""Micro-batching of picture jobs: one pipeline call for several compatible requests.
+
+A GPU that renders one few-step picture at a time waits on Python and the queue most of the
+time. When a worker takes a picture job, it also takes up to ``MUSESPARK_IMAGE_BATCH_MAX - 1``
+more picture jobs that are queued already or arrive within ``MUSESPARK_IMAGE_BATCH_WAIT_MS``,
+and renders those that ask for the same model, size, steps and guidance in one call, each
+picture from its own seeded generator (so it is the picture its seed gives alone:
+:meth:`~workers.pipelines.image_diffusion.DiffusionGenerator.generate_many`).
+
+How the extra messages are taken, and why they stay safe (late acks):
+
+* The worker's Celery consumer keeps ``prefetch 1`` and ``acks_late``; it delivers the first
+  job as usual. The task then reads more messages from the ``gpu.image`` queue itself, with
+  kombu's ``basic_get(no_ack=False)`` on its own connection (the broker's own mechanism: Redis
+  keeps them in its ``unacked`` hash, the embedded SQLite transport claims their rows with a
+  lease). They are acknowledged only after their job is finished (delivered, failed, or found
+  not to be ours); a worker killed mid-batch acknowledges none of them, so the broker gives them
+  back (Redis after ``visibility_timeout``, SQLite when the lease ends) and, sooner, the bot's
+  redriver re-publishes the jobs whose heartbeat went stale. The store's claims, fenced on the
+  attempt number, make sure that each job is posted once however many messages name it.
+* Why not celery-batches: its ``Batches`` task acknowledges late messages after the batch
+  returns (``flush`` -> ``on_return``), but it buffers in the consumer, so it needs a prefetch
+  window of at least the batch size for the whole worker: every worker would then hold (and
+  hide from idle workers) that many text jobs too, and a batch's time limit is one task's.
+* The batch runs under the first job's time limit (one task; picture tasks are published with
+  a budget for ``MUSESPARK_IMAGE_BATCH_MAX`` pictures' worth), so a job joins only while the
+  batch's estimated time (1.5 times what the model's measured cost per picture and step predicts:
+  :meth:`~workers.pipelines.image_diffusion.DiffusionGenerator.predict_seconds`) still fits.
+* A message that does not join (image to image, another size, a countdown not due, no time
+  left) is handled so that nothing is reordered or starved: one that is due and fits the time
+  runs on its own right after the batch; otherwise it is given back at once. Pulling stops at
+  the first such message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from core.queue import (
+    BASE_TIME_LIMIT_SECONDS,
+    QUEUE_FOR_KIND,
+    SLOWEST_SECONDS_PER_IMAGE_STEP,
+    SOFT_LIMIT_MARGIN_SECONDS,
+    TASK_FOR_KIND,
+    job_time_limits,
+)
+from core.settings import Settings
+from core.store import Claim, Job, Store
+from workers import shutdown
+from workers.runner import (
+    PictureAsk,
+    _hand_back,
+    _Heartbeat,
+    _image_generator,
+    announce,
+    claim_job,
+    execute_job,
+    finish_generated,
+    generation_failed,
+    picture_ask,
+    picture_outcome,
+    run_claimed,
+)
+
+__all__ = ["batchable", "run_image_batch", "run_image_task"]
+
+log = logging.getLogger(__name__)
+
+#: How often an empty queue is polled again while the batch window is open.
+PULL_POLL_SECONDS = 0.005
+
+_process: dict[str, Any] = {}
+
+
+def batchable(job: Job) -> bool:
+    """Whether ``job`` is a plain text-to-image render that may share a pipeline call."""
+    params = job.params
+    return (job.kind == "image" and job.outbox is None and job.intent != "story"
+            and not (params.get("refine") or params.get("remix") or params.get("vary_from")))
+
+
+@dataclass(slots=True)
+class _Pulled:
+    job_id: str
+    message: Any
+    #: "batch": renders with the first job; "alone": runs by itself after the batch;
+    #: "duplicate": another message for a job already in the batch.
+    role: str
+
+
+def _queue() -> Any:
+    """This process's own consumer channel on the picture queue (made after the fork)."""
+    if _process.get("pid") != os.getpid():
+        from kombu.entity import Queue
+
+        from workers.celery_app import app
+
+        connection = app.connection_for_read()
+        queue = Queue(QUEUE_FOR_KIND["image"])  # type: ignore[no-untyped-call]
+        bound = queue.bind(connection.default_channel)  # type: ignore[no-untyped-call]
+        _process.update(pid=os.getpid(), connection=connection, queue=bound)
+    return _process["queue"]
+
+
+#: A batch is estimated at this many times the slowest rate the model has shown.
+BATCH_TIME_SAFETY = 1.5
+
+
+def _estimate(generator: Any, asks: list[PictureAsk]) -> float:
+    """Seconds a batch of ``asks`` may take: the model's measured cost of a call (or, before
+    its warm-up, the pessimistic rate the time limits assume), with a safety factor."""
+    pictures, steps = sum(ask.count for ask in asks), asks[0].steps
+    predicted = generator.predict_seconds(pictures, steps, asks[0].width, asks[0].height)
+    if predicted is None:
+        predicted = SLOWEST_SECONDS_PER_IMAGE_STEP * steps * pictures
+    return float(BATCH_TIME_SAFETY * predicted)
+
+
+def _pull(first: Job, first_ask: PictureAsk, generator: Any, store: Store, settings: Settings,
+          started: float) -> list[_Pulled]:
+    """Take up to ``image_batch_max - 1`` more picture messages (see the module docstring).
+
+    A job joins only while the batch's estimated time fits the first job's time limit (the
+    task's), less what has passed since the task started.
+    """
+    queue = _queue()
+    key = first_ask.batch_key(generator.model_name)
+    allowed = job_time_limits(first.kind, first.params,
+                              image_batch=settings.image_batch_max)[0] - SOFT_LIMIT_MARGIN_SECONDS
+    asks = [first_ask]
+    deadline = time.monotonic() + settings.image_batch_wait_ms / 1000
+    pulled: list[_Pulled] = []
+    while len(asks) < settings.image_batch_max:
+        message = queue.get(no_ack=False, accept={"json"})
+        if message is None:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(PULL_POLL_SECONDS)
+            continue
+        job = _job_of(message, store)
+        if job is None:
+            message.ack()  # nothing to run (another task, or a job erased with /forget)
+            continue
+        if job is not _NOT_DUE and job.id in {first.id, *(p.job_id for p in pulled)}:
+            # A second message for a job this batch holds (a re-drive): acknowledged with it.
+            pulled.append(_Pulled(job.id, message, "duplicate"))
+            continue
+        ask = picture_ask(job, settings, generator) if (
+            job is not _NOT_DUE and batchable(job)) else None
+        if ask is not None and ask.batch_key(generator.model_name) == key:
+            elapsed = time.monotonic() - started
+            estimate = _estimate(generator, [*asks, ask])
+            if estimate + elapsed <= allowed:
+                asks.append(ask)
+                pulled.append(_Pulled(job.id, message, "batch"))
+                continue
+            log.info("job %s does not join the batch: it would take about %.0f s, and %.0f s "
+                     "of the time limit are left", job.id, estimate, allowed - elapsed)
+        elif job is not _NOT_DUE and (
+                _estimate(generator, asks) + time.monotonic() - started
+                + job_time_limits(job.kind, job.params)[1] - BASE_TIME_LIMIT_SECONDS
+                <= allowed):
+            pulled.append(_Pulled(job.id, message, "alone"))  # runs next, in its place
+            break
+        message.reject(requeue=True)
+        break
+    return pulled
+
+
+_NOT_DUE: Any = object()
+
+
+def _job_of(message: Any, store: Store) -> Job | None:
+    """The job a pulled message runs; ``_NOT_DUE`` for a countdown message not due yet."""
+    headers = message.headers or {}
+    if headers.get("task") != TASK_FOR_KIND["image"]:
+        log.warning("unexpected message %r on the picture queue; dropping it",
+                    headers.get("task"))
+        return None
+    eta = headers.get("eta")
+    if eta:
+        from datetime import datetime, timezone
+
+        due = datetime.fromisoformat(eta)
+        if due.tzinfo is None:
+            due = due.replace(tzinfo=timezone.utc)
+        if due > datetime.now(timezone.utc):
+            return _NOT_DUE  # type: ignore[no-any-return]
+    args = message.decode()[0]
+    job = store.get_job(str(args[0]))
+    if job is None:
+        log.info("pulled job %s no longer exists; dropping its message", args[0])
+    return job
+
+
+def run_image_task(job_id: str, *, store: Store, settings: Settings) -> str:
+    """What a picture task runs: its job, plus compatible queued jobs in one pipeline call."""
+    started = time.monotonic()
+    job = store.get_job(job_id)
+    if settings.image_batch_max <= 1 or job is None or not batchable(job):
+        return execute_job(job_id, store=store, settings=settings)
+    try:
+        generator = _image_generator(settings)
+        if generator.predict_seconds(1, 1) is None:
+            generator.warm_up()  # measures the cost that sizes batches (see _estimate)
+            log.info("%s warmed up: a picture costs %.3f s plus %.4f s per step",
+                     generator.model_name, generator.seconds_per_picture,
+                     generator.seconds_per_picture_step)
+    except Exception:  # the job itself reports a model that does not load
+        return execute_job(job_id, store=store, settings=settings)
+    ask = picture_ask(job, settings, generator)
+    if ask.batch_key(generator.model_name) is None:
+        return execute_job(job_id, store=store, settings=settings)
+    try:
+        pulled = _pull(job, ask, generator, store, settings, started)
+    except Exception:  # a broker blip: the job itself still runs
+        log.exception("could not read more picture jobs; rendering job %s alone", job_id)
+        pulled = []
+    if pulled:
+        log.info("job %s: took %d more picture message(s) from the queue (%d job(s) to render "
+                 "with it)", job_id, len(pulled), sum(p.role == "batch" for p in pulled))
+    finished: set[str] = set()
+    try:
+        together = [job_id, *(p.job_id for p in pulled if p.role == "batch")]
+        outcomes = run_image_batch(together, store=store, settings=settings)
+        finished.update(outcomes)
+        for alone in (p for p in pulled if p.role == "alone"):
+            outcomes[alone.job_id] = execute_job(alone.job_id, store=store, settings=settings)
+            finished.add(alone.job_id)
+        finished.update(p.job_id for p in pulled if p.role == "duplicate"
+                        and p.job_id in finished)
+    finally:
+        for item in pulled:
+            # Acknowledged once its job is finished; otherwise (an error escaped) given back.
+            with contextlib.suppress(Exception):
+                if item.job_id in finished:
+                    item.message.ack()
+                else:
+                    item.message.reject(requeue=True)
+    return outcomes.get(job_id, "skipped")
+
+
+def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings) -> dict[str, str]:
+    """Claim, render in one pipeline call, save and deliver these picture jobs.
+
+    Jobs that are not ours (done, held by a live worker), that exhausted their attempts or only
+    need their kept outbox posted go their usual way. Returns what happened to each job.
+    """
+    outcomes: dict[str, str] = {}
+    members: list[tuple[Claim, Job]] = []
+    for job_id in job_ids:
+        claim = claim_job(store, job_id, settings)
+        if claim is None:
+            outcomes[job_id] = "skipped"
+            continue
+        job = store.get_job(job_id)
+        if job is None or claim.exhausted or not batchable(job):
+            outcomes[job_id] = run_claimed(store, claim, settings)
+            continue
+        members.append((claim, job))
+    if not members:
+        return outcomes
+    started = time.monotonic()
+    generator = _image_generator(settings)
+    asks: list[PictureAsk] = []
+    for claim, job in members:
+        announce(job, claim, settings)
+        asks.append(picture_ask(job, settings, generator))
+    with contextlib.ExitStack() as stack:
+        beats = {job.id: stack.enter_context(_Heartbeat(store, claim,
+                                                         settings.job_heartbeat_seconds))
+                 for claim, job in members}
+        first = asks[0]
+        try:
+            with shutdown.interruptible():
+                results = generator.generate_many(
+                    [(ask.expanded, ask.count, ask.seed) for ask in asks], steps=first.steps,
+                    guidance=first.guidance, width=first.width, height=first.height)
+        except shutdown.HandBack:  # the worker is stopping: every job of the batch goes back
+            for claim, job in members:
+                outcomes[job.id] = _hand_back(store, claim, job, settings)
+            return outcomes
+        except Exception as exc:
+            if len(members) == 1 or isinstance(exc, SoftTimeLimitExceeded):
+                results = [exc] * len(members)
+            else:  # one bad request must not fail the others: each renders alone
+                log.warning("batch of %d pictures failed (%s: %s); rendering each alone",
+                            len(members), type(exc).__name__, exc)
+                results = [_alone(generator, ask) for ask in asks]
+        if len(members) > 1:
+            log.info("rendered %d jobs (%d pictures) in one call in %.2f s", len(members),
+                     sum(a.count for a in asks), time.monotonic() - started)
+        done: list[tuple[Claim, Job, Any]] = []
+        for (claim, job), ask, result in zip(members, asks, results):
+            if isinstance(result, Exception):
+                beats[job.id].__exit__(None, None, None)
+                outcomes[job.id] = generation_failed(store, claim, job, result, settings,
+                                                     started)
+                continue
+            try:
+                done.append((claim, job, picture_outcome(job, ask, result, settings, store)))
+            except Exception as exc:
+                beats[job.id].__exit__(None, None, None)
+                outcomes[job.id] = generation_failed(store, claim, job, exc, settings, started)
+        # Still under the heartbeats: the last job's claim must not go stale while the
+        # others are being posted.
+        for claim, job, outcome in done:
+            beats[job.id].__exit__(None, None, None)  # delivery keeps its own heartbeat
+            outcomes[job.id] = finish_generated(store, claim, job, outcome, settings, started)
+    return outcomes
+
+
+def _alone(generator: Any, ask: PictureAsk) -> Any:
+    try:
+        return generator.generate(ask.expanded, n=ask.count, seed=ask.seed, steps=ask.steps,
+                                  guidance=ask.guidance, width=ask.width, height=ask.height)
+    except Exception as exc:
+        return exc
