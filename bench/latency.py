@@ -296,7 +296,11 @@ def main() -> None:
         for name in args.backends.split(","):
             os.environ.clear()
             os.environ.update({k: v for k, v in saved.items() if not k.startswith("MUSESPARK_")})
-            env = {"MUSESPARK_DATA_DIR": str(tmp / name)}
+            # One bench "person" sends every event: no quota, no fair-share hold (what is
+            # measured is taking a request, not the policy that would refuse a flood).
+            env = {"MUSESPARK_DATA_DIR": str(tmp / name), "MUSESPARK_QUOTA_PERSON_HOURLY": "0",
+                   "MUSESPARK_QUOTA_PERSON_DAILY": "0", "MUSESPARK_QUOTA_COMMUNITY_HOURLY": "0",
+                   "MUSESPARK_FAIR_SHARE_INFLIGHT": "0"}
             cleanup = []
             if name == "distributed":
                 problems = [p for p in (redis_reachable(), postgres_reachable()) if p]

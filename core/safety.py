@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 __all__ = [
@@ -80,6 +80,46 @@ def blocked_word_in(text: str, words: Iterable[str]) -> str | None:
     return None
 
 
+class _IndexedWords:
+    """better-profanity's word set with a fast ``in``.
+
+    The library tests each word of a prompt (and each run of up to five words) with ``in``
+    against a list of about 900 ``VaryingString`` entries, comparing one by one: some 20 ms a
+    prompt, the largest cost of taking a request. This keeps the same entries and the same
+    comparison (the library's own ``VaryingString.__eq__``), but compares a string only with
+    the entries whose variants can have its length, and remembers the answer per string.
+    """
+
+    def __init__(self, entries: list[Any]) -> None:
+        self._entries = entries
+        self._by_length: dict[int, list[Any]] = {}
+        for entry in entries:
+            for length in range(entry._min_len, entry._max_len + 1):
+                self._by_length.setdefault(length, []).append(entry)
+        self._seen: dict[str, bool] = {}
+
+    def __contains__(self, word: object) -> bool:
+        if not isinstance(word, str):
+            return False
+        known = self._seen.get(word)
+        if known is None:
+            known = any(entry == word for entry in self._by_length.get(len(word), ()))
+            if len(self._seen) >= _SEEN_MAX:
+                self._seen.clear()
+            self._seen[word] = known
+        return known
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+#: Strings whose verdict is remembered (then forgotten all at once).
+_SEEN_MAX = 100_000
+
+
 def _profane(text: str) -> bool:
     global _profanity_loaded
     from better_profanity import profanity  # type: ignore[import-untyped]
@@ -87,6 +127,7 @@ def _profane(text: str) -> bool:
     with _profanity_lock:
         if not _profanity_loaded:
             profanity.load_censor_words()
+            profanity.CENSOR_WORDSET = _IndexedWords(profanity.CENSOR_WORDSET)
             _profanity_loaded = True
         return bool(profanity.contains_profanity(text))
 

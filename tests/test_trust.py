@@ -354,3 +354,16 @@ def test_discord_a_thread_is_age_restricted_when_its_parent_channel_is(
 
     with serving() as fake:
         asyncio.run(scenario(fake))
+
+
+@pytest.mark.parametrize("text", [
+    "a haiku about rain", "you are a shithead", "sh1t happens", "mother fucker",
+    "motherfucker", "a dog style poster", "b00bs", "assassin's creed poster", "class of 2026",
+    "cow girl riding", "hello @ss", "2 girls 1 cup", "Scunthorpe", "pen island", "f.u.c.k"])
+def test_the_indexed_word_list_judges_as_better_profanity_does(text: str) -> None:
+    """core/safety.py speeds up better-profanity's membership test; the verdicts stay its own."""
+    from better_profanity import Profanity  # type: ignore[import-untyped]
+
+    library = Profanity()
+    library.load_censor_words()
+    assert safety._profane(text) == bool(library.contains_profanity(text))
