@@ -48,7 +48,13 @@ class Takes(_Open):
 
 
 class StoryParams(_Open):
-    scenes: int = Field(ge=1)
+    """On a story job: how many scenes (``scenes``). On a scene's picture job: which story and
+    scene it draws (``id``, ``title``, ``scene``, ``of``, ``text``)."""
+
+    scenes: int | None = Field(default=None, ge=1)
+    id: str | None = None
+    scene: int | None = Field(default=None, ge=1)
+    of: int | None = Field(default=None, ge=1)
 
 
 class RemixParams(_Open):

@@ -95,7 +95,8 @@ class ConsoleChat:
         words = text.split()
         if words and words[0] in ("/react", "/unreact", "/press"):
             replies = self._console_command(words, number)
-        elif words and words[0] in ("/reply", "/remix", "/verify") and len(words) > 1:
+        elif words and (words[0] in ("/reply", "/remix")
+                        or (words[0] == "/verify" and len(words) > 1)):
             replies = self._with_reference(text, number)
         else:
             event = MessageReceived(platform=PLATFORM, event_id=f"msg:{number}", actor=self.user,
