@@ -443,10 +443,10 @@ def test_requests_queued_in_a_redis_that_restarts_empty_are_answered_soon_and_on
         server.stop()
 
 
+# The notice does not depend on the broker: the embedded deployment is enough.
+@pytest.mark.parametrize("make_stack", ["embedded"], indirect=True)
 def test_a_request_that_waits_without_a_worker_is_told_once(make_stack) -> None:
     stack = make_stack(MUSESPARK_DELAYED_NOTICE_SECONDS="1")
-    if stack.backend != "embedded":
-        pytest.skip("the notice does not depend on the broker; the embedded one is enough")
     chat = stack.chat()
     replies = chat.say("/write a line about waiting")
     (status,) = [m for m in replies if m.kind == "status" and m.job_id]
