@@ -134,11 +134,27 @@ class Store:
         return cfg
 
     def upgrade(self) -> None:
-        """Create or migrate the schema to the newest revision (idempotent)."""
-        with self.engine.begin() as connection:
-            cfg = self.alembic_config()
-            cfg.attributes["connection"] = connection
-            command.upgrade(cfg, "head")
+        """Create or migrate the schema to the newest revision (idempotent).
+
+        On SQLite, foreign keys are off while migrating: Alembic's batch mode rebuilds a table
+        (copy, drop, rename), and dropping the old ``jobs`` or ``users`` table with foreign keys
+        on would cascade-delete every row that points at it (delivered messages, artifacts...).
+        The pragma only takes effect outside a transaction, hence before ``begin``.
+        """
+        sqlite = self.engine.dialect.name == "sqlite"
+        with self.engine.connect() as connection:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+                connection.commit()
+            try:
+                with connection.begin():
+                    cfg = self.alembic_config()
+                    cfg.attributes["connection"] = connection
+                    command.upgrade(cfg, "head")
+            finally:
+                if sqlite:
+                    connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                    connection.commit()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
