@@ -27,7 +27,7 @@ from tests._stack import Stack
 from tests.fake_discord import FakeDiscord, serving, slash_payload
 from tests.fake_telegram import FakeTelegram
 from tests.test_discord_adapter import _token_calls, logged_in, until
-from tests.test_trust import discord_runtime, telegram  # noqa: F401 (fixtures)
+from tests.test_trust import discord_runtime, said, telegram  # noqa: F401 (fixtures)
 
 RESULT_SECONDS = 120
 
@@ -37,12 +37,6 @@ def person_chat(stack: Stack, name: str) -> ConsoleChat:
                        user=Actor(f"person-{name}", f"Name{name}"))
     chat.poll()
     return chat
-
-
-def said(chat: ConsoleChat, text: str) -> ShownMessage:
-    replies = chat.say(text)
-    assert replies, text
-    return replies[-1]
 
 
 def result_of(stack: Stack, chat: ConsoleChat, text: str) -> ShownMessage:
