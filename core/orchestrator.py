@@ -49,6 +49,12 @@ __all__ = ["Orchestrator", "Origin"]
 
 log = logging.getLogger(__name__)
 
+#: Intents answered at once, without a job: a replayed event of one of these is answered once
+#: (the store remembers it); the others are kept once by their job's idempotency key.
+ANSWERED_AT_ONCE = frozenset({IntentKind.HELP, IntentKind.PROFILE, IntentKind.SETTINGS,
+                              IntentKind.FORGET, IntentKind.LINK, IntentKind.MYDATA,
+                              IntentKind.WEB})
+
 SEED_BITS = 32
 VARIATION_SEED_STEP = 7919
 #: A refinement redraws with a seed moved by this step from its parent's (reproducible).
@@ -158,6 +164,11 @@ class Orchestrator:
 
     def _run_intent(self, event: Event, intent: Intent, *, reply_to: str | None,
                     replied: tuple[Job, int] | None = None) -> list[OutboundMessage]:
+        if intent.kind in ANSWERED_AT_ONCE and not self.store.first_handling(event.platform,
+                                                                             event.event_id):
+            log.info("%s event %s was answered already (a replay): not again", event.platform,
+                     event.event_id)
+            return []
         if intent.kind is IntentKind.HELP:
             return [_info(help_text(), reply_to=reply_to)]
         if intent.kind is IntentKind.PROFILE:

@@ -186,8 +186,12 @@ def test_telegram_mydata_goes_to_the_private_chat_never_the_group(
     assert not fake.calls("sendDocument", chat_id=group)
     fake.unstarted.add(str(stranger))
     fake.push(fake.text_update(group, "/mydata", user_id=stranger))
-    refused = fake.wait_calls("sendMessage", chat_id=group, count=2)
-    assert "press Start" in str(refused[1].params["text"])
+    refused = fake.wait_calls("sendMessage", chat_id=group,
+                              where=lambda c: "press Start" in str(c.params["text"]))
+    assert len(refused) == 1
+    notes = [c for c in fake.calls("sendMessage", chat_id=group)
+             if "private chat" in str(c.params["text"])]
+    assert len(notes) == 1, "one note for one /mydata"
     assert not list((_exports(telegram[1])).glob("*.zip"))  # handed over, not kept
 
 
@@ -246,3 +250,27 @@ def test_retention_purges_old_results_and_uploads_and_keeps_profiles(
     shown = store.local_message(picture.id)
     assert shown is not None and shown.text.startswith("(erased after")
     assert taste.profile("person", person, "image") == before
+
+
+def test_a_replayed_command_is_answered_once_and_keeps_no_platform_id(stack: Stack) -> None:
+    # A Telegram update fetched again (a getUpdates answer lost on the way, a webhook retried)
+    # or a Discord event replayed on a resume carries the same event id.
+    orchestrator, store = stack.runtime.orchestrator, stack.runtime.store
+    person = str(7_100_000 + uuid.uuid4().int % 100_000)
+
+    def mydata(event_id: str) -> list[Any]:
+        return orchestrator.handle(CommandInvoked(
+            platform="telegram", event_id=event_id, actor=Actor(person, "Replayed"),
+            channel=Channel(person, ChannelKind.DIRECT), name="mydata", args={}))
+
+    first = mydata(f"{person}:41")
+    assert len(first) == 1 and first[0].files
+    for path in first[0].files:
+        Path(path).unlink()
+    assert mydata(f"{person}:41") == [], "the replay made a second export"
+    again = mydata(f"{person}:42")  # the person asks again: a new message, a new answer
+    assert len(again) == 1 and again[0].files
+    for path in again[0].files:
+        Path(path).unlink()
+    assert not [cell for cell in _cells(stack) if person in str(cell[2])
+                and cell[0] == "handled_events"], "the person's id is kept in handled_events"

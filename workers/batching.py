@@ -14,9 +14,11 @@ How the extra messages are taken, and why they stay safe (late acks):
   kombu's ``basic_get(no_ack=False)`` on its own connection (the broker's own mechanism: Redis
   keeps them in its ``unacked`` hash, the embedded SQLite transport claims their rows with a
   lease). They are acknowledged only after their job is finished (delivered, failed, or found
-  not to be ours); a worker killed mid-batch acknowledges none of them, so the broker gives them
-  back (Redis after ``visibility_timeout``, SQLite when the lease ends) and, sooner, the bot's
-  redriver re-publishes the jobs whose heartbeat went stale. The store's claims, fenced on the
+  not to be ours). Each job pulled is claimed at once, with a heartbeat until its turn: a
+  worker killed mid-batch acknowledges none of the messages (the broker gives them back only
+  after its ``visibility_timeout``, an hour on Redis), but its jobs are ``running`` with a
+  stale heartbeat, so the bot's redriver re-publishes them within
+  ``MUSESPARK_JOB_STALE_AFTER_SECONDS``. The store's claims, fenced on the
   attempt number, make sure that each job is posted once however many messages name it.
 * Why not celery-batches: its ``Batches`` task acknowledges late messages after the batch
   returns (``flush`` -> ``on_return``), but it buffers in the consumer, so it needs a prefetch
@@ -57,6 +59,7 @@ from workers import shutdown
 from workers.runner import (
     PictureAsk,
     _hand_back,
+    _release_next,
     _Heartbeat,
     _image_generator,
     announce,
@@ -82,8 +85,13 @@ _process: dict[str, Any] = {}
 def batchable(job: Job) -> bool:
     """Whether ``job`` is a plain text-to-image render that may share a pipeline call."""
     params = job.params
-    return (job.kind == "image" and job.outbox is None and job.intent != "story"
+    return (job.kind == "image" and job.outbox is None and job.intent not in NOT_RENDERED
             and not (params.get("refine") or params.get("remix") or params.get("vary_from")))
+
+
+#: Jobs on the picture queue that are not one text-to-image render: a story (its scenes are
+#: jobs of their own), a /verify check, and the text model's readings.
+NOT_RENDERED = frozenset({"story", "verify", "understand", "brainstorm"})
 
 
 @dataclass(slots=True)
@@ -93,6 +101,29 @@ class _Pulled:
     #: "batch": renders with the first job; "alone": runs by itself after the batch;
     #: "duplicate": another message for a job already in the batch.
     role: str
+    #: A job to run is claimed the moment it is pulled, and its heartbeat runs until its turn
+    #: comes: a worker killed in between leaves it ``running`` with a stale heartbeat, which the
+    #: redriver re-sends within ``MUSESPARK_JOB_STALE_AFTER_SECONDS`` (a pulled message itself
+    #: stays hidden in the broker until its visibility timeout, an hour on Redis).
+    claim: Claim | None = None
+    beat: _Heartbeat | None = None
+
+    def stop_beating(self) -> None:
+        if self.beat is not None:
+            self.beat.__exit__(None, None, None)
+            self.beat = None
+
+
+def _claimed(job: Job, message: Any, role: str, store: Store,
+             settings: Settings) -> _Pulled | None:
+    """The pulled message's job claimed for this worker, its heartbeat started; None (the
+    message acknowledged) when the job is not ours to run (done, or held by a live worker)."""
+    claim = claim_job(store, job.id, settings)
+    if claim is None:
+        message.ack()
+        return None
+    beat = _Heartbeat(store, claim, settings.job_heartbeat_seconds).__enter__()
+    return _Pulled(job.id, message, role, claim, beat)
 
 
 def _queue() -> Any:
@@ -137,7 +168,7 @@ def _pull(first: Job, first_ask: PictureAsk, generator: Any, store: Store, setti
     asks = [first_ask]
     deadline = time.monotonic() + settings.image_batch_wait_ms / 1000
     pulled: list[_Pulled] = []
-    while len(asks) < settings.image_batch_max:
+    while len(asks) < settings.image_batch_max and not shutdown.stopping():
         message = queue.get(no_ack=False, accept={"json"})
         if message is None:
             if time.monotonic() >= deadline:
@@ -158,8 +189,9 @@ def _pull(first: Job, first_ask: PictureAsk, generator: Any, store: Store, setti
             elapsed = time.monotonic() - started
             estimate = _estimate(generator, [*asks, ask])
             if estimate + elapsed <= allowed:
-                asks.append(ask)
-                pulled.append(_Pulled(job.id, message, "batch"))
+                if (taken := _claimed(job, message, "batch", store, settings)) is not None:
+                    asks.append(ask)
+                    pulled.append(taken)
                 continue
             log.info("job %s does not join the batch: it would take about %.0f s, and %.0f s "
                      "of the time limit are left", job.id, estimate, allowed - elapsed)
@@ -167,7 +199,9 @@ def _pull(first: Job, first_ask: PictureAsk, generator: Any, store: Store, setti
                 _estimate(generator, asks) + time.monotonic() - started
                 + job_time_limits(job.kind, job.params)[1] - BASE_TIME_LIMIT_SECONDS
                 <= allowed):
-            pulled.append(_Pulled(job.id, message, "alone"))  # runs next, in its place
+            if (taken := _claimed(job, message, "alone", store, settings)) is None:
+                continue
+            pulled.append(taken)  # runs next, in its place
             break
         message.reject(requeue=True)
         break
@@ -227,18 +261,31 @@ def run_image_task(job_id: str, *, store: Store, settings: Settings) -> str:
         log.info("job %s: took %d more picture message(s) from the queue (%d job(s) to render "
                  "with it)", job_id, len(pulled), sum(p.role == "batch" for p in pulled))
     finished: set[str] = set()
+    outcomes: dict[str, str] = {}
     try:
-        together = [job_id, *(p.job_id for p in pulled if p.role == "batch")]
-        outcomes = run_image_batch(together, store=store, settings=settings)
-        finished.update(outcomes)
+        batch = [p for p in pulled if p.role == "batch"]
+        for item in batch:
+            item.stop_beating()  # run_image_batch keeps the heartbeats of its members
+        outcomes = run_image_batch([job_id, *(p.job_id for p in batch)], store=store,
+                                   settings=settings,
+                                   claims={p.job_id: p.claim for p in batch if p.claim})
         for alone in (p for p in pulled if p.role == "alone"):
-            outcomes[alone.job_id] = execute_job(alone.job_id, store=store, settings=settings)
-            finished.add(alone.job_id)
+            alone.stop_beating()
+            assert alone.claim is not None
+            outcomes[alone.job_id] = (_return_unstarted(store, alone.claim) if shutdown.stopping()
+                                      else run_claimed(store, alone.claim, settings))
+        finished.update(j for j, outcome in outcomes.items() if outcome != "returned")
         finished.update(p.job_id for p in pulled if p.role == "duplicate"
                         and p.job_id in finished)
+        if settings.fair_share_inflight:
+            for done_id, outcome in outcomes.items():
+                if done_id != job_id and outcome in ("delivered", "failed"):
+                    _release_next(store, done_id, settings)  # the first job's task does its own
     finally:
         for item in pulled:
-            # Acknowledged once its job is finished; otherwise (an error escaped) given back.
+            item.stop_beating()
+            # Acknowledged once its job is finished; otherwise (an error escaped, or the worker
+            # is stopping) given back.
             with contextlib.suppress(Exception):
                 if item.job_id in finished:
                     item.message.ack()
@@ -247,16 +294,35 @@ def run_image_task(job_id: str, *, store: Store, settings: Settings) -> str:
     return outcomes.get(job_id, "skipped")
 
 
-def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings) -> dict[str, str]:
-    """Claim, render in one pipeline call, save and deliver these picture jobs.
+def _return_unstarted(store: Store, claim: Claim) -> str:
+    """The worker began to stop before this pulled job started: un-claim it (its attempt back,
+    queued again); its message goes back to the queue for another worker."""
+    log.info("stopping: job %s goes back to the queue unstarted", claim.job_id)
+    store.defer(claim, 0)
+    return "returned"
+
+
+def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings,
+                    claims: dict[str, Claim] | None = None) -> dict[str, str]:
+    """Claim (unless ``claims`` holds the claim already), render in one pipeline call, save and
+    deliver these picture jobs.
 
     Jobs that are not ours (done, held by a live worker), that exhausted their attempts or only
-    need their kept outbox posted go their usual way. Returns what happened to each job.
+    need their kept outbox posted go their usual way. Should the worker begin to stop before
+    the batch renders, every job but the first goes back to the queue unstarted (a stopping
+    worker takes no new job). Returns what happened to each job.
     """
     outcomes: dict[str, str] = {}
     members: list[tuple[Claim, Job]] = []
-    for job_id in job_ids:
-        claim = claim_job(store, job_id, settings)
+    claims = claims or {}
+    for index, job_id in enumerate(job_ids):
+        if index and shutdown.stopping():
+            given = claims.get(job_id)
+            outcomes[job_id] = "returned"
+            if given is not None:
+                _return_unstarted(store, given)
+            continue
+        claim = claims.get(job_id) or claim_job(store, job_id, settings)
         if claim is None:
             outcomes[job_id] = "skipped"
             continue

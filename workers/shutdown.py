@@ -10,6 +10,11 @@ signal raises :class:`HandBack` inside the job while it is generating
 (:func:`interruptible`); the runner then gives the job back to the queue (state ``queued``,
 the attempt returned, published again) and the task ends normally, so the worker exits.
 
+A stopping worker takes no new job: Celery's consumer stops at once, and the main process
+tells its pool processes (:data:`STOPPING_SIGNAL`) so that a picture batch that is still
+gathering (:mod:`workers.batching`) neither pulls more messages nor claims those it pulled but
+has not started; it gives them back to the queue for another worker (:func:`stopping`).
+
 Posting is never interrupted (:func:`shielded`): a part half sent could be posted twice. A job
 that is posting when the bound comes finishes posting. Should a pool process still not return
 :data:`HAND_BACK_WAIT_SECONDS` after the signal (stuck in native code), the worker goes to a
@@ -30,8 +35,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-__all__ = ["HAND_BACK_SIGNAL", "HandBack", "install_child", "install_main", "interruptible",
-           "shielded"]
+__all__ = ["HAND_BACK_SIGNAL", "STOPPING_SIGNAL", "HandBack", "install_child", "install_main",
+           "interruptible", "shielded", "stopping"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,9 @@ log = logging.getLogger(__name__)
 HAND_BACK_SIGNAL = signal.SIGUSR2
 #: After the hand-back signal, how long the pool may take to return before a cold shutdown.
 HAND_BACK_WAIT_SECONDS = 15.0
+#: What the main process sends its pool processes when the stop begins. SIGURG: its default
+#: action is to ignore it, so a process that has not installed the handler is unharmed.
+STOPPING_SIGNAL = signal.SIGURG
 
 
 class HandBack(BaseException):
@@ -52,6 +60,7 @@ class _State:
     interruptible = 0
     shielded = 0
     requested = False
+    stopping = False
 
 
 _state = _State()
@@ -61,6 +70,15 @@ def _on_hand_back(signum: int, frame: FrameType | None) -> None:
     _state.requested = True
     if _state.interruptible and not _state.shielded:
         raise HandBack()
+
+
+def _on_stopping(signum: int, frame: FrameType | None) -> None:
+    _state.stopping = True
+
+
+def stopping() -> bool:
+    """Whether this worker is stopping: it should take no new job."""
+    return _state.stopping
 
 
 @contextmanager
@@ -88,8 +106,9 @@ def shielded() -> Iterator[None]:
 def install_child(**_: Any) -> None:
     """A ``worker_process_init`` receiver: pool processes obey :data:`HAND_BACK_SIGNAL`."""
     _state.interruptible = _state.shielded = 0
-    _state.requested = False
+    _state.requested = _state.stopping = False
     signal.signal(HAND_BACK_SIGNAL, _on_hand_back)
+    signal.signal(STOPPING_SIGNAL, _on_stopping)
 
 
 def _pool(pid: int) -> list[int]:
@@ -129,6 +148,12 @@ def install_main(grace_seconds: float) -> None:
     def on_shutdown(sig: str | None = None, how: str | None = None, **_: Any) -> None:
         if how == "Warm" and os.getpid() == me and not started.is_set():
             started.set()
+            _state.stopping = True  # the solo and threads pools run jobs in this process
+            for pid in _pool(me):
+                try:
+                    os.kill(pid, STOPPING_SIGNAL)
+                except ProcessLookupError:
+                    pass
             log.warning("%s: taking no new job; the running one has %.0f s to finish", sig,
                         grace_seconds)
             threading.Thread(target=bound, name="stop-bound", daemon=True).start()

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Engine,
     Result,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -42,6 +43,7 @@ from core.store.models import (
     Job,
     JobState,
     LocalMessage,
+    HandledEvent,
     RateLimit,
     User,
 )
@@ -651,6 +653,33 @@ class Store:
                 select(Job.requester, Job.kind).where(
                     Job.held.is_(True), Job.state == JobState.QUEUED,
                     Job.requester.is_not(None)).distinct()) if r is not None]
+
+    # -- events answered at once ---------------------------------------------------------------
+
+    #: How long a handled event is remembered: platforms replay within minutes (a resumed
+    #: Discord gateway) or at most a day (Telegram keeps unconfirmed updates for 24 hours).
+    HANDLED_EVENT_MEMORY = timedelta(days=2)
+
+    def first_handling(self, platform: str, event_id: str) -> bool:
+        """Records that ``event_id`` is being answered; False when it was already (a replay).
+        One insert that does nothing on a conflict, on SQLite and PostgreSQL. Only a digest
+        of the id is kept: a Telegram private chat's ids are the person's own."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        dialect: Any = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        now = utcnow()
+        statement = (dialect.insert(HandledEvent)
+                     .values(platform=platform, created_at=now,
+                             event_id=hashlib.sha256(event_id.encode()).hexdigest())
+                     .on_conflict_do_nothing(index_elements=[HandledEvent.platform,
+                                                             HandledEvent.event_id])
+                     .returning(HandledEvent.created_at))
+        with self.session() as s:
+            first = s.execute(statement).first() is not None
+            # Older ones go now (an indexed range; these commands are rare next to requests).
+            s.execute(delete(HandledEvent).where(
+                HandledEvent.created_at < now - self.HANDLED_EVENT_MEMORY))
+        return first
 
     # -- rate limits --------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ __all__ = [
     "Confirmation",
     "DeliveredMessage",
     "FeedbackEvent",
+    "HandledEvent",
     "Job",
     "JobState",
     "LinkCode",
@@ -250,6 +251,20 @@ class RateLimit(Base):
     platform: Mapped[str] = mapped_column(String(32), primary_key=True)
     chat_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     until: Mapped[datetime]
+
+
+class HandledEvent(Base):
+    """A platform event answered at once, without a job (``/help``, ``/settings``,
+    ``/mydata``...): a replay of it (a resumed gateway, a getUpdates answer lost on the way) is
+    answered no second time. Requests that make a job are kept once by its idempotency key.
+    ``event_id`` is a digest of the platform's id, which may hold a person's own id."""
+
+    __tablename__ = "handled_events"
+    __table_args__ = (Index("ix_handled_events_created", "created_at"),)
+
+    platform: Mapped[str] = mapped_column(String(32), primary_key=True)
+    event_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    created_at: Mapped[datetime]
 
 
 class AuditEvent(Base):
