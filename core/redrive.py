@@ -157,7 +157,10 @@ def _redrive(store: Store, publisher: JobPublisher, settings: Settings, *,
             except QueueUnavailableError:
                 log.warning("queue still unreachable; %d job(s) wait", len(jobs) - done)
                 return published, lost_jobs, False
-            store.mark_published(job.id)
+            if job.state == JobState.RUNNING:
+                store.requeue_orphan(job.id, job.attempts)
+            else:
+                store.mark_published(job.id)
             published += 1
             lost = (lost_before is not None and job.state == JobState.QUEUED
                     and job.published_at is not None)

@@ -82,6 +82,34 @@ def test_redrive_finds_unpublished_and_orphaned_jobs_only(store: Store) -> None:
     assert ids == {unpublished, orphan}
 
 
+def test_an_orphan_sent_again_waits_queued_and_is_not_sent_again_each_round(
+        store: Store) -> None:
+    from core.queue import JobPublisher
+    from core.redrive import redrive_once
+    from core.settings import Settings
+
+    class Sent(list):  # type: ignore[type-arg]
+        def publish(self, job_id: str, kind: str, params: dict, *,  # type: ignore[type-arg]
+                    countdown: float | None = None) -> None:
+            self.append(job_id)
+
+    orphan = _job(store)
+    store.mark_published(orphan)
+    first = store.claim(orphan, worker="w", stale_after=1, max_attempts=3)
+    assert first is not None
+    settings = Settings(_env_file=None, job_stale_after_seconds=0.2)  # type: ignore[call-arg]
+    sent: JobPublisher = Sent()
+    time.sleep(0.3)
+    assert redrive_once(store, sent, settings) == 1
+    job = store.get_job(orphan)
+    assert job is not None and (job.state, job.worker, job.attempts) == ("queued", None, 1)
+    time.sleep(0.3)  # a long queue: nobody took it yet, one more stale period passed
+    assert redrive_once(store, sent, settings) == 0, "sent again while it waits in the queue"
+    assert not store.heartbeat(first), "the dead worker's claim is over"
+    second = store.claim(orphan, worker="v", stale_after=0.2, max_attempts=3)
+    assert second is not None and second.attempt == 2, "the crash still counts"
+
+
 def test_feedback_is_recorded_once_per_event(store: Store) -> None:
     from core.learning import TasteService
 

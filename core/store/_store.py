@@ -298,6 +298,18 @@ class Store:
         with self.session() as s:
             s.execute(update(Job).where(Job.id == job_id).values(published_at=utcnow()))
 
+    def requeue_orphan(self, job_id: str, attempt: int) -> bool:
+        """A running job whose worker died (stale heartbeat) was published again: it is
+        ``queued`` now, waiting for a worker, so it is not re-sent again every
+        ``stale_after`` while it waits in a long queue. The crash still counts (the attempt
+        is kept); a worker that claimed it meanwhile is left alone."""
+        with self.session() as s:
+            result = s.execute(update(Job).where(
+                Job.id == job_id, Job.state == JobState.RUNNING, Job.attempts == attempt)
+                .values(state=JobState.QUEUED, worker=None, published_at=utcnow(),
+                        updated_at=utcnow()))
+            return rows_changed(result) == 1
+
     def unmark_published(self, job_ids: Collection[str]) -> None:
         """Publishing ``job_ids`` failed after :meth:`create_job` marked them: the redriver
         sends them as soon as the broker is back."""
