@@ -464,9 +464,6 @@ class Orchestrator:
         styles; follow-ups render one. ``kind`` overrides the intent's job kind (refinements).
         """
         kind = kind or _JOB_KIND[intent.kind]
-        safety_policy = origin.admitted or self.policy.admit(
-            prompt=intent.prompt, user_id=origin.user_id, community_id=origin.community_id,
-            platform=origin.platform, nsfw=origin.nsfw)
         seed = intent.options.get("seed", secrets.randbits(SEED_BITS))
         fixed = _fixed_choices(kind, intent.options, intent.prompt)
         if keep_style and parent is not None and parent.params.get("taste"):
@@ -479,62 +476,87 @@ class Orchestrator:
         takes = (self.settings.image_takes if kind == "image" and fresh
                  and ("style" not in fixed or picked_style) and "count" not in intent.options
                  and intent.kind in (IntentKind.IMAGINE, IntentKind.REMIX) else 1)
-        # One transaction for the request's reads and writes (profiles, jobs, queue position);
-        # the jobs are published after it commits (a worker must find them).
-        requester = self.taste.person_of(origin.user_id)
+        # One transaction for the request's reads and writes (policy, quotas, profiles, jobs,
+        # queue position); the jobs are published after it commits (a worker must find them).
         cap = self.settings.fair_share_inflight
         with self.store.transaction():
-            chosen = self.taste.choose(user_id=origin.user_id, community_id=origin.community_id,
-                                       kind=kind, rng=self.rng, learning=self.settings.learning,
-                                       fixed=fixed, takes=takes, variation=variation,
-                                       beside_fixed=picked_style)
-            piece = self._piece_params(origin, intent, fixed)
-            jobs: list[Job] = []
-            for index, (choice, record) in enumerate(chosen):
-                params: dict[str, Any] = taste.generation_params(kind, choice.values)
-                if kind == "image":
-                    params.update(count=intent.options.get("count", 1),
-                                  steps=self.settings.image_steps, size=self.settings.image_size)
-                else:
-                    params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
-                                                            * params.pop("length_factor")))
-                params["taste"] = record
-                params["safety"] = safety_policy
-                if len(chosen) > 1:
-                    params["takes"] = {"index": index, "of": len(chosen), "siblings": [
-                        other.values for j, (other, _) in enumerate(chosen) if j != index]}
-                if "understanding" in intent.options:
-                    params["understanding"] = intent.options["understanding"]
-                if intent.kind is IntentKind.REMIX:
-                    params["remix"] = {"path": intent.options["image"]}
-                params.update(piece)
-                params.update(extra_params or {})
-                if thread:
-                    # A reply to a result: the worker gives the model the earlier turns as context.
-                    params["thread"] = True
-                take = f":take{index + 1}" if index else ""
-                # Fair share: beyond the person's jobs in flight, a job waits held back.
-                held = bool(cap and self.store.in_flight(requester, kind) >= cap)
-                job, created = self.store.create_job(
-                    requester=requester, held=held,
-                    idempotency_key=f"{origin.key}{key_suffix}{take}",
-                    kind=kind, intent=intent.kind.value, user_id=origin.user_id,
-                    community_id=origin.community_id, parent_job_id=parent.id if parent else None,
-                    prompt=intent.prompt,
-                    expanded_prompt=taste.expand_prompt(kind, intent.prompt, choice.values),
-                    params=params, seed=seed, platform=origin.platform,
-                    delivery=origin.target.to_dict(), published=not held)
-                if not created:
-                    log.info("duplicate request %s for job %s ignored", origin.key, job.id)
-                    return []
-                if intent.kind is IntentKind.REMIX:
-                    path = str(intent.options["image"])
-                    self.store.add_input(job.id, path, Path(path).read_bytes())
-                jobs.append(job)
-            if origin.admitted is None:
-                self.policy.count_request(origin.user_id, origin.community_id)
-            ahead = self.store.queue_position(jobs[0])
+            safety_policy, refusal = (origin.admitted, None) if origin.admitted else (
+                self.policy.check(prompt=intent.prompt, user_id=origin.user_id,
+                                  community_id=origin.community_id, platform=origin.platform,
+                                  nsfw=origin.nsfw))
+            if refusal is not None:
+                jobs: list[Job] = []
+            else:
+                jobs = self._make_jobs(origin, intent, kind, safety_policy, parent=parent,
+                                       key_suffix=key_suffix, seed=seed, fixed=fixed,
+                                       takes=takes, variation=variation,
+                                       picked_style=picked_style, thread=thread,
+                                       extra_params=extra_params, cap=cap)
+            ahead = self.store.queue_position(jobs[0]) if jobs else 0
+        if refusal is not None:  # logged in the audit outside the request's transaction
+            self.policy.refuse(refusal, safety_policy, user_id=origin.user_id,
+                               community_id=origin.community_id)
+        if not jobs:
+            return []
         return [self._publish(jobs, intent, origin, ahead)]
+
+    def _make_jobs(self, origin: Origin, intent: Intent, kind: str, safety_policy: str, *,
+                   parent: Job | None, key_suffix: str, seed: int, fixed: dict[str, str],
+                   takes: int,
+                   variation: bool, picked_style: bool, thread: bool,
+                   extra_params: dict[str, Any] | None, cap: int) -> list[Job]:
+        """The request's jobs, made inside its transaction; [] for a duplicate request."""
+        requester = self.taste.person_of(origin.user_id)
+        chosen = self.taste.choose(user_id=origin.user_id, community_id=origin.community_id,
+                                   kind=kind, rng=self.rng, learning=self.settings.learning,
+                                   fixed=fixed, takes=takes, variation=variation,
+                                   beside_fixed=picked_style)
+        piece = self._piece_params(origin, intent, fixed)
+        jobs: list[Job] = []
+        for index, (choice, record) in enumerate(chosen):
+            params: dict[str, Any] = taste.generation_params(kind, choice.values)
+            if kind == "image":
+                params.update(count=intent.options.get("count", 1),
+                              steps=self.settings.image_steps, size=self.settings.image_size)
+            else:
+                params["max_new_tokens"] = max(8, round(self.settings.text_max_new_tokens
+                                                        * params.pop("length_factor")))
+            params["taste"] = record
+            params["safety"] = safety_policy
+            if len(chosen) > 1:
+                params["takes"] = {"index": index, "of": len(chosen), "siblings": [
+                    other.values for j, (other, _) in enumerate(chosen) if j != index]}
+            if "understanding" in intent.options:
+                params["understanding"] = intent.options["understanding"]
+            if intent.kind is IntentKind.REMIX:
+                params["remix"] = {"path": intent.options["image"]}
+            params.update(piece)
+            params.update(extra_params or {})
+            if thread:
+                # A reply to a result: the worker gives the model the earlier turns as context.
+                params["thread"] = True
+            take = f":take{index + 1}" if index else ""
+            # Fair share: beyond the person's jobs in flight, a job waits held back.
+            held = bool(cap and self.store.in_flight(requester, kind) >= cap)
+            job, created = self.store.create_job(
+                requester=requester, held=held,
+                idempotency_key=f"{origin.key}{key_suffix}{take}",
+                kind=kind, intent=intent.kind.value, user_id=origin.user_id,
+                community_id=origin.community_id, parent_job_id=parent.id if parent else None,
+                prompt=intent.prompt,
+                expanded_prompt=taste.expand_prompt(kind, intent.prompt, choice.values),
+                params=params, seed=seed, platform=origin.platform,
+                delivery=origin.target.to_dict(), published=not held)
+            if not created:
+                log.info("duplicate request %s for job %s ignored", origin.key, job.id)
+                return []
+            if intent.kind is IntentKind.REMIX:
+                path = str(intent.options["image"])
+                self.store.add_input(job.id, path, Path(path).read_bytes())
+            jobs.append(job)
+        if origin.admitted is None:
+            self.policy.count_request(origin.user_id, origin.community_id)
+        return jobs
 
     def _piece_params(self, origin: Origin, intent: Intent,
                       fixed: dict[str, str]) -> dict[str, Any]:

@@ -9,9 +9,9 @@ job (:meth:`Policy.admit`) and hands ``/settings safety|blockword|quota|audit`` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import func, or_, select
 
@@ -127,15 +127,27 @@ class Policy:
               nsfw: bool) -> str:
         """Check a request against quotas and the safety policy; returns the policy its jobs
         run under. Raises :class:`PromptError` (with when to try again, or why not) instead."""
+        policy, refusal = self.check(prompt=prompt, user_id=user_id, community_id=community_id,
+                                     platform=platform, nsfw=nsfw)
+        if refusal is not None:
+            self.refuse(refusal, policy, user_id=user_id, community_id=community_id)
+        return policy
+
+    def check(self, *, prompt: str, user_id: int, community_id: int | None, platform: str,
+              nsfw: bool) -> tuple[str, str | None]:
+        """:meth:`admit` without writing anything: ``(policy, refusal)``, the refusal being
+        why the prompt is blocked (None: it may go). Raises PromptError over a quota."""
         values = self.community_settings(community_id)
         self._check_quota(user_id, community_id, Quotas.of(self.settings, values.get("quota")))
         policy = safety.effective_policy(values, platform=platform, nsfw=nsfw)
-        refusal = safety.prompt_verdict(prompt, policy, values.get("blocked_words") or [])
-        if refusal is not None:
-            self.audit(community_id=community_id, kind="blocked_prompt", actor_user_id=user_id,
-                       subject_user_id=user_id, detail={"policy": policy})
-            raise PromptError(refusal)
-        return policy
+        return policy, safety.prompt_verdict(prompt, policy, values.get("blocked_words") or [])
+
+    def refuse(self, refusal: str, policy: str, *, user_id: int,
+               community_id: int | None) -> NoReturn:
+        """Log a prompt :meth:`check` blocked in the audit, and refuse it."""
+        self.audit(community_id=community_id, kind="blocked_prompt", actor_user_id=user_id,
+                   subject_user_id=user_id, detail={"policy": policy})
+        raise PromptError(refusal)
 
     def usage(self, person: int, community_id: int | None, now: datetime) -> Usage:
         """Requests in the last hour and day, for the person and the community: one query on
@@ -158,6 +170,8 @@ class Policy:
             return user.person if user is not None else user_id
 
     def _check_quota(self, user_id: int, community_id: int | None, quotas: Quotas) -> None:
+        if not any(astuple(quotas)):
+            return  # no limits here: nothing to count
         now = utcnow()
         person = self._person(user_id)
         over = quota_refusal(quotas, self.usage(person, community_id, now))

@@ -56,6 +56,7 @@ from core.queue import (
 from core.settings import Settings
 from core.store import Claim, Job, Store
 from workers import shutdown
+from workers.observe import job_done, job_taken
 from workers.runner import (
     PictureAsk,
     _hand_back,
@@ -107,6 +108,9 @@ class _Pulled:
     #: stays hidden in the broker until its visibility timeout, an hour on Redis).
     claim: Claim | None = None
     beat: _Heartbeat | None = None
+    #: The job as it was in the queue, and when it was taken (for its metrics).
+    job: Job | None = None
+    taken_at: float = 0.0
 
     def stop_beating(self) -> None:
         if self.beat is not None:
@@ -122,8 +126,9 @@ def _claimed(job: Job, message: Any, role: str, store: Store,
     if claim is None:
         message.ack()
         return None
+    job_taken(job, settings)
     beat = _Heartbeat(store, claim, settings.job_heartbeat_seconds).__enter__()
-    return _Pulled(job.id, message, role, claim, beat)
+    return _Pulled(job.id, message, role, claim, beat, job, time.monotonic())
 
 
 def _queue() -> Any:
@@ -252,6 +257,12 @@ def run_image_task(job_id: str, *, store: Store, settings: Settings) -> str:
     ask = picture_ask(job, settings, generator)
     if ask.batch_key(generator.model_name) is None:
         return execute_job(job_id, store=store, settings=settings)
+    # The first job is claimed before any other is pulled (so it also starts first).
+    first = claim_job(store, job_id, settings)
+    if first is None:
+        return "skipped"
+    if first.exhausted:
+        return run_claimed(store, first, settings)
     try:
         pulled = _pull(job, ask, generator, store, settings, started)
     except Exception:  # a broker blip: the job itself still runs
@@ -268,7 +279,8 @@ def run_image_task(job_id: str, *, store: Store, settings: Settings) -> str:
             item.stop_beating()  # run_image_batch keeps the heartbeats of its members
         outcomes = run_image_batch([job_id, *(p.job_id for p in batch)], store=store,
                                    settings=settings,
-                                   claims={p.job_id: p.claim for p in batch if p.claim})
+                                   claims={job_id: first,
+                                           **{p.job_id: p.claim for p in batch if p.claim}})
         for alone in (p for p in pulled if p.role == "alone"):
             alone.stop_beating()
             assert alone.claim is not None
@@ -277,10 +289,14 @@ def run_image_task(job_id: str, *, store: Store, settings: Settings) -> str:
         finished.update(j for j, outcome in outcomes.items() if outcome != "returned")
         finished.update(p.job_id for p in pulled if p.role == "duplicate"
                         and p.job_id in finished)
-        if settings.fair_share_inflight:
+        for item in pulled:  # the first job's metrics are its task's (workers/tasks.py)
+            if item.role != "duplicate" and item.job_id in outcomes:
+                job_done(store, settings, item.job, outcomes[item.job_id],
+                         time.monotonic() - item.taken_at)
+        if settings.fair_share_inflight:  # a job done makes room for its person's next one
             for done_id, outcome in outcomes.items():
-                if done_id != job_id and outcome in ("delivered", "failed"):
-                    _release_next(store, done_id, settings)  # the first job's task does its own
+                if outcome in ("delivered", "failed"):
+                    _release_next(store, done_id, settings)
     finally:
         for item in pulled:
             item.stop_beating()

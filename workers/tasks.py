@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 import os
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
 
 from core.queue import TASK_FOR_KIND
 from core.settings import Settings, get_settings
-from core.store import Job, JobState, Store, utcnow
+from core.store import Store
 from workers.celery_app import app
 from workers.batching import run_image_task
-from workers.runner import execute_job, last_failure_cause
+from workers.observe import job_done, job_taken
+from workers.runner import execute_job
 
 __all__ = ["run_image_job", "run_text_job"]
 
 log = logging.getLogger(__name__)
 
 _process_state: dict[str, object] = {}
-
-#: The model label of a job that has not named its model yet (nothing generated so far).
-DEFAULT_MODEL_LABELS = {"text": "SmolLM2-135M-Instruct", "image": "tiny-demo"}
 
 
 def _resources() -> tuple[Store, Settings]:
@@ -34,38 +31,14 @@ def _resources() -> tuple[Store, Settings]:
     return _process_state["store"], _process_state["settings"]  # type: ignore[return-value]
 
 
-def _aware(moment: datetime) -> datetime:
-    """SQLite gives stored UTC times back without their zone."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
-
-def _model_label(job: Job, settings: Settings) -> str:
-    configured = settings.text_model if job.kind == "text" else settings.image_model
-    return job.model or configured or DEFAULT_MODEL_LABELS.get(job.kind, job.kind)
-
-
 def _observed(job_id: str, run: Callable[..., str] = execute_job) -> str:
-    """Run the job and record its metrics (see ``core.metrics``): the time it waited since it
-    was (re)published, the time it ran, and what became of it."""
-    from core import metrics
-
+    """Run the job and record its metrics (workers/observe.py)."""
     store, settings = _resources()
     before = store.get_job(job_id)
     started = time.monotonic()
-    if before is not None and before.state == JobState.QUEUED:
-        since = max(_aware(before.published_at or before.created_at), _aware(before.created_at))
-        metrics.JOB_QUEUE_WAIT.labels(before.kind, _model_label(before, settings)).observe(
-            max(0.0, (utcnow() - since).total_seconds()))
+    job_taken(before, settings)
     outcome = run(job_id, store=store, settings=settings)
-    if outcome in ("skipped", "lost") or before is None:
-        return outcome
-    after = store.get_job(job_id) or before
-    metrics.JOB_RUN.labels(after.kind, _model_label(after, settings)).observe(
-        time.monotonic() - started)
-    if outcome == "delivered":
-        metrics.RESULTS.labels(after.platform, "delivered", "").inc()
-    elif outcome == "failed":
-        metrics.RESULTS.labels(after.platform, "failed", last_failure_cause()).inc()
+    job_done(store, settings, before, outcome, time.monotonic() - started)
     return outcome
 
 
