@@ -95,6 +95,14 @@ class Settings(BaseSettings):
         default=30.0, ge=0, le=5000,
         description="How long a worker that took a picture job waits for more compatible "
         "ones before rendering, in milliseconds (0: only what is queued already).")
+    text_batch_max: int = Field(
+        default=8, ge=1, le=64,
+        description="Replies of the local text model a worker writes in one padded batch "
+        "(a model behind MUSESPARK_TEXT_API_URL batches on its server). 1: one at a time.")
+    text_batch_wait_ms: float = Field(
+        default=30.0, ge=0, le=5000,
+        description="How long a worker that took a text job waits for more before writing, "
+        "in milliseconds (0: only what is queued already).")
     compile: bool = Field(
         default=False,
         description="torch.compile the models (CUDA): slower start, faster steps. The worker "

@@ -157,3 +157,41 @@ def test_the_pool_is_prefork_on_cpu_and_never_forks_on_cuda() -> None:
     assert choose_pool("auto", "cuda", 1) == "solo"
     assert choose_pool("auto", "cuda:1", 2) == "threads"
     assert choose_pool("prefork", "cuda", 1) == "prefork"  # asked for: the operator's call
+
+
+def test_text_jobs_queued_together_are_written_in_one_call_and_each_posted_once(
+        make_stack: Any) -> None:
+    stack = make_stack(MUSESPARK_TEXT_BATCH_MAX="4", MUSESPARK_TEXT_BATCH_WAIT_MS="300")
+    store = stack.runtime.store
+    user_id = store.ensure_user("local", Actor("4343", "Bo"))
+    chat = f"chat-{uuid.uuid4().hex[:8]}"
+    publisher = CeleryPublisher(stack.settings)
+    jobs = []
+    try:  # different budgets: the batch runs to the longest, each reply stops at its own
+        for number, (prompt, budget) in enumerate([("a haiku about rain", 24),
+                                                   ("a limerick about a cat", 16),
+                                                   ("a line about the sea", 8)]):
+            params = {"max_new_tokens": budget}
+            job, _ = store.create_job(
+                idempotency_key=f"text-batch:{uuid.uuid4().hex}", kind="text", intent="write",
+                user_id=user_id, prompt=prompt, expanded_prompt=prompt, params=params,
+                seed=2000 + number, platform="local",
+                delivery=DeliveryTarget(platform="local", chat_id=chat).to_dict())
+            publisher.publish(job.id, "text", params)
+            store.mark_published(job.id)
+            jobs.append(job.id)
+    finally:
+        publisher.close()
+    worker = stack.start_worker()
+    for job_id in jobs:
+        done = stack.wait_job(job_id, ("delivered", "failed"), timeout=RESULT_TIMEOUT_SECONDS)
+        assert done.state == "delivered", done.failure_reason
+    assert "wrote 3 text jobs in one call" in worker.log()
+    time.sleep(1.0)  # a second post would land now
+    posted = [r for r in store.local_messages_after(chat, 0)
+              if r.author == "bot" and r.kind == "result"]
+    assert sorted(r.job_id or "" for r in posted) == sorted(jobs), "each reply posted once"
+    for job_id, budget in zip(jobs, (24, 16, 8)):
+        (artifact,) = store.artifacts(job_id, "text")
+        assert artifact.text and artifact.recipe["batch"] == jobs
+        assert len(artifact.text.split()) <= budget  # a word is at least one token

@@ -167,9 +167,9 @@ def warm_up(queues: list[str], settings: Any) -> None:
 
             _image_generator(settings).warm_up()
         if QUEUE_FOR_KIND["text"] in queues and not settings.text_api_url:
-            from workers.runner import _text_generator
+            from workers.runner import text_generator
 
-            _text_generator(settings).generate([{"role": "user", "content": "Hello"}],
+            text_generator(settings).generate([{"role": "user", "content": "Hello"}],
                                                max_new_tokens=4, seed=0)
     except ModelUnavailableError as exc:
         log.error("warm-up: %s", exc)

@@ -40,6 +40,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ from core.queue import (
     BASE_TIME_LIMIT_SECONDS,
     QUEUE_FOR_KIND,
     SLOWEST_SECONDS_PER_IMAGE_STEP,
+    SLOWEST_TOKENS_PER_SECOND,
     SOFT_LIMIT_MARGIN_SECONDS,
     TASK_FOR_KIND,
     job_time_limits,
@@ -68,12 +70,18 @@ from workers.runner import (
     execute_job,
     finish_generated,
     generation_failed,
+    TEXT_REPETITION_PENALTY,
+    TEXT_TEMPERATURE,
     picture_ask,
     picture_outcome,
     run_claimed,
+    text_generator,
+    text_outcome,
+    text_request,
 )
 
-__all__ = ["batchable", "run_image_batch", "run_image_task"]
+__all__ = ["batchable", "run_image_batch", "run_image_task", "run_text_batch", "run_text_task",
+           "text_batchable"]
 
 log = logging.getLogger(__name__)
 
@@ -131,18 +139,21 @@ def _claimed(job: Job, message: Any, role: str, store: Store,
     return _Pulled(job.id, message, role, claim, beat, job, time.monotonic())
 
 
-def _queue() -> Any:
-    """This process's own consumer channel on the picture queue (made after the fork)."""
+def _queue(kind: str = "image") -> Any:
+    """This process's own consumer channel on ``kind``'s queue (made after the fork)."""
     if _process.get("pid") != os.getpid():
+        _process.clear()
+        _process["pid"] = os.getpid()
+    if kind not in _process:
         from kombu.entity import Queue
 
         from workers.celery_app import app
 
-        connection = app.connection_for_read()
-        queue = Queue(QUEUE_FOR_KIND["image"])  # type: ignore[no-untyped-call]
-        bound = queue.bind(connection.default_channel)  # type: ignore[no-untyped-call]
-        _process.update(pid=os.getpid(), connection=connection, queue=bound)
-    return _process["queue"]
+        connection = _process.get("connection") or app.connection_for_read()
+        queue = Queue(QUEUE_FOR_KIND[kind])  # type: ignore[no-untyped-call]
+        _process["connection"] = connection
+        _process[kind] = queue.bind(connection.default_channel)  # type: ignore[no-untyped-call]
+    return _process[kind]
 
 
 #: A batch is estimated at this many times the slowest rate the model has shown.
@@ -166,7 +177,7 @@ def _pull(first: Job, first_ask: PictureAsk, generator: Any, store: Store, setti
     A job joins only while the batch's estimated time fits the first job's time limit (the
     task's), less what has passed since the task started.
     """
-    queue = _queue()
+    queue = _queue("image")
     key = first_ask.batch_key(generator.model_name)
     allowed = job_time_limits(first.kind, first.params,
                               image_batch=settings.image_batch_max)[0] - SOFT_LIMIT_MARGIN_SECONDS
@@ -216,12 +227,12 @@ def _pull(first: Job, first_ask: PictureAsk, generator: Any, store: Store, setti
 _NOT_DUE: Any = object()
 
 
-def _job_of(message: Any, store: Store) -> Job | None:
+def _job_of(message: Any, store: Store, kind: str = "image") -> Job | None:
     """The job a pulled message runs; ``_NOT_DUE`` for a countdown message not due yet."""
     headers = message.headers or {}
-    if headers.get("task") != TASK_FOR_KIND["image"]:
-        log.warning("unexpected message %r on the picture queue; dropping it",
-                    headers.get("task"))
+    if headers.get("task") != TASK_FOR_KIND[kind]:
+        log.warning("unexpected message %r on the %s queue; dropping it",
+                    headers.get("task"), kind)
         return None
     eta = headers.get("eta")
     if eta:
@@ -271,16 +282,28 @@ def run_image_task(job_id: str, *, store: Store, settings: Settings) -> str:
     if pulled:
         log.info("job %s: took %d more picture message(s) from the queue (%d job(s) to render "
                  "with it)", job_id, len(pulled), sum(p.role == "batch" for p in pulled))
+    def render(batch: list[_Pulled]) -> dict[str, str]:
+        return run_image_batch([job_id, *(p.job_id for p in batch)], store=store,
+                               settings=settings,
+                               claims={job_id: first,
+                                       **{p.job_id: p.claim for p in batch if p.claim}})
+
+    return _run_pulled(job_id, pulled, render, store, settings)
+
+
+def _run_pulled(job_id: str, pulled: list[_Pulled],
+                together: Callable[[list[_Pulled]], dict[str, str]], store: Store,
+                settings: Settings) -> str:
+    """Run the first job with the ``batch`` jobs pulled for it (``together``), then those
+    pulled to run alone after it; acknowledge each message once its job is finished (give it
+    back otherwise), and record each pulled job's metrics and fair-share release."""
     finished: set[str] = set()
     outcomes: dict[str, str] = {}
     try:
         batch = [p for p in pulled if p.role == "batch"]
         for item in batch:
-            item.stop_beating()  # run_image_batch keeps the heartbeats of its members
-        outcomes = run_image_batch([job_id, *(p.job_id for p in batch)], store=store,
-                                   settings=settings,
-                                   claims={job_id: first,
-                                           **{p.job_id: p.claim for p in batch if p.claim}})
+            item.stop_beating()  # the batch keeps the heartbeats of its members
+        outcomes = together(batch)
         for alone in (p for p in pulled if p.role == "alone"):
             alone.stop_beating()
             assert alone.claim is not None
@@ -405,3 +428,172 @@ def _alone(generator: Any, ask: PictureAsk) -> Any:
                                   guidance=ask.guidance, width=ask.width, height=ask.height)
     except Exception as exc:
         return exc
+
+
+# -- text -------------------------------------------------------------------------------------
+#
+# The same scheme for the local text model: the first text job's task takes up to
+# ``MUSESPARK_TEXT_BATCH_MAX - 1`` more plain replies that are queued or arrive within
+# ``MUSESPARK_TEXT_BATCH_WAIT_MS`` and writes them in one left-padded ``generate`` call (the
+# model steps once for all of them). A model behind ``MUSESPARK_TEXT_API_URL`` batches on its
+# own server (continuous batching), so jobs for it are not batched here. One seed drives a
+# batch (the first job's): a reply written in a batch is recorded with the jobs it was
+# written with, and is not the one its own seed gives alone.
+
+
+def text_batchable(job: Job, settings: Settings) -> bool:
+    """Whether ``job`` is a plain reply of the local text model that may share a call."""
+    return (job.kind == "text" and job.outbox is None and job.intent not in NOT_RENDERED
+            and not settings.text_api_url)
+
+
+def run_text_task(job_id: str, *, store: Store, settings: Settings) -> str:
+    """What a text task runs: its job, plus plain replies queued with it in one call."""
+    started = time.monotonic()
+    job = store.get_job(job_id)
+    if settings.text_batch_max <= 1 or job is None or not text_batchable(job, settings):
+        return execute_job(job_id, store=store, settings=settings)
+    first = claim_job(store, job_id, settings)
+    if first is None:
+        return "skipped"
+    if first.exhausted:
+        return run_claimed(store, first, settings)
+    try:
+        pulled = _pull_text(job, store, settings, started)
+    except Exception:  # a broker blip: the job itself still runs
+        log.exception("could not read more text jobs; writing job %s alone", job_id)
+        pulled = []
+    if pulled:
+        log.info("job %s: took %d more text message(s) from the queue (%d job(s) to write "
+                 "with it)", job_id, len(pulled), sum(p.role == "batch" for p in pulled))
+
+    def write(batch: list[_Pulled]) -> dict[str, str]:
+        return run_text_batch([job_id, *(p.job_id for p in batch)], store=store,
+                              settings=settings,
+                              claims={job_id: first,
+                                      **{p.job_id: p.claim for p in batch if p.claim}})
+
+    return _run_pulled(job_id, pulled, write, store, settings)
+
+
+def _text_seconds(budgets: list[int]) -> float:
+    """Seconds a batch writing replies of these budgets may take, at the pessimistic rate the
+    time limits assume (a batch steps once per token for all its replies)."""
+    return max(budgets) / SLOWEST_TOKENS_PER_SECOND
+
+
+def _pull_text(first: Job, store: Store, settings: Settings, started: float) -> list[_Pulled]:
+    """Take up to ``text_batch_max - 1`` more text messages (see :func:`_pull`): plain replies
+    join while the batch still fits the first job's time limit; another job that is due and
+    fits runs on its own right after the batch; anything else goes back, and pulling stops."""
+    queue = _queue("text")
+    allowed = job_time_limits(first.kind, first.params)[0] - SOFT_LIMIT_MARGIN_SECONDS
+    budgets = [int(first.params["max_new_tokens"])]
+    deadline = time.monotonic() + settings.text_batch_wait_ms / 1000
+    pulled: list[_Pulled] = []
+    while len(budgets) < settings.text_batch_max and not shutdown.stopping():
+        message = queue.get(no_ack=False, accept={"json"})
+        if message is None:
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(PULL_POLL_SECONDS)
+            continue
+        job = _job_of(message, store, "text")
+        if job is None:
+            message.ack()
+            continue
+        if job is not _NOT_DUE and job.id in {first.id, *(p.job_id for p in pulled)}:
+            pulled.append(_Pulled(job.id, message, "duplicate"))
+            continue
+        elapsed = time.monotonic() - started
+        if job is not _NOT_DUE and text_batchable(job, settings) and (
+                _text_seconds([*budgets, int(job.params["max_new_tokens"])]) + elapsed
+                <= allowed):
+            if (taken := _claimed(job, message, "batch", store, settings)) is not None:
+                budgets.append(int(job.params["max_new_tokens"]))
+                pulled.append(taken)
+            continue
+        if job is not _NOT_DUE and (_text_seconds(budgets) + elapsed
+                                    + job_time_limits(job.kind, job.params)[1]
+                                    - BASE_TIME_LIMIT_SECONDS <= allowed):
+            if (taken := _claimed(job, message, "alone", store, settings)) is None:
+                continue
+            pulled.append(taken)  # runs next, in its place
+            break
+        message.reject(requeue=True)
+        break
+    return pulled
+
+
+def run_text_batch(job_ids: list[str], *, store: Store, settings: Settings,
+                   claims: dict[str, Claim] | None = None) -> dict[str, str]:
+    """Claim (unless ``claims`` holds the claim), write in one call, keep and deliver these
+    text jobs; as :func:`run_image_batch` for everything that is not a plain reply."""
+    outcomes: dict[str, str] = {}
+    members: list[tuple[Claim, Job]] = []
+    claims = claims or {}
+    for index, job_id in enumerate(job_ids):
+        if index and shutdown.stopping():
+            given = claims.get(job_id)
+            outcomes[job_id] = "returned"
+            if given is not None:
+                _return_unstarted(store, given)
+            continue
+        claim = claims.get(job_id) or claim_job(store, job_id, settings)
+        if claim is None:
+            outcomes[job_id] = "skipped"
+            continue
+        job = store.get_job(job_id)
+        if job is None or claim.exhausted or not text_batchable(job, settings):
+            outcomes[job_id] = run_claimed(store, claim, settings)
+            continue
+        members.append((claim, job))
+    if len(members) == 1:  # nothing to share the call with: the job's own seed, as ever
+        outcomes[members[0][1].id] = run_claimed(store, members[0][0], settings)
+        return outcomes
+    if not members:
+        return outcomes
+    started = time.monotonic()
+    for claim, job in members:
+        announce(job, claim, settings)
+    requests = [text_request(store, job) for _, job in members]
+    ids = [job.id for _, job in members]
+    with contextlib.ExitStack() as stack:
+        beats = {job.id: stack.enter_context(_Heartbeat(store, claim,
+                                                         settings.job_heartbeat_seconds))
+                 for claim, job in members}
+        try:
+            generator = text_generator(settings)
+            with shutdown.interruptible():
+                results: list[Any] = generator.generate_batch(
+                    [chat for chat, _ in requests],
+                    max_new_tokens=[int(job.params["max_new_tokens"]) for _, job in members],
+                    seed=members[0][1].seed, temperature=TEXT_TEMPERATURE,
+                    repetition_penalty=TEXT_REPETITION_PENALTY)
+        except shutdown.HandBack:
+            for claim, job in members:
+                outcomes[job.id] = _hand_back(store, claim, job, settings)
+            return outcomes
+        except Exception as exc:
+            log.warning("batch of %d replies failed (%s: %s); writing each alone",
+                        len(members), type(exc).__name__, exc)
+            results = [None] * len(members)
+        log.info("wrote %d text jobs in one call in %.2f s", len(members),
+                 time.monotonic() - started)
+        for (claim, job), (chat, thread), result in zip(members, requests, results):
+            try:
+                if result is None or not result.text:  # failed, or stopped at once: alone
+                    result = text_generator(settings).generate(
+                        chat, max_new_tokens=int(job.params["max_new_tokens"]), seed=job.seed,
+                        temperature=TEXT_TEMPERATURE,
+                        repetition_penalty=TEXT_REPETITION_PENALTY)
+                    outcome = text_outcome(job, result, thread)
+                else:
+                    outcome = text_outcome(job, result, thread, batch=ids)
+            except Exception as exc:
+                beats[job.id].__exit__(None, None, None)
+                outcomes[job.id] = generation_failed(store, claim, job, exc, settings, started)
+                continue
+            beats[job.id].__exit__(None, None, None)  # delivery keeps its own heartbeat
+            outcomes[job.id] = finish_generated(store, claim, job, outcome, settings, started)
+    return outcomes

@@ -164,7 +164,7 @@ def _thread_history(store: Store, job: Job) -> tuple[list[str], list[dict[str, s
     return ids, turns
 
 
-def _text_generator(settings: Settings) -> Any:
+def text_generator(settings: Settings) -> Any:
     """The text model: an OpenAI-compatible server when ``MUSESPARK_TEXT_API_URL`` is set,
     else the local causal LM."""
     if settings.text_api_url:
@@ -201,23 +201,27 @@ class _StreamEdits:
         _show_progress(self._job, self._settings, text + STREAM_CURSOR)
 
 
-def _generate_text(job: Job, settings: Settings, *, thread: list[str] | None = None,
-                   history: list[dict[str, str]] | None = None) -> _Outcome:
-    generator = _text_generator(settings)
+def text_request(store: Store, job: Job) -> tuple[list[dict[str, str]], list[str]]:
+    """The chat a text job sends its model (the thread's earlier turns first), and the ids of
+    the thread's earlier jobs."""
+    thread, history = _thread_history(store, job)
     request = job.expanded_prompt
-    refine = job.params.get("refine")
-    if refine:  # a revision: the earlier text is in ``history``
+    if job.params.get("refine"):  # a revision: the earlier text is in ``history``
         request = f"Rewrite your last text with this change: {request}"
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, *(history or []),
-                {"role": "user", "content": request}]
-    streaming = {"on_text": _StreamEdits(job, settings)} if settings.text_api_url else {}
-    result = generator.generate(messages, max_new_tokens=int(job.params["max_new_tokens"]),
-                                seed=job.seed, temperature=TEXT_TEMPERATURE,
-                                repetition_penalty=TEXT_REPETITION_PENALTY, **streaming)
+    return ([{"role": "system", "content": SYSTEM_PROMPT}, *history,
+             {"role": "user", "content": request}], thread)
+
+
+def text_outcome(job: Job, result: Any, thread: list[str], *,
+                 batch: list[str] | None = None) -> _Outcome:
+    """A text job's result: its artifact (with the recipe) and the message to post.
+    ``batch``: the jobs it was written together with (one padded batch, one seed)."""
+    refine = job.params.get("refine")
     recipe = {"job_id": job.id, "prompt": job.prompt, "expanded_prompt": job.expanded_prompt,
               "seed": job.seed, "model": result.model_name, **_taste_recipe(job),
               "params": {k: v for k, v in job.params.items() if k != "taste"},
               **({"thread": thread} if thread else {}),
+              **({"batch": batch} if batch else {}),
               **({"refined_from": {"job_id": refine["job_id"], "position": refine["position"]},
                   "instruction": refine["instruction"]} if refine else {})}
     artifact = Artifact(job_id=job.id, kind="text", position=0, text=result.text,
@@ -227,6 +231,16 @@ def _generate_text(job: Job, settings: Settings, *, thread: list[str] | None = N
     message = OutboundMessage(MessageKind.RESULT, text, job_id=job.id,
                               buttons=_result_buttons(job))
     return _Outcome(result.model_name, [message], [artifact])
+
+
+def _generate_text(store: Store, job: Job, settings: Settings) -> _Outcome:
+    generator = text_generator(settings)
+    messages, thread = text_request(store, job)
+    streaming = {"on_text": _StreamEdits(job, settings)} if settings.text_api_url else {}
+    result = generator.generate(messages, max_new_tokens=int(job.params["max_new_tokens"]),
+                                seed=job.seed, temperature=TEXT_TEMPERATURE,
+                                repetition_penalty=TEXT_REPETITION_PENALTY, **streaming)
+    return text_outcome(job, result, thread)
 
 
 #: How far a remix moves from the person's picture (image-to-image strength).
@@ -246,7 +260,7 @@ def _refined_prompt(store: Store, job: Job, settings: Settings) -> tuple[str, fl
     if current is not None:
         root = current.prompt
     messages = cocreation.rewrite_messages([root], instructions, refine["instruction"])
-    result = _text_generator(settings).generate_json(
+    result = text_generator(settings).generate_json(
         messages, cocreation.Rewrite.model_json_schema(),
         # One token per character at worst (see core/orchestrator.py CHARS_PER_TOKEN).
         max_new_tokens=cocreation.REWRITE_MAX_CHARS + 24, seed=job.seed,
@@ -739,8 +753,7 @@ def _generate(store: Store, job: Job, settings: Settings) -> _Outcome:
     if job.intent == "verify":
         return _verify(store, job, settings)
     if job.kind == "text":
-        thread, history = _thread_history(store, job)
-        return _generate_text(job, settings, thread=thread, history=history)
+        return _generate_text(store, job, settings)
     return _generate_image(job, settings, source=_variation_source(store, job), store=store)
 
 
@@ -781,7 +794,7 @@ def _understand(store: Store, job: Job, settings: Settings) -> _Outcome:
     text, replying = str(asked.get("text") or job.prompt), bool(asked.get("replying"))
     from workers.understand import read
 
-    generator = _text_generator(settings)
+    generator = text_generator(settings)
     decided = read(generator, text, replying=replying)
     params = {"understanding": decided.to_dict()}
     log.info("job %s understood as %s (%.2f)", job.id, decided.intent, decided.confidence)
@@ -826,7 +839,7 @@ def _publisher(settings: Settings) -> Any:
 
 def _brainstorm(job: Job, settings: Settings) -> _Outcome:
     """3-5 directions, each with a picture prompt and its own style; press a number to draw."""
-    generator = _text_generator(settings)
+    generator = text_generator(settings)
     tone = _tone_words(job)
     result = generator.generate_json(
         cocreation.brainstorm_messages(job.prompt, avoid=list(job.params.get("avoid") or []),
@@ -912,7 +925,7 @@ def _run_story(store: Store, claim: Claim, job: Job, settings: Settings) -> str:
 
 
 def _write_story(job: Job, settings: Settings) -> dict[str, Any]:
-    generator = _text_generator(settings)
+    generator = text_generator(settings)
     count = int(job.params["story"]["scenes"])
     picture = (job.params.get("picture_taste") or {}).get("choice") or {}
     style_words = taste.CATALOGUE["image"]["style"].get(

@@ -11,7 +11,7 @@ from core.queue import TASK_FOR_KIND
 from core.settings import Settings, get_settings
 from core.store import Store
 from workers.celery_app import app
-from workers.batching import run_image_task
+from workers.batching import run_image_task, run_text_task
 from workers.observe import job_done, job_taken
 from workers.runner import execute_job
 
@@ -44,7 +44,8 @@ def _observed(job_id: str, run: Callable[..., str] = execute_job) -> str:
 
 @app.task(name=TASK_FOR_KIND["text"])
 def run_text_job(job_id: str) -> str:
-    return _observed(job_id)
+    """A text job, written together with plain replies queued with it (workers/batching.py)."""
+    return _observed(job_id, run_text_task)
 
 
 @app.task(name=TASK_FOR_KIND["image"])

@@ -173,7 +173,7 @@ class CausalLMGenerator:
         self,
         conversations: list[list[dict[str, str]]],
         *,
-        max_new_tokens: int,
+        max_new_tokens: int | list[int],
         seed: int,
         temperature: float = 0.7,
         top_p: float = 0.9,
@@ -187,7 +187,9 @@ class CausalLMGenerator:
 
         Args:
             conversations: one message list per chat (see :meth:`generate`).
-            max_new_tokens, seed, temperature, top_p, repetition_penalty: as in :meth:`generate`.
+            max_new_tokens: as in :meth:`generate`, or one budget per chat (the batch runs to
+                the largest; each reply is cut at its own).
+            seed, temperature, top_p, repetition_penalty: as in :meth:`generate`.
 
         Returns:
             One result per conversation, in order.
@@ -195,14 +197,20 @@ class CausalLMGenerator:
         Raises:
             ValueError: an empty conversation list or chat, or an out-of-range setting.
         """
-        _check_sampling(max_new_tokens, temperature, top_p, repetition_penalty)
+        budgets = (list(max_new_tokens) if isinstance(max_new_tokens, list)
+                   else [max_new_tokens] * len(conversations))
+        if len(budgets) != len(conversations):
+            raise ValueError("one max_new_tokens per conversation")
+        longest = max(budgets, default=0)
+        for budget in budgets:
+            _check_sampling(budget, temperature, top_p, repetition_penalty)
         if not conversations or any(not chat for chat in conversations):
             raise ValueError("conversations and each chat in it must not be empty")
         with self._lock:
             start = time.perf_counter()
-            inputs = self._encode(conversations, max_new_tokens)
+            inputs = self._encode(conversations, longest)
             texts, counts = self._sample(
-                inputs, max_new_tokens, seed, temperature, top_p, repetition_penalty
+                inputs, longest, seed, temperature, top_p, repetition_penalty, budgets=budgets
             )
             seconds = time.perf_counter() - start
         return [TextResult(t, c, seconds, self.model_name) for t, c in zip(texts, counts)]
@@ -310,6 +318,7 @@ class CausalLMGenerator:
         top_p: float,
         repetition_penalty: float,
         logits_processor: list[Any] | None = None,
+        budgets: list[int] | None = None,
     ) -> tuple[list[str], list[int]]:
         torch.manual_seed(seed)
         output = self.model.generate(
@@ -324,7 +333,9 @@ class CausalLMGenerator:
         )
         new = output[:, inputs["input_ids"].shape[1] :].cpu()
         texts, counts = [], []
-        for row in new.tolist():
+        for number, row in enumerate(new.tolist()):
+            if budgets is not None:
+                row = row[:budgets[number]]
             # Rows that finished early are padded; count up to (not including) the first stop.
             count = next((i for i, t in enumerate(row) if t in self._stop_ids), len(row))
             counts.append(count)
