@@ -296,8 +296,11 @@ def test_default_model_writes_new_text_within_budget(text_cache: tuple[Path, lis
     assert 0 < result.new_tokens <= 16
     assert "Write one sentence" not in result.text  # only the new text comes back
     assert result.model_name == DEFAULT_MODEL_NAME and result.seconds > 0
-    again = generator.generate(messages, max_new_tokens=16, seed=7)
-    assert again.text == result.text  # the seed makes sampling reproducible
+    seen: list[str] = []
+    again = generator.generate(messages, max_new_tokens=16, seed=7, on_text=seen.append)
+    assert again.text == result.text  # the seed makes sampling reproducible (streamed too)
+    assert len(seen) > 1 and seen[-1] == result.text, seen  # the reply grew token by token
+    assert all(later.startswith(earlier[:-1]) for earlier, later in zip(seen, seen[1:])), seen
     with pytest.raises(ValueError):
         generator.generate(messages, max_new_tokens=0, seed=7)
 
@@ -309,6 +312,11 @@ def test_batch_generation_answers_each_chat(text_cache: tuple[Path, list[dict]])
     results = generator.generate_batch(chats, max_new_tokens=8, seed=1)
     assert len(results) == 2
     assert all(r.text and 0 < r.new_tokens <= 8 for r in results)
+    # One budget per chat: the batch runs to the longest, each reply stops at its own.
+    short, long = generator.generate_batch(chats, max_new_tokens=[2, 12], seed=1)
+    assert 0 < short.new_tokens <= 2 and 0 < long.new_tokens <= 12
+    with pytest.raises(ValueError, match="one max_new_tokens per conversation"):
+        generator.generate_batch(chats, max_new_tokens=[2], seed=1)
 
 
 def test_a_foreign_folder_in_the_cache_slot_is_never_loaded(tmp_path: Path) -> None:

@@ -236,10 +236,10 @@ def text_outcome(job: Job, result: Any, thread: list[str], *,
 def _generate_text(store: Store, job: Job, settings: Settings) -> _Outcome:
     generator = text_generator(settings)
     messages, thread = text_request(store, job)
-    streaming = {"on_text": _StreamEdits(job, settings)} if settings.text_api_url else {}
     result = generator.generate(messages, max_new_tokens=int(job.params["max_new_tokens"]),
                                 seed=job.seed, temperature=TEXT_TEMPERATURE,
-                                repetition_penalty=TEXT_REPETITION_PENALTY, **streaming)
+                                repetition_penalty=TEXT_REPETITION_PENALTY,
+                                on_text=_StreamEdits(job, settings))
     return text_outcome(job, result, thread)
 
 

@@ -33,7 +33,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,7 @@ class CausalLMGenerator:
         temperature: float = 0.7,
         top_p: float = 0.9,
         repetition_penalty: float = 1.15,
+        on_text: Callable[[str], None] | None = None,
     ) -> TextResult:
         """Write the assistant's next reply to a chat.
 
@@ -146,6 +147,8 @@ class CausalLMGenerator:
             temperature: softmax temperature, > 0.
             top_p: nucleus sampling mass, in (0, 1].
             repetition_penalty: >= 1; values above 1 discourage repeats.
+            on_text: sees the reply so far after each new token (streaming), from this thread;
+                it should be quick (callers throttle what they show).
 
         Returns:
             The new text only, stripped, with its token count and timing.
@@ -161,8 +164,10 @@ class CausalLMGenerator:
             inputs = self._encode([messages], max_new_tokens)
             text, count = "", 0
             for attempt_seed in (seed, seed + 1):
+                stream = _Stream(self.tokenizer, self._stop_ids, on_text) if on_text else None
                 texts, counts = self._sample(
-                    inputs, max_new_tokens, attempt_seed, temperature, top_p, repetition_penalty
+                    inputs, max_new_tokens, attempt_seed, temperature, top_p, repetition_penalty,
+                    streamer=stream,
                 )
                 text, count = texts[0], counts[0]
                 if text:
@@ -319,10 +324,12 @@ class CausalLMGenerator:
         repetition_penalty: float,
         logits_processor: list[Any] | None = None,
         budgets: list[int] | None = None,
+        streamer: Any = None,
     ) -> tuple[list[str], list[int]]:
         torch.manual_seed(seed)
         output = self.model.generate(
             **inputs,
+            **({"streamer": streamer} if streamer is not None else {}),
             max_new_tokens=max_new_tokens,
             do_sample=True,
             temperature=temperature,
@@ -341,6 +348,36 @@ class CausalLMGenerator:
             counts.append(count)
             texts.append(self.tokenizer.decode(row[:count], skip_special_tokens=True).strip())
         return texts, counts
+
+
+class _Stream:
+    """A ``generate`` streamer (transformers' ``put``/``end`` protocol) that hands the reply so
+    far to ``on_text`` after each new token of a one-chat generation."""
+
+    def __init__(self, tokenizer: Any, stop_ids: set[int],
+                 on_text: Callable[[str], None]) -> None:
+        self._tokenizer, self._stop_ids, self._on_text = tokenizer, stop_ids, on_text
+        self._ids: list[int] = []
+        self._prompt_seen = False
+        self._stopped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # the first call carries the prompt
+            self._prompt_seen = True
+            return
+        if self._stopped:
+            return
+        for token in value.reshape(-1).tolist():
+            if token in self._stop_ids:
+                self._stopped = True
+                break
+            self._ids.append(int(token))
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=True).strip()
+        if text:
+            self._on_text(text)
+
+    def end(self) -> None:
+        pass
 
 
 class _GrammarMask:
