@@ -267,6 +267,9 @@ def test_unclear_free_text_goes_to_the_model_which_routes_it_or_asks(stack: Stac
     assert chosen.prompt == "the blue hour over the old harbour"
 
 
+# On Redis + PostgreSQL only: the embedded deployment's recovery from a killed worker is the
+# same redriver and claims, tested on both backends by test_end_to_end's kill test.
+@pytest.mark.parametrize("make_stack", ["distributed"], indirect=True)
 def test_a_worker_killed_while_a_story_draws_its_second_picture_posts_one_whole_story(
         make_stack) -> None:
     # Slow pictures (many steps: about 2 s each on an idle CPU) so the kill lands inside the

@@ -21,7 +21,15 @@ from PIL import Image
 from bots.discord import MuseSparkDiscord
 from core.store import Job
 from tests._stack import Stack
-from tests.fake_discord import BOT_TOKEN, FakeDiscord, button_payload, serving, slash_payload
+from tests.fake_discord import (
+    BOT_TOKEN,
+    CHANNEL_ID,
+    FakeDiscord,
+    button_payload,
+    serving,
+    slash_payload,
+    user_payload,
+)
 from tests.fake_telegram import Call, FakeTelegram
 from tests.test_discord_adapter import REQUESTER, until
 from tests.test_telegram import (
@@ -129,6 +137,13 @@ def test_discord_verifies_an_attached_picture_and_attaches_the_original(
             stack.close()
 
 
+def _jobs(stack: Stack) -> list[Job]:
+    from sqlalchemy import select
+
+    with stack.runtime.store.session() as session:
+        return list(session.scalars(select(Job)).all())
+
+
 def _discord_scenario(stack: Stack, fake: FakeDiscord) -> None:
     store = stack.runtime.store
 
@@ -142,7 +157,7 @@ def _discord_scenario(stack: Stack, fake: FakeDiscord) -> None:
         return job
 
     async def scenario() -> None:
-        client = MuseSparkDiscord(stack.runtime.orchestrator, store)
+        client = MuseSparkDiscord(stack.runtime.orchestrator, store, mention_mode=True)
         await client.login(BOT_TOKEN)
         try:
             drawn = slash_payload(fake, "imagine", {"prompt": "a red kite"}, user_id=REQUESTER)
@@ -174,6 +189,23 @@ def _discord_scenario(stack: Stack, fake: FakeDiscord) -> None:
             sent = await until(lambda: [c for c in fake.calls_to("PATCH", press["token"])
                                         if c.files])
             assert sent[0].files[0]["data"] == signed
+
+            # Mention mode: "@MuseSpark /verify" with the picture attached, as a message.
+            def verdicts() -> list[dict[str, Any]]:
+                return [m for m in fake.messages.values() if m["channel_id"] == CHANNEL_ID
+                        and f"made by this MuseSpark, job {job.id}" in str(m["content"])]
+
+            before = len(verdicts())
+            mention = fake.add_message(CHANNEL_ID, user_payload(REQUESTER, "Ada"),
+                                       f"<@{fake.bot_user['id']}> /verify")
+            mention.update(mentions=[fake.bot_user], attachments=[
+                fake.attachment("kite-again.png", signed)])
+            client._connection.parse_message_create(mention)
+            await until(lambda: len(verdicts()) > before)
+            checks = [j for j in await asyncio.to_thread(_jobs, stack)
+                      if j.intent == "verify" and j.id != check.id]
+            (again,) = store.artifacts(checks[0].id, "input")
+            assert again.path and Path(again.path).read_bytes() == signed, "kept byte for byte"
         finally:
             await client.close()
 

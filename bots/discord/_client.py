@@ -437,11 +437,51 @@ class MuseSparkDiscord(discord.Client):
         channel = Channel(chat_id=str(message.channel.id), kind=kind, guild_id=guild_id,
                           thread_id=str(message.channel.id) if kind is ChannelKind.THREAD
                           else None, nsfw=await self.nsfw(message.channel))
+        staged: Path | None = None
+        words = text.split()
+        picture = next((a for a in message.attachments
+                        if (a.content_type or "").startswith("image/")), None)
+        if picture is not None and words and words[0].lower() in ("/verify", "/remix"):
+            # "@MuseSpark /verify" (or /remix ...) with a picture attached: fetched and kept as
+            # the slash commands' image option is (core/uploads.py); /verify's byte for byte.
+            staged = await self._fetch_attached(message, picture,
+                                                intact=words[0].lower() == "/verify")
+            if staged is None:
+                return
         event = MessageReceived(platform=PLATFORM, event_id=f"message:{message.id}",
                                 actor=actor_of(message.author), channel=channel,
                                 occurred_at=message.created_at, text=text,
                                 message_id=str(message.id),
                                 reply_to=str(reference.message_id)
-                                if reference is not None and reference.message_id else None)
-        for reply in await self.handle(event):
+                                if reference is not None and reference.message_id else None,
+                                attachments=(str(staged),) if staged else ())
+        replies: list[OutboundMessage] = []
+        try:
+            replies = await self.handle(event)
+        finally:
+            if staged is not None:
+                await asyncio.to_thread(self._drop_staged, staged, replies)
+        for reply in replies:
             await message.reply(_clip(reply.text), mention_author=False)
+
+    async def _fetch_attached(self, message: discord.Message, picture: discord.Attachment, *,
+                              intact: bool) -> Path | None:
+        """The picture attached to ``message``, downloaded and kept; None (the person told
+        why, in a reply) when it is too large, unreadable, or Discord would not give it."""
+        if picture.size > UPLOAD_MAX_BYTES:  # refused without downloading it
+            await message.reply(f"That file is {picture.size / 1e6:.1f} MB; I take pictures up "
+                                f"to {UPLOAD_MAX_BYTES / 1e6:.0f} MB. Send a smaller one.",
+                                mention_author=False)
+            return None
+        try:
+            data = await picture.read()
+            return await asyncio.to_thread(keep_upload, data,
+                                           self.orchestrator.settings.resolved_data_dir,
+                                           name=picture.filename, intact=intact)
+        except UserInputError as exc:
+            await message.reply(_clip(exc.user_message), mention_author=False)
+        except discord.HTTPException as exc:
+            log.warning("could not download attachment %s: %s", picture.id, exc)
+            await message.reply("I couldn't fetch your picture from Discord. Please attach it "
+                                "again.", mention_author=False)
+        return None
