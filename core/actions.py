@@ -86,8 +86,8 @@ def buttons_for(job_id: str, *, kind: str, intent: str, ideas: int = 0) -> tuple
                 *_make(job_id, ["ideas", "why"]))
     if intent == "story":
         return _make(job_id, ["reroll", "why", "up", "down"])
-    if intent == "scene":
-        return _make(job_id, ["refine", "why", "up", "down"])
+    if intent == "scene":  # a story's picture: its original file too (see below)
+        return _make(job_id, ["refine", "why", "original", "up", "down"])
     if kind == "image":
         # Two variations even of one picture: V1 and V2 move it with different seeds.
         variations = [f"vary{n}" for n in range(1, VARIATIONS_SHOWN + 1)]

@@ -229,7 +229,8 @@ def test_a_story_arrives_as_a_title_then_one_photo_per_scene_in_order(
         (path,) = image_paths(tg, scene.id)
         assert photo.files["photo"] == Path(path).read_bytes()
         assert set(callback_data(photo)) == {f"{a}:{scene.id}"
-                                             for a in ("refine", "why", "up", "down")}
+                                             for a in ("refine", "why", "original", "up",
+                                                       "down")}
         recipe = recipe_in_png(path)
         told = recipe["story"]
         assert {k: told[k] for k in ("id", "scene", "of")} == {
@@ -464,6 +465,12 @@ def test_every_button_on_every_result_kind_is_answered(
         assert answer.ok
         if action == "refine":
             assert "Reply to this result" in (answer.params.get("text") or "")
+    # A scene's 📎 Original file: its PNG as a document, bytes intact.
+    assert press(fake, story["chat"], scene_photo.result["message_id"],
+                 f"original:{scene.id}").ok
+    (path,) = image_paths(tg, scene.id)
+    fake.wait_calls("sendDocument", chat_id=story["chat"],
+                    where=lambda c: c.files.get("document") == Path(path).read_bytes())
     assert press(fake, brainstorm["chat"], brainstorm["result"].result["message_id"],
                  f"why:{brainstorm['job'].id}").ok
     # A button of a result the bot no longer knows still gets an answer.
