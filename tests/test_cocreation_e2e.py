@@ -272,9 +272,9 @@ def test_unclear_free_text_goes_to_the_model_which_routes_it_or_asks(stack: Stac
 @pytest.mark.parametrize("make_stack", ["distributed"], indirect=True)
 def test_a_worker_killed_while_a_story_draws_its_second_picture_posts_one_whole_story(
         make_stack) -> None:
-    # Slow pictures (many steps: about 2 s each on an idle CPU) so the kill lands inside the
-    # second scene's render.
-    stack = make_stack(MUSESPARK_IMAGE_STEPS="400")
+    # Enough steps that the kill lands inside the render (the four scenes render as one batch:
+    # a few seconds on an idle CPU).
+    stack = make_stack(MUSESPARK_IMAGE_STEPS="60")
     first = stack.start_worker()
     chat = stack.chat()
     story_id = _status_job(chat.say("/story a lantern that wanted to be the moon --scenes 4"))
