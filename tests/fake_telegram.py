@@ -737,20 +737,6 @@ class FakeTelegram:
             raise ApiError(400, "Bad Request: message is too long")
         return self._new_message(call, text=text)
 
-    def _m_sendDocument(self, call: Call) -> Any:  # noqa: N802
-        self._check_caption(call.params.get("caption"))
-        data = call.files.get("document")
-        if data is None:
-            raise ApiError(400, "Bad Request: there is no document in the request")
-        if str(call.params["chat_id"]) in self.unstarted:
-            raise ApiError(403, "Forbidden: bot can't initiate conversation with a user")
-        content: dict[str, Any] = {"document": {"file_id": f"doc{len(data)}",
-                                                "file_unique_id": f"u{len(data)}",
-                                                "file_size": len(data)}}
-        if call.params.get("caption"):
-            content["caption"] = call.params["caption"]
-        return self._new_message(call, **content)
-
     def _m_sendPhoto(self, call: Call) -> Any:  # noqa: N802
         self._check_caption(call.params.get("caption"))
         data = call.files.get("photo")
@@ -767,6 +753,8 @@ class FakeTelegram:
         data = call.files.get("document")
         if data is None:
             raise ApiError(400, "Bad Request: there is no document in the request")
+        if str(call.params["chat_id"]) in self.unstarted:  # a person who never pressed Start
+            raise ApiError(403, "Forbidden: bot can't initiate conversation with a user")
         content: dict[str, Any] = {"document": self.add_file(data)}
         if call.params.get("caption"):
             content["caption"] = call.params["caption"]
