@@ -82,6 +82,8 @@ async def _wait_job(stack, job_id: str) -> Any:  # type: ignore[no-untyped-def]
     return job
 
 
+# How Discord posts does not depend on the broker or the database: one deployment each.
+@pytest.mark.parametrize("make_stack", ["distributed"], indirect=True)
 def test_buttons_restarts_rate_limits_and_expired_tokens_end_to_end(make_stack,
                                                                      fake: FakeDiscord) -> None:
     stack = _start(make_stack, fake)
@@ -159,6 +161,8 @@ def test_buttons_restarts_rate_limits_and_expired_tokens_end_to_end(make_stack,
     asyncio.run(scenario())
 
 
+# How Discord posts does not depend on the broker or the database: one deployment each.
+@pytest.mark.parametrize("make_stack", ["embedded"], indirect=True)
 def test_images_go_as_attachments_and_long_captions_are_split(make_stack,
                                                               fake: FakeDiscord) -> None:
     stack = _start(make_stack, fake)
@@ -199,6 +203,8 @@ def test_images_go_as_attachments_and_long_captions_are_split(make_stack,
     asyncio.run(scenario())
 
 
+# How Discord posts does not depend on the broker or the database: one deployment each.
+@pytest.mark.parametrize("make_stack", ["embedded"], indirect=True)
 def test_a_story_posts_its_title_then_each_scene_with_its_picture_in_order(
         make_stack, fake: FakeDiscord) -> None:
     """/story through a real worker: the title, then one follow-up per scene with its picture,
