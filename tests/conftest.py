@@ -29,12 +29,6 @@ def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if kept:
         Path(kept).mkdir(parents=True, exist_ok=True)
         return Path(kept)
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        # Test processes of one run (pytest-xdist) share it: the pipelines build and convert
-        # their models once, under a file lock.
-        shared = tmp_path_factory.getbasetemp().parent / "models"
-        shared.mkdir(exist_ok=True)
-        return shared
     return tmp_path_factory.mktemp("models")
 
 
