@@ -514,11 +514,14 @@ class FakeTelegram:
     @staticmethod
     def _reply(request: BaseHTTPRequestHandler, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
-        request.send_response(status)
-        request.send_header("Content-Type", "application/json")
-        request.send_header("Content-Length", str(len(data)))
-        request.end_headers()
-        request.wfile.write(data)
+        try:
+            request.send_response(status)
+            request.send_header("Content-Type", "application/json")
+            request.send_header("Content-Length", str(len(data)))
+            request.end_headers()
+            request.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the caller is gone (a worker killed while the fake held its answer)
 
     @staticmethod
     def _parse(content_type: str, body: bytes) -> tuple[dict[str, Any], dict[str, bytes]]:
