@@ -31,6 +31,7 @@ import itertools
 import json
 import random
 import threading
+import sys
 import time
 import urllib.error
 import urllib.parse
@@ -168,7 +169,13 @@ class FakeTelegram:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                    super().handle_error(request, client_address)
+                # else: the caller is gone (a worker killed mid-call); nothing to report
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         threading.Thread(target=self._server.serve_forever, name="fake-telegram",
                          daemon=True).start()
