@@ -30,8 +30,8 @@ import io
 import itertools
 import json
 import random
-import threading
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
