@@ -190,8 +190,10 @@ def test_workers_killed_while_generating_and_posting_lose_nothing(deployment: An
     requests = traffic.requests
     lost = [key for key, n in counts.items() if n == 0]
     doubled = {key: n for key, n in counts.items() if n > 1}
+    why = {key: (j.state, j.attempts, j.failure_reason) if (j := job_of(*key)) else "no job"
+           for key in lost}  # what became of each lost request, for whoever reads the failure
     summary = (f"{KILLS} kills {kills}; {len(requests)} requests: {len(requests) - len(lost)} "
-               f"answered, {len(lost)} lost, duplicated: {doubled or 'none'}")
+               f"answered, {len(lost)} lost {why or ''}, duplicated: {doubled or 'none'}")
     print(summary)
     assert not lost, summary
     assert not [key for key in doubled if key[0] == "discord"], summary
