@@ -92,9 +92,15 @@ _process: dict[str, Any] = {}
 
 
 def batchable(job: Job) -> bool:
-    """Whether ``job`` is a plain text-to-image render that may share a pipeline call."""
+    """Whether ``job`` is a plain text-to-image render that may share a pipeline call.
+
+    A job whose worker died under it before (``attempts`` > 0) runs alone from then on: were
+    it what kills workers (out of memory), it must not take a batch down with it, and were
+    it not, another job's crash must not count against it again and again.
+    """
     params = job.params
     return (job.kind == "image" and job.outbox is None and job.intent not in NOT_RENDERED
+            and not job.attempts
             and not (params.get("refine") or params.get("remix") or params.get("vary_from")))
 
 
@@ -444,7 +450,7 @@ def _alone(generator: Any, ask: PictureAsk) -> Any:
 def text_batchable(job: Job, settings: Settings) -> bool:
     """Whether ``job`` is a plain reply of the local text model that may share a call."""
     return (job.kind == "text" and job.outbox is None and job.intent not in NOT_RENDERED
-            and not settings.text_api_url)
+            and not job.attempts and not settings.text_api_url)  # (see batchable)
 
 
 def run_text_task(job_id: str, *, store: Store, settings: Settings) -> str:
