@@ -104,6 +104,8 @@ def test_a_worker_killed_mid_batch_loses_no_picture_and_posts_none_twice(
     first = stack.start_worker()  # the three are queued: it takes them as one batch
     _until(lambda: all(stack.job(j).state == "running" for j in [*jobs, after]),
            what="the batch's three jobs and the one after it all taken", poll=0.01)
+    assert "took 3 more picture message(s) from the queue (2 job(s) to render with it)" \
+        in first.log(), "the three of one size in one batch, the fourth pulled to run after"
     first.kill_hard()
     second = stack.start_worker()
     # The messages the killed worker pulled stay hidden in the broker for its visibility

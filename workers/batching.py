@@ -94,14 +94,19 @@ _process: dict[str, Any] = {}
 def batchable(job: Job) -> bool:
     """Whether ``job`` is a plain text-to-image render that may share a pipeline call.
 
-    A job whose worker died under it before (``attempts`` > 0) runs alone from then on: were
-    it what kills workers (out of memory), it must not take a batch down with it, and were
-    it not, another job's crash must not count against it again and again.
+    A job whose worker died under it before runs alone from then on (:func:`_crashed`).
     """
     params = job.params
     return (job.kind == "image" and job.outbox is None and job.intent not in NOT_RENDERED
-            and not job.attempts
             and not (params.get("refine") or params.get("remix") or params.get("vary_from")))
+
+
+def _crashed(job: Job, claim: Claim | None = None) -> bool:
+    """Whether a worker died under ``job`` before (an attempt used up: read from ``claim``
+    once it is claimed, which counts one more). Such a job runs alone from then on: were it
+    what kills workers (out of memory), it must not take a batch down with it, and were it
+    not, another job's crash must not use up its attempts again and again."""
+    return (claim.attempt > 1) if claim is not None else job.attempts > 0
 
 
 #: Jobs on the picture queue that are not one text-to-image render: a story (its scenes are
@@ -206,7 +211,7 @@ def _pull(first: Job, first_ask: PictureAsk, generator: Any, store: Store, setti
             pulled.append(_Pulled(job.id, message, "duplicate"))
             continue
         ask = picture_ask(job, settings, generator) if (
-            job is not _NOT_DUE and batchable(job)) else None
+            job is not _NOT_DUE and batchable(job) and not _crashed(job)) else None
         if ask is not None and ask.batch_key(generator.model_name) == key:
             elapsed = time.monotonic() - started
             estimate = _estimate(generator, [*asks, ask])
@@ -260,7 +265,7 @@ def run_image_task(job_id: str, *, store: Store, settings: Settings) -> str:
     """What a picture task runs: its job, plus compatible queued jobs in one pipeline call."""
     started = time.monotonic()
     job = store.get_job(job_id)
-    if settings.image_batch_max <= 1 or job is None or not batchable(job):
+    if settings.image_batch_max <= 1 or job is None or not batchable(job) or _crashed(job):
         return execute_job(job_id, store=store, settings=settings)
     try:
         generator = _image_generator(settings)
@@ -372,7 +377,7 @@ def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings,
             outcomes[job_id] = "skipped"
             continue
         job = store.get_job(job_id)
-        if job is None or claim.exhausted or not batchable(job):
+        if job is None or claim.exhausted or not batchable(job) or _crashed(job, claim):
             outcomes[job_id] = run_claimed(store, claim, settings)
             continue
         members.append((claim, job))
@@ -450,14 +455,15 @@ def _alone(generator: Any, ask: PictureAsk) -> Any:
 def text_batchable(job: Job, settings: Settings) -> bool:
     """Whether ``job`` is a plain reply of the local text model that may share a call."""
     return (job.kind == "text" and job.outbox is None and job.intent not in NOT_RENDERED
-            and not job.attempts and not settings.text_api_url)  # (see batchable)
+            and not settings.text_api_url)
 
 
 def run_text_task(job_id: str, *, store: Store, settings: Settings) -> str:
     """What a text task runs: its job, plus plain replies queued with it in one call."""
     started = time.monotonic()
     job = store.get_job(job_id)
-    if settings.text_batch_max <= 1 or job is None or not text_batchable(job, settings):
+    if (settings.text_batch_max <= 1 or job is None or not text_batchable(job, settings)
+            or _crashed(job)):
         return execute_job(job_id, store=store, settings=settings)
     first = claim_job(store, job_id, settings)
     if first is None:
@@ -512,7 +518,7 @@ def _pull_text(first: Job, store: Store, settings: Settings, started: float) -> 
             pulled.append(_Pulled(job.id, message, "duplicate"))
             continue
         elapsed = time.monotonic() - started
-        if job is not _NOT_DUE and text_batchable(job, settings) and (
+        if job is not _NOT_DUE and text_batchable(job, settings) and not _crashed(job) and (
                 _text_seconds([*budgets, int(job.params["max_new_tokens"])]) + elapsed
                 <= allowed):
             if (taken := _claimed(job, message, "batch", store, settings)) is not None:
@@ -550,7 +556,8 @@ def run_text_batch(job_ids: list[str], *, store: Store, settings: Settings,
             outcomes[job_id] = "skipped"
             continue
         job = store.get_job(job_id)
-        if job is None or claim.exhausted or not text_batchable(job, settings):
+        if (job is None or claim.exhausted or not text_batchable(job, settings)
+                or _crashed(job, claim)):
             outcomes[job_id] = run_claimed(store, claim, settings)
             continue
         members.append((claim, job))
