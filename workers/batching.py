@@ -352,19 +352,18 @@ def _return_unstarted(store: Store, claim: Claim) -> str:
     return "returned"
 
 
-def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings,
-                    claims: dict[str, Claim] | None = None) -> dict[str, str]:
-    """Claim (unless ``claims`` holds the claim already), render in one pipeline call, save and
-    deliver these picture jobs.
+def _members(job_ids: list[str], claims: dict[str, Claim], joins: Callable[[Job], bool],
+             store: Store, settings: Settings) -> tuple[list[tuple[Claim, Job]], dict[str, str]]:
+    """The claimed jobs of a batch that share its call, and what became of the others.
 
-    Jobs that are not ours (done, held by a live worker), that exhausted their attempts or only
-    need their kept outbox posted go their usual way. Should the worker begin to stop before
-    the batch renders, every job but the first goes back to the queue unstarted (a stopping
-    worker takes no new job). Returns what happened to each job.
+    Each job is claimed unless ``claims`` holds its claim. Jobs that are not ours (done, held
+    by a live worker) are skipped; those that exhausted their attempts, crashed a worker
+    before, or do not ``join`` (e.g. only their kept outbox to post) go their usual way now.
+    Should the worker begin to stop, every job but the first goes back to the queue unstarted
+    (a stopping worker takes no new job).
     """
     outcomes: dict[str, str] = {}
     members: list[tuple[Claim, Job]] = []
-    claims = claims or {}
     for index, job_id in enumerate(job_ids):
         if index and shutdown.stopping():
             given = claims.get(job_id)
@@ -377,10 +376,24 @@ def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings,
             outcomes[job_id] = "skipped"
             continue
         job = store.get_job(job_id)
-        if job is None or claim.exhausted or not batchable(job) or _crashed(job, claim):
+        if job is None or claim.exhausted or not joins(job) or _crashed(job, claim):
             outcomes[job_id] = run_claimed(store, claim, settings)
             continue
         members.append((claim, job))
+    return members, outcomes
+
+
+def run_image_batch(job_ids: list[str], *, store: Store, settings: Settings,
+                    claims: dict[str, Claim] | None = None) -> dict[str, str]:
+    """Claim (unless ``claims`` holds the claim already), render in one pipeline call, save and
+    deliver these picture jobs.
+
+    Jobs that are not ours (done, held by a live worker), that exhausted their attempts or only
+    need their kept outbox posted go their usual way. Should the worker begin to stop before
+    the batch renders, every job but the first goes back to the queue unstarted (a stopping
+    worker takes no new job). Returns what happened to each job.
+    """
+    members, outcomes = _members(job_ids, claims or {}, batchable, store, settings)
     if not members:
         return outcomes
     started = time.monotonic()
@@ -541,26 +554,8 @@ def run_text_batch(job_ids: list[str], *, store: Store, settings: Settings,
                    claims: dict[str, Claim] | None = None) -> dict[str, str]:
     """Claim (unless ``claims`` holds the claim), write in one call, keep and deliver these
     text jobs; as :func:`run_image_batch` for everything that is not a plain reply."""
-    outcomes: dict[str, str] = {}
-    members: list[tuple[Claim, Job]] = []
-    claims = claims or {}
-    for index, job_id in enumerate(job_ids):
-        if index and shutdown.stopping():
-            given = claims.get(job_id)
-            outcomes[job_id] = "returned"
-            if given is not None:
-                _return_unstarted(store, given)
-            continue
-        claim = claims.get(job_id) or claim_job(store, job_id, settings)
-        if claim is None:
-            outcomes[job_id] = "skipped"
-            continue
-        job = store.get_job(job_id)
-        if (job is None or claim.exhausted or not text_batchable(job, settings)
-                or _crashed(job, claim)):
-            outcomes[job_id] = run_claimed(store, claim, settings)
-            continue
-        members.append((claim, job))
+    members, outcomes = _members(job_ids, claims or {},
+                                 lambda job: text_batchable(job, settings), store, settings)
     if len(members) == 1:  # nothing to share the call with: the job's own seed, as ever
         outcomes[members[0][1].id] = run_claimed(store, members[0][0], settings)
         return outcomes

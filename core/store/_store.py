@@ -183,6 +183,12 @@ class Store:
             finally:
                 self._ambient.session = None
 
+    def _dialect(self) -> Any:
+        """This database's SQLAlchemy dialect module, for its ``insert ... on conflict``."""
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        return postgresql if self.engine.dialect.name == "postgresql" else sqlite
+
     # -- people and places ---------------------------------------------------------------------
 
     def ensure_user(self, platform: str, actor: Actor) -> int:
@@ -267,10 +273,8 @@ class Store:
         Returns:
             ``(job, created)``; ``created`` is False for a duplicate event.
         """
-        from sqlalchemy.dialects import postgresql, sqlite
-
         now = utcnow()
-        dialect: Any = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        dialect = self._dialect()
         statement = (dialect.insert(Job)
                      .values(id=new_job_id(), idempotency_key=idempotency_key,
                              state=JobState.QUEUED, attempts=0, created_at=now, updated_at=now,
@@ -676,9 +680,7 @@ class Store:
         """Records that ``event_id`` is being answered; False when it was already (a replay).
         One insert that does nothing on a conflict, on SQLite and PostgreSQL. Only a digest
         of the id is kept: a Telegram private chat's ids are the person's own."""
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        dialect: Any = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        dialect = self._dialect()
         now = utcnow()
         statement = (dialect.insert(HandledEvent)
                      .values(platform=platform, created_at=now,
@@ -698,9 +700,7 @@ class Store:
     def hold_chat(self, platform: str, chat_id: str, until: datetime) -> None:
         """Nobody is to call ``chat_id`` on ``platform`` before ``until`` (a flood wait); a
         later deadline already recorded is kept. One upsert, on SQLite and PostgreSQL."""
-        from sqlalchemy.dialects import postgresql, sqlite
-
-        dialect: Any = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        dialect = self._dialect()
         statement = dialect.insert(RateLimit).values(platform=platform, chat_id=str(chat_id),
                                              until=until.astimezone(UTC))
         statement = statement.on_conflict_do_update(
