@@ -202,14 +202,11 @@ class TasteService:
 
     def set_emoji_meaning(self, community_id: int, emoji: str, meaning: int) -> None:
         """Change what an emoji means in a community; profiles are rebuilt to match."""
-        with self.store.session() as s:
-            community = s.get(Community, community_id, with_for_update=True)
-            if community is None:
-                return
-            settings = dict(community.settings or {})
+        def mean(settings: dict[str, Any]) -> None:
             settings["emoji"] = {**settings.get("emoji", {}), emoji: meaning}
-            community.settings = settings
-        self.rebuild()
+
+        if self.store.change_settings(community_id, mean):
+            self.rebuild()
 
     # -- recording ------------------------------------------------------------------------------
 

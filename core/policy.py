@@ -90,21 +90,15 @@ class Policy:
 
     # -- community settings ---------------------------------------------------------------------
 
-    def community_settings(self, community_id: int | None) -> dict[str, Any]:
+    def community_settings(self, community_id: int | None, *,
+                           recent: bool = False) -> dict[str, Any]:
+        """``recent``: for a request, a copy read a moment ago will do (Store.community_settings)."""
         if community_id is None:
             return {}
-        with self.store.session() as s:
-            community = s.get(Community, community_id)
-            return dict(community.settings or {}) if community is not None else {}
+        return self.store.community_settings(community_id, recent=recent)
 
     def _change(self, community_id: int, change: Callable[[dict[str, Any]], None]) -> None:
-        with self.store.session() as s:
-            community = s.get(Community, community_id, with_for_update=True)
-            if community is None:
-                return
-            values = dict(community.settings or {})
-            change(values)
-            community.settings = values
+        self.store.change_settings(community_id, change)
 
     def audit(self, *, community_id: int | None, kind: str, actor_user_id: int | None = None,
               subject_user_id: int | None = None, job_id: str | None = None,
@@ -137,7 +131,7 @@ class Policy:
               nsfw: bool) -> tuple[str, str | None]:
         """:meth:`admit` without writing anything: ``(policy, refusal)``, the refusal being
         why the prompt is blocked (None: it may go). Raises PromptError over a quota."""
-        values = self.community_settings(community_id)
+        values = self.community_settings(community_id, recent=True)
         self._check_quota(user_id, community_id, Quotas.of(self.settings, values.get("quota")))
         policy = safety.effective_policy(values, platform=platform, nsfw=nsfw)
         return policy, safety.prompt_verdict(prompt, policy, values.get("blocked_words") or [])

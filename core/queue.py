@@ -83,10 +83,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_send_sent_event": False,
     }
     if not settings.embedded_broker:
-        # Task events, so Flower (``celery -A workers.celery_app flower``) sees every task
-        # from sent to finished. The embedded transport has no fanout exchange for them.
+        # Workers send task events, so Flower (``celery -A workers.celery_app flower``) sees
+        # every task from received to finished. The bot sends no "task-sent" event: it would
+        # be a second broker publish per job on the request path (the queue-depth metrics
+        # and ``musespark status`` show what waits). The embedded transport has no fanout
+        # exchange for events at all.
         config["worker_send_task_events"] = True
-        config["task_send_sent_event"] = True
     if settings.embedded_broker:
         from core import _sqlite_broker
 

@@ -162,3 +162,58 @@ def test_params_are_checked_on_every_write_and_carry_their_version(store: Store)
     with store.session() as s:  # a feature's own key is allowed
         s.execute(update(Job).where(Job.id == job_id).values(params={"my_feature": [1, 2]}))
     assert store.get_job(job_id).params == {"v": PARAMS_VERSION, "my_feature": [1, 2]}  # type: ignore[union-attr]
+
+
+def test_queue_positions_count_once_per_burst_and_exactly_when_quiet(store: Store) -> None:
+    from sqlalchemy import event
+
+    counts: list[str] = []
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda *a: counts.append(a[2]) if "count(" in a[2] else None)
+    jobs = [_job(store, f"burst-{n}") for n in range(5)]
+    positions = [store.queue_position(store.get_job(j)) for j in jobs]  # type: ignore[arg-type]
+    assert positions == [0, 1, 2, 3, 4], "jobs made in a burst are each told their place"
+    assert len(counts) == 1, "a burst is counted in the database once"
+    first = store.claim(jobs[0], worker="w", stale_after=60, max_attempts=3)
+    assert first is not None
+    with store.finishing(first, JobState.DELIVERED):
+        pass
+    time.sleep(store.QUEUE_COUNT_FRESH_SECONDS + 0.1)  # a quiet moment: counted exactly
+    later = _job(store, "later")
+    assert store.queue_position(store.get_job(later)) == 4  # type: ignore[arg-type]
+    assert len(counts) == 2
+    # A job this process did not make (another bot process's) is always counted.
+    other = store.get_job(jobs[3])
+    store._ordinals.clear()
+    assert store.queue_position(other) == 2  # type: ignore[arg-type]
+
+
+def test_a_settings_change_is_seen_by_the_next_request_at_once(store: Store) -> None:
+    from core.events import Channel, ChannelKind
+
+    community = store.ensure_community("local", Channel("c", kind=ChannelKind.GROUP))
+    assert store.community_settings(community, recent=True) == {}
+    store.change_settings(community, lambda v: v.__setitem__("blocked_words", ["x"]))
+    assert store.community_settings(community, recent=True) == {"blocked_words": ["x"]}
+    # A copy handed out is the caller's own: changing it changes nothing kept.
+    store.community_settings(community, recent=True)["blocked_words"].append("y")
+    assert store.community_settings(community) == {"blocked_words": ["x"]}
+
+
+def test_a_request_transaction_reads_each_row_once(store: Store) -> None:
+    from sqlalchemy import event
+
+    from core.learning import TasteService
+
+    user = store.ensure_user("local", Actor("alice", "Alice"))
+    taste = TasteService(store)
+    reads: list[str] = []
+    event.listen(store.engine, "before_cursor_execute",
+                 lambda *a: reads.append(a[2]) if "FROM users" in a[2] else None)
+    with store.transaction():
+        taste.person_of(user)
+        taste.opted_out(user)
+        taste.person_of(user)
+    assert len(reads) == 1
+    taste.person_of(user)  # outside a transaction, each call reads afresh
+    assert len(reads) == 2

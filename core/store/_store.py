@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import secrets
 import threading
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from time import monotonic
 from typing import Any, cast
 
 from alembic import command
@@ -90,6 +91,16 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+#: ``Session.info`` key: the rows a :meth:`Store.transaction` read, held for its duration.
+_HOLD_LOADED = "musespark.hold_loaded"
+
+
+def _hold_loaded(session: Session, instance: object) -> None:
+    held = session.info.get(_HOLD_LOADED)
+    if held is not None:
+        held.append(instance)
+
+
 class Store:
     """Opens the database at ``url``; call :meth:`upgrade` once to create or migrate the schema."""
 
@@ -105,10 +116,20 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        event.listen(self._sessions, "loaded_as_persistent", _hold_loaded)
         # Rows that are only ever created, cached so a busy chat costs no lookups per message.
         self._user_ids: dict[tuple[str, str, str], int] = {}
         self._community_ids: dict[tuple[str, str], int] = {}
         self._ambient = threading.local()  # the transaction of :meth:`transaction`, per thread
+        # Queue positions (see :meth:`queue_position`): per job kind, jobs this process made,
+        # the recent ones' ordinals, and the last count: (monotonic time, that job's ordinal,
+        # jobs ahead of it).
+        self._queue_lock = threading.Lock()
+        self._made: dict[str, int] = {}
+        self._ordinals: dict[str, int] = {}
+        self._counted: dict[str, tuple[float, int, int]] = {}
+        self._job_insert: Any = None  # built once (see :meth:`_insert_job`)
+        self._community_settings: dict[int, tuple[float, dict[str, Any]]] = {}
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -177,11 +198,15 @@ class Store:
             yield
             return
         with self._sessions() as session, session.begin():
+            # The rows read stay in the session until the end: SQLAlchemy's identity map holds
+            # them weakly, so each store call would read a request's user row again.
+            session.info[_HOLD_LOADED] = []
             self._ambient.session = session
             try:
                 yield
             finally:
                 self._ambient.session = None
+                session.info.pop(_HOLD_LOADED, None)
 
     def _dialect(self) -> Any:
         """This database's SQLAlchemy dialect module, for its ``insert ... on conflict``."""
@@ -245,6 +270,43 @@ class Store:
                 return s.scalars(select(Community.id).where(
                     Community.platform == platform, Community.platform_community_id == key)).one()
 
+    #: How long a community's settings read for a request serve the next requests there.
+    COMMUNITY_SETTINGS_FRESH_SECONDS = 2.0
+
+    def community_settings(self, community_id: int, *, recent: bool = False) -> dict[str, Any]:
+        """A community's settings (safety, blocked words, quotas, emoji meanings).
+
+        ``recent``: a copy read within :attr:`COMMUNITY_SETTINGS_FRESH_SECONDS` will do (the
+        request path of a busy chat). A change made through this store (:meth:`change_settings`)
+        is seen at once; one made by another process, within that time.
+        """
+        if recent:
+            cached = self._community_settings.get(community_id)
+            if cached is not None and monotonic() - cached[0] < self.COMMUNITY_SETTINGS_FRESH_SECONDS:
+                return dict(cached[1])
+        read_at = monotonic()
+        with self.session() as s:
+            community = s.get(Community, community_id)
+            values = dict(community.settings or {}) if community is not None else {}
+        self._community_settings[community_id] = (read_at, values)
+        return dict(values)
+
+    def change_settings(self, community_id: int,
+                        change: Callable[[dict[str, Any]], None]) -> bool:
+        """Change a community's settings in place (row locked); False when it is gone."""
+        self._community_settings.pop(community_id, None)
+        try:
+            with self.session() as s:
+                community = s.get(Community, community_id, with_for_update=True)
+                if community is None:
+                    return False
+                values = dict(community.settings or {})
+                change(values)
+                community.settings = values
+                return True
+        finally:
+            self._community_settings.pop(community_id, None)
+
     def set_credit(self, user_ids: Sequence[int], credit: bool) -> None:
         """Name (or stop naming) these identities as creator in their pictures' manifests."""
         with self.session() as s:
@@ -274,18 +336,26 @@ class Store:
             ``(job, created)``; ``created`` is False for a duplicate event.
         """
         now = utcnow()
-        dialect = self._dialect()
-        statement = (dialect.insert(Job)
-                     .values(id=new_job_id(), idempotency_key=idempotency_key,
-                             state=JobState.QUEUED, attempts=0, created_at=now, updated_at=now,
-                             published_at=now if published else None, **fields)
-                     .on_conflict_do_nothing(index_elements=[Job.idempotency_key])
-                     .returning(Job))
+        row = dict(id=new_job_id(), idempotency_key=idempotency_key, state=JobState.QUEUED,
+                   attempts=0, created_at=now, updated_at=now,
+                   published_at=now if published else None, **fields)
         with self.session() as s:
-            job = s.scalars(statement).first()
+            # One statement built once: the row goes as parameters (building an INSERT with
+            # ``values()`` per request cost more than running it).
+            job = s.scalars(self._insert_job(), [row]).first()
             if job is not None:
+                if not job.held:
+                    self._note_made(job)
                 return job, True
             return s.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).one(), False
+
+    def _insert_job(self) -> Any:
+        """``INSERT INTO jobs … ON CONFLICT (idempotency_key) DO NOTHING RETURNING *``."""
+        if self._job_insert is None:
+            self._job_insert = (self._dialect().insert(Job)
+                                .on_conflict_do_nothing(index_elements=[Job.idempotency_key])
+                                .returning(Job))
+        return self._job_insert
 
     def get_job(self, job_id: str) -> Job | None:
         with self.session() as s:
@@ -622,14 +692,45 @@ class Store:
         job.params = params
         return job
 
+    #: How many recently made jobs' ordinals are kept (a job asks for its position at once).
+    RECENT_ORDINALS = 1024
+
+    def _note_made(self, job: Job) -> None:
+        """Number ``job`` among the jobs of its kind that this process made."""
+        with self._queue_lock:
+            self._made[job.kind] = self._ordinals[job.id] = self._made.get(job.kind, 0) + 1
+            if len(self._ordinals) > self.RECENT_ORDINALS:
+                del self._ordinals[next(iter(self._ordinals))]
+
+    #: How long one count of the queue serves the queue positions of the jobs made after it.
+    QUEUE_COUNT_FRESH_SECONDS = 1.0
+
     def queue_position(self, job: Job) -> int:
         """How many jobs of the same kind were queued before this one and wait still (jobs
-        held back for fair share are not in the queue)."""
+        held back for fair share are not in the queue).
+
+        Counted in the database at most once per :attr:`QUEUE_COUNT_FRESH_SECONDS` and kind:
+        within that time a job just made here (:meth:`create_job`) is told the last count plus
+        the jobs this process made since, so a burst of requests costs one count, not one each.
+        Such a figure may be a second old (jobs finished or made elsewhere meanwhile); a quiet
+        chat's request is always counted exactly.
+        """
+        now = monotonic()
+        with self._queue_lock:
+            ordinal = self._ordinals.get(job.id)
+            counted = self._counted.get(job.kind)
+        if (ordinal is not None and counted is not None and ordinal > counted[1]
+                and now - counted[0] < self.QUEUE_COUNT_FRESH_SECONDS):
+            return counted[2] + ordinal - counted[1]
         with self.session() as s:
-            return int(s.scalar(
+            ahead = int(s.scalar(
                 select(func.count()).select_from(Job).where(
                     Job.state.in_([JobState.QUEUED, JobState.RUNNING]), Job.kind == job.kind,
                     Job.held.is_(False), Job.created_at < job.created_at)) or 0)
+        if ordinal is not None:
+            with self._queue_lock:
+                self._counted[job.kind] = (now, ordinal, ahead)
+        return ahead
 
     # -- fair share ---------------------------------------------------------------------------
 
