@@ -6,7 +6,10 @@ import enum
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Button", "DeliveryTarget", "MessageKind", "OutboundMessage"]
+__all__ = ["STREAM_CURSOR", "Button", "DeliveryTarget", "MessageKind", "OutboundMessage"]
+
+#: Shown after the text so far while a reply streams in (the worker's edits of a status message).
+STREAM_CURSOR = " ▌"
 
 
 class MessageKind(enum.StrEnum):

@@ -75,6 +75,60 @@ def test_a_write_streams_from_the_server_into_throttled_edits(
     assert min(gaps) >= STREAM_EDIT_SECONDS * 0.9, gaps
 
 
+def test_the_local_chat_shows_a_reply_as_it_streams_in(
+        served: tuple[Stack, FakeOpenAI, FakeTelegram]) -> None:
+    """The terminal chat's JSON-lines driver prints the growing reply while it waits."""
+    import io
+    import json
+
+    from bots.console import run_jsonl
+
+    stack, api, _ = served
+    out = io.StringIO()
+    code = run_jsonl(stack.chat(), stdin=io.StringIO('{"text": "/write a haiku about rain"}\n'),
+                     stdout=out, finish_timeout=RESULT_TIMEOUT_SECONDS)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert code == 0, lines
+    (status,) = [m for m in lines if m["kind"] == "status"]
+    streamed = [m["text"].removesuffix(STREAM_CURSOR) for m in lines
+                if m["kind"] == "progress" and m["text"].endswith(STREAM_CURSOR)]
+    assert len(streamed) >= 2, lines
+    assert all(api.reply.startswith(t) for t in streamed), streamed
+    assert [len(t) for t in streamed] == sorted(set(len(t) for t in streamed)), "it only grows"
+    assert all(m["id"] == status["id"] for m in lines if m["kind"] == "progress")
+    (result,) = [m for m in lines if m["kind"] == "result"]
+    assert result["text"].startswith(api.reply)
+    assert lines.index(result) > max(i for i, m in enumerate(lines) if m["kind"] == "progress")
+
+
+def test_the_terminal_chat_prints_only_the_new_words_of_a_streaming_reply(
+        served: tuple[Stack, FakeOpenAI, FakeTelegram]) -> None:
+    import io
+    import time
+
+    from bots.console import run_interactive
+
+    stack, api, _ = served
+    out = io.StringIO()
+
+    def typed() -> Iterator[str]:  # a person types one line, then watches until the reply
+        yield "/write a haiku about rain\n"
+        deadline = time.monotonic() + RESULT_TIMEOUT_SECONDS
+        while MODEL not in out.getvalue() and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    run_interactive(stack.chat(), stdin=typed(), stdout=out)  # type: ignore[arg-type]
+    lines = out.getvalue().splitlines()
+    pieces = [line.split(" ✎ ", 1)[1] for line in lines if " ✎ " in line]
+    grown = [p for p in pieces if p.startswith("…")]
+    assert len(grown) >= 1, lines
+    first = next(p for p in pieces if p.endswith(STREAM_CURSOR) and not p.startswith("…"))
+    whole = first.removesuffix(STREAM_CURSOR) + "".join(
+        p[1:].removesuffix(STREAM_CURSOR) for p in grown)
+    assert api.reply.startswith(whole) and len(whole) > len(first), (whole, lines)
+    assert any(MODEL in line for line in lines)
+
+
 def test_a_brainstorm_uses_the_servers_json_schema_output(
         served: tuple[Stack, FakeOpenAI, FakeTelegram]) -> None:
     stack, api, _ = served

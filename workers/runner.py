@@ -36,7 +36,7 @@ from core.errors import (
     QueueUnavailableError,
     UserInputError,
 )
-from core.outbound import Button, DeliveryTarget, MessageKind, OutboundMessage
+from core.outbound import STREAM_CURSOR, Button, DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Artifact, Claim, DeliveredMessage, Job, JobState, Store, content_hash, utcnow
 from workers import provenance
@@ -180,8 +180,6 @@ def text_generator(settings: Settings) -> Any:
 #: A streamed reply edits the job's status message at most once per this many seconds
 #: (Telegram allows about one message a second per chat; Discord rate-limits edits too).
 STREAM_EDIT_SECONDS = 1.0
-#: Shown after the text so far while a reply streams in.
-STREAM_CURSOR = " ▌"
 
 
 class _StreamEdits:

@@ -62,6 +62,8 @@ class ConsoleChat:
     community: str | None = None
     _seen: int = 0
     _jobs: set[str] = field(default_factory=set)
+    #: Status messages of requests still running -> the progress last shown for each.
+    _progress: dict[int, str] = field(default_factory=dict)
 
     @property
     def channel(self) -> Channel:
@@ -179,7 +181,29 @@ class ConsoleChat:
         rows = self.store.local_messages_after(self.chat_id, self._seen)
         if rows:
             self._seen = rows[-1].id
+        for row in rows:
+            if row.author == "bot" and row.kind == "status" and row.job_id:
+                self._progress.setdefault(row.id, "")
         return [ShownMessage.from_row(r) for r in rows if r.author == "bot"]
+
+    def poll_progress(self) -> list[ShownMessage]:
+        """Progress of the requests still running, as it changed since the last call: each a
+        ``progress`` message with its status message's id (a reply as it is written, "drawing
+        the pictures (2 of 4)"). Call :meth:`poll` first: it finds the status messages."""
+        if not self._progress:
+            return []
+        shown: list[ShownMessage] = []
+        for row in self.store.local_messages_by_id(list(self._progress)):
+            text = str(row.attachments.get("progress") or "")
+            if text and text != self._progress[row.id]:
+                self._progress[row.id] = text
+                shown.append(ShownMessage(id=row.id, kind="progress", text=text,
+                                          job_id=row.job_id, reply_to=row.reply_to))
+            job = self.store.get_job(row.job_id) if row.job_id else None
+            if job is None or row.kind != "status" or not self.store.unfinished_with_key_prefix(
+                    job.idempotency_key):
+                del self._progress[row.id]  # the request is over: nothing more will change
+        return shown
 
     def pending_jobs(self) -> set[str]:
         """Jobs asked for in this chat that have not reached a final state.

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 
 from bots.console._adapter import ConsoleChat, ShownMessage
 from core.events import Actor
+from core.outbound import STREAM_CURSOR
 
 __all__ = ["render", "run_interactive", "run_jsonl"]
 
@@ -18,7 +19,10 @@ POLL_SECONDS = 0.2
 
 
 def render(message: ShownMessage) -> str:
-    """How a bot message looks in the terminal."""
+    """How a bot message looks in the terminal (``progress``: its status message's number and
+    the work so far, a reply as it is written)."""
+    if message.kind == "progress":
+        return f"[{message.id}] ✎ {message.text}"
     lines = [f"[{message.id}] {message.text}"]
     lines += [f"     🖼  {path}" for path in message.images]
     if message.buttons:
@@ -28,20 +32,35 @@ def render(message: ShownMessage) -> str:
     return "\n".join(lines)
 
 
+def _new_part(message: ShownMessage, streamed: dict[int, str]) -> ShownMessage:
+    """A reply streaming in is printed as it grows: only what came since the last line."""
+    before = streamed.get(message.id, "").removesuffix(STREAM_CURSOR)
+    streamed[message.id] = message.text
+    if before and message.text.startswith(before):
+        return ShownMessage(id=message.id, kind="progress", job_id=message.job_id,
+                            text="…" + message.text[len(before):])
+    return message
+
+
 def run_interactive(chat: ConsoleChat, *, stdin: TextIO = sys.stdin,
                     stdout: TextIO = sys.stdout) -> None:
     """Read lines until EOF or /quit; print the bot's messages as they arrive."""
     lock = threading.Lock()
     stop = threading.Event()
 
+    streamed: dict[int, str] = {}  # status message -> the progress printed for it so far
+
     def show(messages: list[ShownMessage]) -> None:
         with lock:
             for message in messages:
+                if message.kind == "progress":
+                    message = _new_part(message, streamed)
                 print(render(message), file=stdout, flush=True)
 
     def poller() -> None:
         while not stop.wait(POLL_SECONDS):
             show(chat.poll())
+            show(chat.poll_progress())
 
     thread = threading.Thread(target=poller, name="console-poller", daemon=True)
     thread.start()
@@ -92,7 +111,8 @@ def run_jsonl(chat: ConsoleChat, *, stdin: TextIO = sys.stdin, stdout: TextIO = 
     Input: ``{"text": ...}``, ``{"react": N, "emoji": "👍"}``, ``{"unreact": N, "emoji": ...}``
     or ``{"press": N, "button": "reroll"}``; an optional ``"user"`` sets who speaks. At end of
     input it waits (up to ``finish_timeout`` seconds) for every job it started, then returns 0,
-    or 1 if some did not finish.
+    or 1 if some did not finish. While it waits, a request's progress comes out as it changes:
+    ``{"kind": "progress", "id": <its status message>, "text": <the reply so far>, ...}``.
     """
     def emit(messages: list[ShownMessage]) -> None:
         for message in messages:
@@ -113,6 +133,7 @@ def run_jsonl(chat: ConsoleChat, *, stdin: TextIO = sys.stdin, stdout: TextIO = 
     deadline = time.monotonic() + finish_timeout
     while chat.pending_jobs() and time.monotonic() < deadline:
         emit(chat.poll())
+        emit(chat.poll_progress())
         time.sleep(POLL_SECONDS)
     time.sleep(POLL_SECONDS)
     emit(chat.poll())

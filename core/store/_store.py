@@ -883,6 +883,25 @@ class Store:
                 update(LocalMessage).where(LocalMessage.id == message_id)
                 .values(kind="removed", text="(removed)", job_id=None, attachments={}))))
 
+    def show_local_progress(self, chat_id: str, reply_to: int, text: str) -> bool:
+        """Put ``text`` (a job's progress: a reply as it streams in) on the bot's status
+        message that answered message ``reply_to``, as its ``attachments["progress"]``; the
+        status text itself stays. False when there is no such message (yet)."""
+        with self.session() as s:
+            row = s.scalar(select(LocalMessage).where(
+                LocalMessage.chat_id == chat_id, LocalMessage.reply_to == reply_to,
+                LocalMessage.author == "bot", LocalMessage.kind == "status")
+                .order_by(LocalMessage.id).limit(1))
+            if row is None:
+                return False
+            row.attachments = {**row.attachments, "progress": text}
+            return True
+
+    def local_messages_by_id(self, message_ids: Collection[int]) -> Sequence[LocalMessage]:
+        with self.session() as s:
+            return s.scalars(select(LocalMessage).where(
+                LocalMessage.id.in_(list(message_ids)))).all()
+
     def local_message(self, message_id: int) -> LocalMessage | None:
         with self.session() as s:
             return s.get(LocalMessage, message_id)

@@ -75,7 +75,7 @@ def _discord(settings: Settings) -> RemoteDeliverer:
 #: Platform name -> factory (platform modules load only when a job needs them).
 #: A remote deliverer may also offer ``progress(target, text)`` to edit the job's status message.
 DELIVERERS: dict[str, Callable[[Settings], TransactionalDeliverer | RemoteDeliverer]] = {
-    "local": lambda settings: LocalDeliverer(),
+    "local": LocalDeliverer,
     "telegram": _telegram,
     "discord": _discord,
 }

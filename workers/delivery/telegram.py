@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Set as AbstractSet
@@ -53,6 +52,7 @@ from core.metrics import rate_limited
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
 from core.settings import Settings
 from core.store import Store, utcnow
+from workers.delivery._shared import shared_store
 
 __all__ = [
     "CAPTION_MAX_CHARS",
@@ -96,26 +96,7 @@ _pacing_lock = threading.Lock()
 #: One HTTP client (connection pool) per API URL and transport, for the process's life.
 _clients: dict[tuple[str, httpx.BaseTransport | None], httpx.Client] = {}
 _clients_lock = threading.Lock()
-_stores: dict[tuple[int, str], Store] = {}
 _finished_progress: OrderedDict[tuple[str, str, str], None] = OrderedDict()
-
-
-def _shared_store(settings: Settings) -> Store | None:
-    """The database of ``settings`` (the one this worker's jobs live in), where flood waits
-    are shared; one per process and URL. None when there is none yet: this never creates an
-    embedded database (a deliverer made with default settings, in a test, keeps to itself)."""
-    if settings.database_url:
-        url = settings.database_url
-    else:
-        path = settings.data_dir.expanduser().resolve() / "musespark.db"
-        if not path.exists():
-            return None
-        url = f"sqlite:///{path}"
-    key = (os.getpid(), url)  # connections must not cross a fork
-    with _pacing_lock:
-        if key not in _stores:
-            _stores[key] = Store(url)
-        return _stores[key]
 
 
 def split_text(text: str, limit: int = MESSAGE_MAX_CHARS) -> list[str]:
@@ -230,7 +211,7 @@ class TelegramDeliverer:
     # -- flood waits shared through the store ---------------------------------------------------
 
     def _flood_store(self) -> Store | None:
-        return self.store if self.store is not None else _shared_store(self._settings)
+        return self.store if self.store is not None else shared_store(self._settings)
 
     def held_for(self, chat_id: str) -> float:
         """Seconds left of a flood wait on ``chat_id`` (0: free). Best effort: a store that
