@@ -106,8 +106,9 @@ RETRY_WAIT = Histogram(
 REDRIVES = Counter(
     "musespark_redrives",
     "Jobs the redriver published again: unpublished (broker was down), stale (worker died), "
-    "lost (queued but never started).", ["reason"])
-for _reason in ("unpublished", "stale", "lost"):
+    "lost (queued but never started), stranded (a worker died holding its message before "
+    "starting it).", ["reason"])
+for _reason in ("unpublished", "stale", "lost", "stranded"):
     REDRIVES.labels(_reason)  # shown as 0 before the first one, so rate() works from the start
 WORKER_DEATHS = Counter(
     "musespark_worker_deaths",

@@ -6,8 +6,11 @@ publishes by task *name* (``send_task``) so it never imports ``workers``.
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -197,6 +200,9 @@ class BrokerProbe:
             self._redis = redis.Redis.from_url(
                 self.url, socket_connect_timeout=PROBE_TIMEOUT_SECONDS,
                 socket_timeout=PROBE_TIMEOUT_SECONDS, retry=Retry(NoBackoff(), 1))
+            # kombu's keys for messages taken and not yet acknowledged (its Redis transport).
+            prefix = settings.broker_key_prefix or ""
+            self._unacked, self._unacked_index = f"{prefix}unacked", f"{prefix}unacked_index"
 
     def identity(self) -> str | None:
         if self._file is not None:
@@ -223,9 +229,68 @@ class BrokerProbe:
             return f"redis:{info['run_id']}"
         return None
 
+    # -- messages a dead consumer took ------------------------------------------------------
+
+    def stranded(self, older_than: float, limit: int = 100) -> list[tuple[str, str]]:
+        """Messages a consumer took from a MuseSpark queue at least ``older_than`` seconds ago
+        and neither acknowledged nor gave back: ``(delivery tag, job id)``, oldest first.
+
+        On Redis such a message is hidden in kombu's ``unacked`` hash until the visibility
+        timeout (an hour) ends; the caller decides from the job's state whether its consumer
+        died before starting it (see ``core/redrive.py``). Other brokers: none (RabbitMQ gives
+        a dead consumer's messages back at once; the embedded transport after five minutes).
+        """
+        if self._redis is None:
+            return []
+        import redis
+
+        try:
+            tags = self._redis.zrangebyscore(self._unacked_index, "-inf",
+                                             time.time() - older_than, start=0, num=limit)
+            held = self._redis.hmget(self._unacked, tags) if tags else []
+        except (redis.RedisError, OSError) as exc:
+            raise QueueUnavailableError(f"broker unreachable: {exc}") from exc
+        found = []
+        for tag, raw in zip(tags, held):
+            job_id = _job_id_in(raw)
+            if job_id is not None:
+                found.append((tag.decode() if isinstance(tag, bytes) else str(tag), job_id))
+        return found
+
+    def forget(self, tag: str) -> None:
+        """Drop a stranded message (its job was sent again): no one acknowledges it now, and
+        the broker would bring it back after its visibility timeout only to be skipped."""
+        if self._redis is None:
+            return
+        import redis
+
+        try:
+            self._redis.pipeline().zrem(self._unacked_index, tag).hdel(self._unacked, tag) \
+                .execute()
+        except (redis.RedisError, OSError) as exc:
+            raise QueueUnavailableError(f"broker unreachable: {exc}") from exc
+
     def close(self) -> None:
         if self._redis is not None:
             self._redis.close()
+
+
+def _job_id_in(raw: bytes | None) -> str | None:
+    """The job id a kombu ``unacked`` entry (``[payload, exchange, routing key]``) carries,
+    for MuseSpark's tasks only (Celery protocol 2: ``[args, kwargs, embed]``)."""
+    if not raw:
+        return None
+    try:
+        payload = json.loads(raw)[0]
+        if payload.get("headers", {}).get("task") not in TASK_FOR_KIND.values():
+            return None
+        body = payload["body"]
+        if payload.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        args = json.loads(body)[0]
+        return str(args[0]) if args else None
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
 
 
 class RecordingPublisher:

@@ -25,7 +25,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 #: A queued job that was published this long ago and has not started is published again
 #: (the safety net for a loss nobody noticed, e.g. a Redis flushed or evicting keys).
 REPUBLISH_QUEUED_AFTER_SECONDS = 600.0
+#: A message a worker took from the queue this long ago, whose job is still queued and due, is
+#: stranded: the worker died between taking and claiming it (a batch pulling its members, a
+#: worker's prefetch). Its job is sent again at once instead of after the broker's visibility
+#: timeout (an hour on Redis) or :data:`REPUBLISH_QUEUED_AFTER_SECONDS`. A live worker claims
+#: what it takes within milliseconds.
+STRANDED_AFTER_SECONDS = 30.0
 #: Jobs read per query; a round reads at most this many batches (the rest waits a round).
 REDRIVE_BATCH = 100
 MAX_BATCHES_PER_ROUND = 20
@@ -180,6 +186,47 @@ def _redrive(store: Store, publisher: JobPublisher, settings: Settings, *,
     return published, lost_jobs, False
 
 
+def resend_stranded(store: Store, publisher: JobPublisher, probe: BrokerProbe, *,
+                    older_than: float = STRANDED_AFTER_SECONDS) -> int:
+    """Send again the jobs whose message a dead worker took (:meth:`BrokerProbe.stranded`);
+    returns how many. A message whose job is finished is dropped; one whose job runs, or waits
+    its turn (deferred), is left to its holder."""
+    try:
+        stranded = probe.stranded(older_than)
+    except QueueUnavailableError as exc:
+        log.info("could not look for stranded messages: %s", exc)
+        return 0
+    sent = 0
+    due_before = utcnow() - timedelta(seconds=older_than)
+    for tag, job_id in stranded:
+        job = store.get_job(job_id)
+        if job is not None and job.state == JobState.QUEUED:
+            if job.not_before is not None and _aware(job.not_before) > due_before:
+                continue  # a deferred job's countdown message, held until it is due
+            if job.held:
+                continue  # fair share publishes it when its turn comes
+            try:
+                publisher.publish(job.id, job.kind, job.params)
+            except QueueUnavailableError:
+                return sent
+            store.mark_published(job.id)
+            metrics.REDRIVES.labels("stranded").inc()
+            log.info("re-sent job %s: a worker took its message and died before starting it",
+                     job.id)
+            sent += 1
+        elif job is not None and job.state == JobState.RUNNING:
+            continue
+        try:
+            probe.forget(tag)
+        except QueueUnavailableError:
+            return sent
+    return sent
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 def redrive_once(store: Store, publisher: JobPublisher, settings: Settings, *,
                  lost_before: datetime | None = None,
                  notifiers: Mapping[str, DelayNotifier] | None = None) -> int:
@@ -277,6 +324,10 @@ class BrokerWatch:
             log.info("broker reachable again, same server (%s): nothing was lost", identity)
         return False
 
+    @property
+    def probe(self) -> BrokerProbe:
+        return self._probe
+
     def close(self) -> None:
         self._probe.close()
 
@@ -329,6 +380,7 @@ class Redriver:
         if self._lost_before is not None and complete:
             log.warning("re-sent %d job(s) the broker lost", self._lost_total)
             self._lost_before, self._lost_total = None, 0
+        published += resend_stranded(self._store, self._publisher, self._watch.probe)
         tell_the_delayed(self._store, self._settings, self._notifiers)
         return published
 

@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -30,7 +31,17 @@ from core.queue import BROKER_FILE_MISSING, BrokerProbe, CeleryPublisher, Record
 from core.redrive import DelayNotice, Redriver, local_delay_notifier
 from core.settings import Settings
 from core.store import LocalMessage, Store, utcnow
-from tests._stack import Stack, create_pg_database, drop_pg_database, free_port, postgres_reachable
+from tests._stack import (
+    REDIS_URL,
+    REPO,
+    Stack,
+    create_pg_database,
+    drop_pg_database,
+    drop_redis_prefix,
+    free_port,
+    postgres_reachable,
+    redis_reachable,
+)
 
 BACK_IN_LINE = "back in line"
 TAKING_LONGER = "taking longer than usual"
@@ -60,6 +71,12 @@ class ScriptedProbe:
         if isinstance(self.answer, Exception):
             raise self.answer
         return self.answer
+
+    def stranded(self, older_than: float, limit: int = 100) -> list[tuple[str, str]]:
+        return []  # a message held by a dead worker: tested with the real probe below
+
+    def forget(self, tag: str) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -332,6 +349,67 @@ def test_the_probe_sees_a_new_run_id_after_a_restart(tmp_path: Path) -> None:
         probe.close()
         publisher.close()
         server.stop()
+
+
+#: A worker that takes one message from the text queue, says so, and waits to be killed.
+_TAKER = """
+import sys, time
+from kombu.entity import Queue
+from core.queue import QUEUE_FOR_KIND, make_celery
+from core.settings import Settings
+app = make_celery(Settings(_env_file=None))
+queue = Queue(QUEUE_FOR_KIND["text"]).bind(app.connection_for_read().default_channel)
+while (message := queue.get(no_ack=False, accept={"json"})) is None:
+    time.sleep(0.05)
+print(message.decode()[0][0], flush=True)
+time.sleep(600)
+"""
+
+
+def _killed_holding_one(settings: Settings) -> str:
+    """A worker process takes one message and is SIGKILLed before it acknowledges it (as a
+    batch pulling its members can be); returns the job id it held."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MUSESPARK_")}
+    env.update(MUSESPARK_BROKER_URL=settings.resolved_broker_url,
+               MUSESPARK_BROKER_KEY_PREFIX=settings.broker_key_prefix or "",
+               MUSESPARK_DATA_DIR=str(settings.data_dir), PYTHONPATH=str(REPO))
+    taker = subprocess.Popen([sys.executable, "-c", _TAKER], env=env, stdout=subprocess.PIPE)
+    try:
+        assert taker.stdout is not None
+        held = taker.stdout.readline().decode().strip()
+    finally:
+        taker.send_signal(signal.SIGKILL)
+        taker.wait(timeout=30)
+    assert held, "the taker got no message"
+    return held
+
+
+def test_a_message_a_dead_worker_took_is_sent_again_long_before_its_visibility_timeout(
+        store: Store, tmp_path: Path) -> None:
+    problem = redis_reachable()
+    if problem:
+        pytest.skip(problem)
+    prefix = f"musespark-stranded-{os.getpid()}-{time.monotonic_ns()}:"
+    settings = _settings(tmp_path, broker_url=REDIS_URL, broker_key_prefix=prefix)
+    probe, publisher = BrokerProbe(settings), CeleryPublisher(settings)
+    try:
+        queued, running = _queued(store, "stranded-1"), _queued(store, "stranded-2")
+        for job_id in (queued, running):
+            publisher.publish(job_id, "text", {"max_new_tokens": 8})
+        assert {_killed_holding_one(settings), _killed_holding_one(settings)} == {queued,
+                                                                                  running}
+        store.claim(running, worker="alive", stale_after=60, max_attempts=3)
+        assert redrive.resend_stranded(store, publisher, probe) == 0, "too young to be lost"
+        time.sleep(0.6)
+        assert redrive.resend_stranded(store, publisher, probe, older_than=0.5) == 1
+        assert _killed_holding_one(settings) == queued, "its job is in the queue again"
+        left = [job for _, job in probe.stranded(0)]
+        assert running in left, "a running job's message is its worker's"
+        assert left.count(queued) == 1, "the dead worker's copy is gone; the taker's is new"
+    finally:
+        probe.close()
+        publisher.close()
+        drop_redis_prefix(prefix)
 
 
 def test_the_embedded_probe_tells_a_replaced_broker_file(tmp_path: Path) -> None:

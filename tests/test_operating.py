@@ -139,7 +139,7 @@ def test_metrics_from_a_running_bot_and_worker(distributed: list[Stack], fake: F
                      kind="reaction") == 1
         assert total(bot_metrics, "musespark_worker_deaths_total") == 0
         assert {labels["reason"] for labels, _ in bot_metrics["musespark_redrives_total"]} == {
-            "unpublished", "stale", "lost"}
+            "unpublished", "stale", "lost", "stranded"}
         # Worker (merged from its pool processes).
         runs = total(worker_metrics, "musespark_job_run_seconds_count", kind="image")
         assert runs >= 4, runs  # two results, the failed one and the 429's second go
