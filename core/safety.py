@@ -81,7 +81,7 @@ def blocked_word_in(text: str, words: Iterable[str]) -> str | None:
 
 
 class _IndexedWords:
-    """better-profanity's word set with a fast ``in``.
+    """better-profanity's word set with a fast ``in``, and numbers left alone.
 
     The library tests each word of a prompt (and each run of up to five words) with ``in``
     against a list of about 900 ``VaryingString`` entries, comparing one by one: some 20 ms a
@@ -99,7 +99,10 @@ class _IndexedWords:
         self._seen: dict[str, bool] = {}
 
     def __contains__(self, word: object) -> bool:
-        if not isinstance(word, str):
+        # A number is a number: the library's leetspeak variants read "455" as a swear word
+        # (4 -> a, 5 -> s), which refused "draw 455 balloons". Digits next to letters ("a55",
+        # "sh1t") are still read as the library reads them.
+        if not isinstance(word, str) or not any(c.isalpha() for c in word):
             return False
         known = self._seen.get(word)
         if known is None:

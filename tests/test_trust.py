@@ -102,6 +102,11 @@ def test_policy_rules() -> None:
     assert safety.prompt_verdict("a f*ck fox", "off", []) is None
     assert safety.prompt_verdict("Pineapple pizza", "off", ["pineapple"]) is not None
     assert safety.prompt_verdict("pineapples", "off", ["pineapple"]) is None  # whole words
+    # Numbers are not leetspeak (the library reads 455 as a swear word); "a55" still is.
+    for numbered in ("draw 455 balloons", "room 5318008 at dusk", "soak-455 a lighthouse",
+                     "burst 455 --count 1", "80085 stars"):
+        assert safety.prompt_verdict(numbered, "strict", []) is None, numbered
+    assert safety.prompt_verdict("a big a55 fox", "standard", []) is not None
     covered = [{"class": "FEMALE_BREAST_COVERED", "score": 0.4}]
     exposed = [{"class": "FEMALE_BREAST_EXPOSED", "score": 0.6}]
     assert safety.picture_verdict(covered, "standard") is None
