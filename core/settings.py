@@ -209,6 +209,11 @@ class Settings(BaseSettings):
     telegram_webhook_port: int = Field(
         default=8443, ge=1, le=65535, description="Port the webhook server binds (webhook mode)."
     )
+    telegram_inline_retry_max_seconds: float = Field(
+        default=15.0, ge=0,
+        description="Once part of a split message is posted, a Telegram 429 up to this long is "
+        "waited out in place; a longer one sends the job back to the queue until then.",
+    )
     discord_token: SecretStr | None = None
     discord_api_url: str = "https://discord.com/api/v10"
     discord_mention_mode: bool = Field(

@@ -311,15 +311,17 @@ def test_a_long_429_mid_telegram_message_defers_and_posts_no_part_twice(
     """A 429 longer than the deliverer waits in place defers the job; the resumed attempt
     posts from the refused part on (Telegram has no idempotency key: only the progress kept
     per part prevents the repeat)."""
+    waits_in_place = 1  # seconds (15 by default: the test keeps it short)
     stack: Stack = make_stack(MUSESPARK_TELEGRAM_TOKEN=telegram_fake.token,
-                              MUSESPARK_TELEGRAM_API_URL=telegram_fake.url)
+                              MUSESPARK_TELEGRAM_API_URL=telegram_fake.url,
+                              MUSESPARK_TELEGRAM_INLINE_RETRY_MAX_SECONDS=str(waits_in_place))
     stack.start_worker()
     store = stack.runtime.store
     chat = next(_chats)
     message = _result(_long_text(3, telegram_delivery.MESSAGE_MAX_CHARS))
     parts = telegram_delivery.split_text(message.text)
     assert len(parts) == 3
-    wait = int(telegram_delivery.INLINE_RETRY_MAX_SECONDS) + 1
+    wait = waits_in_place + 2
     telegram_fake.fail("sendMessage", chat_id=chat, code=429, retry_after=wait,
                        where=lambda call: call.params.get("text") == parts[1])
     target = DeliveryTarget(platform="telegram", chat_id=str(chat), reply_to="77")

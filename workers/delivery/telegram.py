@@ -78,10 +78,6 @@ PRIVATE_CHAT_INTERVAL_SECONDS = 1.0
 GROUP_CHAT_INTERVAL_SECONDS = 3.0
 #: How long a job waits after a network error or a 5xx before trying again.
 TRANSIENT_RETRY_SECONDS = 5.0
-#: Once part of a message is posted, a 429 up to this long is waited out in place (the rest of
-#: the message follows without a trip through the queue); a longer one defers the job, which
-#: resumes at the first part not posted.
-INLINE_RETRY_MAX_SECONDS = 15.0
 BUTTONS_PER_ROW = 3
 PROGRESS_DONE_TEXT = "✅ Done."
 PROGRESS_FAILED_TEXT = "❌ That didn't work; see below."
@@ -286,12 +282,16 @@ class TelegramDeliverer:
 
     def _call_part(self, client: httpx.Client, method: str, params: dict[str, Any],
                    files: dict[str, tuple[str, bytes, str]] | None, *, started: bool) -> Any:
-        """A call that posts one part of a message; see :data:`INLINE_RETRY_MAX_SECONDS`."""
+        """A call that posts one part of a message. Once part of a message is posted, a 429 up
+        to ``MUSESPARK_TELEGRAM_INLINE_RETRY_MAX_SECONDS`` is waited out in place (the rest of
+        the message follows without a trip through the queue); a longer one defers the job,
+        which resumes at the first part not posted."""
         try:
             return self._call(client, method, params, files)
         except DeliveryError as exc:
             wait = exc.retry_after
-            if not started or exc.final or wait is None or wait > INLINE_RETRY_MAX_SECONDS:
+            if (not started or exc.final or wait is None
+                    or wait > self._settings.telegram_inline_retry_max_seconds):
                 raise
             log.info("Telegram %s: waiting %.1f s in place to finish a message", method, wait)
             time.sleep(wait)
