@@ -9,7 +9,10 @@ In one run, on the embedded backend with one real worker process each:
   batch sizes 1, 4 and 16 (its best is the ceiling). All requests are compatible (same size,
   steps, guidance), as a story's scenes or a converged community's requests are.
 * text: the local model writing ``--chats`` replies one after another versus in one padded
-  batch (``CausalLMGenerator.generate_batch``), new tokens per second.
+  batch (``CausalLMGenerator.generate_batch``), new tokens per second; and served: ``--chats``
+  people sending /write at once (``--text-rounds`` times) to a worker that batches text
+  (``MUSESPARK_TEXT_BATCH_MAX=--chats``) and to one that writes one reply at a time, replies
+  per second from request to delivery.
 
 It prints absolute figures and the ratios the issue asks for. On a CPU with the tiny demo
 model only the ratios mean anything; on a GPU pass a real model:
@@ -29,6 +32,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -129,6 +133,39 @@ def _text(cache: Path, args: argparse.Namespace) -> tuple[float, float]:
     return single, batched
 
 
+def _served_text(root: Path, cache: Path, args: argparse.Namespace, batch: int) -> float:
+    """Replies per second one worker delivers to ``--chats`` people asking at once (/write
+    through the orchestrator, as from a chat), ``--text-rounds`` times over."""
+    env = {"MUSESPARK_TEXT_BATCH_MAX": str(batch), "MUSESPARK_TEXT_BATCH_WAIT_MS": "30",
+           "MUSESPARK_DEVICE": args.device, "MUSESPARK_TEXT_MAX_NEW_TOKENS": str(args.tokens)}
+    if args.text_model:
+        env["MUSESPARK_TEXT_MODEL"] = args.text_model
+    stack = Stack.create("embedded", root / f"text-batch-{batch}", cache, **env)
+    try:
+        stack.start_worker()
+
+        def write(chat: Any, number: int) -> None:
+            (status,) = [m for m in chat.say(f"/write a short poem about the number {number}")
+                         if m.job_id]
+            done = stack.wait_job(str(status.job_id), ("delivered", "failed"),
+                                  timeout=JOB_TIMEOUT_SECONDS)
+            assert done.state == "delivered", done.failure_reason
+
+        write(stack.chat(), -1)  # model load, not timed
+        chats = [stack.chat() for _ in range(args.chats)]
+        start = time.perf_counter()
+        for round_ in range(args.text_rounds):
+            threads = [threading.Thread(target=write, args=(chat, round_ * 100 + n))
+                       for n, chat in enumerate(chats)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        return args.chats * args.text_rounds / (time.perf_counter() - start)
+    finally:
+        stack.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--requesters", default="1,4,16")
@@ -138,6 +175,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--chats", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--text-rounds", type=int, default=3,
+                        help="rounds of --chats people writing at once (served text)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--image-model", default=None)
     parser.add_argument("--text-model", default=None)
@@ -166,6 +205,11 @@ def main() -> None:
     single, batched_text = _text(args.model_cache, args)
     print(f"text tokens/s: single stream {single:.1f}, batched x{args.chats} {batched_text:.1f}, "
           f"ratio {batched_text / single:.2f}")
+    served_batched = _served_text(root, args.model_cache, args, args.chats)
+    served_alone = _served_text(root, args.model_cache, args, 1)
+    print(f"served text, {args.chats} people writing at once: replies/s batched "
+          f"{served_batched:.2f}, one at a time {served_alone:.2f}, ratio "
+          f"{served_batched / served_alone:.2f}")
 
 
 if __name__ == "__main__":

@@ -52,12 +52,6 @@ log = logging.getLogger(__name__)
 #: A queued job that was published this long ago and has not started is published again
 #: (the safety net for a loss nobody noticed, e.g. a Redis flushed or evicting keys).
 REPUBLISH_QUEUED_AFTER_SECONDS = 600.0
-#: A message a worker took from the queue this long ago, whose job is still queued and due, is
-#: stranded: the worker died between taking and claiming it (a batch pulling its members, a
-#: worker's prefetch). Its job is sent again at once instead of after the broker's visibility
-#: timeout (an hour on Redis) or :data:`REPUBLISH_QUEUED_AFTER_SECONDS`. A live worker claims
-#: what it takes within milliseconds.
-STRANDED_AFTER_SECONDS = 30.0
 #: Jobs read per query; a round reads at most this many batches (the rest waits a round).
 REDRIVE_BATCH = 100
 MAX_BATCHES_PER_ROUND = 20
@@ -187,10 +181,18 @@ def _redrive(store: Store, publisher: JobPublisher, settings: Settings, *,
 
 
 def resend_stranded(store: Store, publisher: JobPublisher, probe: BrokerProbe, *,
-                    older_than: float = STRANDED_AFTER_SECONDS) -> int:
+                    older_than: float) -> int:
     """Send again the jobs whose message a dead worker took (:meth:`BrokerProbe.stranded`);
-    returns how many. A message whose job is finished is dropped; one whose job runs, or waits
-    its turn (deferred), is left to its holder."""
+    returns how many.
+
+    A message a worker took ``older_than`` seconds ago (``MUSESPARK_JOB_STALE_AFTER_SECONDS``,
+    as long as a running job's heartbeat may be silent), whose job is still queued and due, is
+    stranded: the worker died between taking it and claiming the job (a batch pulling its
+    members, a killed machine's prefetch). Its job is sent again now instead of after the
+    broker's visibility timeout (an hour on Redis) or :data:`REPUBLISH_QUEUED_AFTER_SECONDS`.
+    A worker that is only slow to reach it (a job pulled to run after a long batch) finds it
+    claimed by another and skips it. A message whose job is finished is dropped; one whose job
+    runs, or waits its turn (deferred, held for fair share), is left to its holder."""
     try:
         stranded = probe.stranded(older_than)
     except QueueUnavailableError as exc:
@@ -380,7 +382,8 @@ class Redriver:
         if self._lost_before is not None and complete:
             log.warning("re-sent %d job(s) the broker lost", self._lost_total)
             self._lost_before, self._lost_total = None, 0
-        published += resend_stranded(self._store, self._publisher, self._watch.probe)
+        published += resend_stranded(self._store, self._publisher, self._watch.probe,
+                                     older_than=self._settings.job_stale_after_seconds)
         tell_the_delayed(self._store, self._settings, self._notifiers)
         return published
 

@@ -14,12 +14,15 @@ How the extra messages are taken, and why they stay safe (late acks):
   kombu's ``basic_get(no_ack=False)`` on its own connection (the broker's own mechanism: Redis
   keeps them in its ``unacked`` hash, the embedded SQLite transport claims their rows with a
   lease). They are acknowledged only after their job is finished (delivered, failed, or found
-  not to be ours). Each job pulled is claimed at once, with a heartbeat until its turn: a
-  worker killed mid-batch acknowledges none of the messages (the broker gives them back only
-  after its ``visibility_timeout``, an hour on Redis), but its jobs are ``running`` with a
-  stale heartbeat, so the bot's redriver re-publishes them within
-  ``MUSESPARK_JOB_STALE_AFTER_SECONDS``. The store's claims, fenced on the
-  attempt number, make sure that each job is posted once however many messages name it.
+  not to be ours). Each job pulled to join the batch is claimed at once, with a heartbeat
+  until the batch renders: a worker killed mid-batch acknowledges none of the messages (the
+  broker gives them back only after its ``visibility_timeout``, an hour on Redis), but its
+  jobs are ``running`` with a stale heartbeat, so the bot's redriver re-publishes them within
+  ``MUSESPARK_JOB_STALE_AFTER_SECONDS``. A job pulled to run alone after the batch is claimed
+  when it starts (a crash while it waited is none of its attempts); should the worker die
+  first, the redriver finds its message stranded in the broker and re-sends the job. The
+  store's claims, fenced on the attempt number, make sure that each job is posted once however
+  many messages name it.
 * Why not celery-batches: its ``Batches`` task acknowledges late messages after the batch
   returns (``flush`` -> ``on_return``), but it buffers in the consumer, so it needs a prefetch
   window of at least the batch size for the whole worker: every worker would then hold (and
@@ -118,13 +121,16 @@ NOT_RENDERED = frozenset({"story", "verify", "understand", "brainstorm"})
 class _Pulled:
     job_id: str
     message: Any
-    #: "batch": renders with the first job; "alone": runs by itself after the batch;
-    #: "duplicate": another message for a job already in the batch.
+    #: "batch": renders with the first job (claimed when pulled); "alone": runs by itself
+    #: after the batch (claimed when it starts); "duplicate": another message for a job
+    #: already in the batch.
     role: str
-    #: A job to run is claimed the moment it is pulled, and its heartbeat runs until its turn
-    #: comes: a worker killed in between leaves it ``running`` with a stale heartbeat, which the
-    #: redriver re-sends within ``MUSESPARK_JOB_STALE_AFTER_SECONDS`` (a pulled message itself
-    #: stays hidden in the broker until its visibility timeout, an hour on Redis).
+    #: A batch member is claimed the moment it is pulled, and its heartbeat runs until the
+    #: batch renders: a worker killed in between leaves it ``running`` with a stale heartbeat,
+    #: which the redriver re-sends within ``MUSESPARK_JOB_STALE_AFTER_SECONDS``. A job pulled
+    #: to run alone is not claimed until its turn; a pulled message whose worker died before
+    #: claiming it is found stranded by the redriver (a pulled message itself stays hidden in
+    #: the broker until its visibility timeout, an hour on Redis).
     claim: Claim | None = None
     beat: _Heartbeat | None = None
     #: The job as it was in the queue, and when it was taken (for its metrics).
@@ -226,13 +232,29 @@ def _pull(first: Job, first_ask: PictureAsk, generator: Any, store: Store, setti
                 _estimate(generator, asks) + time.monotonic() - started
                 + job_time_limits(job.kind, job.params)[1] - BASE_TIME_LIMIT_SECONDS
                 <= allowed):
-            if (taken := _claimed(job, message, "alone", store, settings)) is None:
-                continue
-            pulled.append(taken)  # runs next, in its place
+            pulled.append(_next_alone(job, message))
             break
         message.reject(requeue=True)
         break
     return pulled
+
+
+def _next_alone(job: Job, message: Any) -> _Pulled:
+    """A pulled job that runs next, in its place, on its own (a redriven message would go to
+    the back of the queue). It is claimed when its turn comes, not now: were the worker killed
+    while it waits, none of its attempts is used up by a crash it took no part in, and the
+    redriver re-sends its stranded message (core/redrive.py)."""
+    return _Pulled(job.id, message, "alone", job=job, taken_at=time.monotonic())
+
+
+def _run_alone(item: _Pulled, store: Store, settings: Settings) -> str:
+    """Claim and run a job pulled to run after the batch (see :func:`_next_alone`)."""
+    claim = claim_job(store, item.job_id, settings)
+    if claim is None:
+        return "skipped"
+    job_taken(item.job, settings)
+    item.taken_at = time.monotonic()
+    return run_claimed(store, claim, settings)
 
 
 _NOT_DUE: Any = object()
@@ -316,10 +338,9 @@ def _run_pulled(job_id: str, pulled: list[_Pulled],
             item.stop_beating()  # the batch keeps the heartbeats of its members
         outcomes = together(batch)
         for alone in (p for p in pulled if p.role == "alone"):
-            alone.stop_beating()
-            assert alone.claim is not None
-            outcomes[alone.job_id] = (_return_unstarted(store, alone.claim) if shutdown.stopping()
-                                      else run_claimed(store, alone.claim, settings))
+            # A stopping worker starts nothing more: its message goes back (below).
+            outcomes[alone.job_id] = ("returned" if shutdown.stopping()
+                                      else _run_alone(alone, store, settings))
         finished.update(j for j, outcome in outcomes.items() if outcome != "returned")
         finished.update(p.job_id for p in pulled if p.role == "duplicate"
                         and p.job_id in finished)
@@ -541,9 +562,7 @@ def _pull_text(first: Job, store: Store, settings: Settings, started: float) -> 
         if job is not _NOT_DUE and (_text_seconds(budgets) + elapsed
                                     + job_time_limits(job.kind, job.params)[1]
                                     - BASE_TIME_LIMIT_SECONDS <= allowed):
-            if (taken := _claimed(job, message, "alone", store, settings)) is None:
-                continue
-            pulled.append(taken)  # runs next, in its place
+            pulled.append(_next_alone(job, message))
             break
         message.reject(requeue=True)
         break
