@@ -129,6 +129,33 @@ def test_the_terminal_chat_prints_only_the_new_words_of_a_streaming_reply(
     assert any(MODEL in line for line in lines)
 
 
+def test_the_web_playgrounds_progress_line_shows_the_reply_as_it_grows(
+        served: tuple[Stack, FakeOpenAI, FakeTelegram]) -> None:
+    """The live hub swaps the request's progress line for the reply written so far."""
+    import html
+    import time
+
+    from bots.web._live import LiveHub, _Tab
+
+    stack, api, _ = served
+    chat = stack.chat()
+    (status,) = [m for m in chat.say("/write a haiku about rain") if m.job_id]
+    job_id = str(status.job_id)
+    hub = LiveHub(stack.runtime.store, lambda chat_id, rows: "",
+                  lambda job, text: f"<span id='state-{job}'>{html.escape(text)}</span>")
+    tab = _Tab(chat.chat_id, status.id, watching={job_id: ""})
+    shown: list[str] = []
+    deadline = time.monotonic() + RESULT_TIMEOUT_SECONDS
+    while job_id in tab.watching and time.monotonic() < deadline:
+        ((_, frames),) = hub._read([tab])
+        shown += [f for f in frames if f"state-{job_id}" in f]
+        time.sleep(0.2)
+    grown = [f for f in shown if STREAM_CURSOR in f]
+    assert len(grown) >= 2, shown
+    assert all(html.escape(api.reply.split()[0]) in f for f in grown), grown
+    assert "done" in shown[-1], shown
+
+
 def test_a_brainstorm_uses_the_servers_json_schema_output(
         served: tuple[Stack, FakeOpenAI, FakeTelegram]) -> None:
     stack, api, _ = served

@@ -4,8 +4,9 @@ Browsers never poll. Each tab keeps one ``EventSource`` (htmx's SSE extension) o
 reads the store for all open tabs at once (one query for new local messages in their chats, one
 progress read per request still running) every :data:`LIVE_INTERVAL_SECONDS` and pushes HTML
 fragments: new messages to append, and out-of-band swaps of a request's progress line
-("queued, 2 ahead" -> "drawing…" -> "done"). Workers write results into ``local_messages``
-(workers/delivery/local.py); the terminal chat reads the same table.
+("queued, 2 ahead" -> "drawing…" -> "done"; a reply being written shows there as it grows).
+Workers write results into ``local_messages`` (workers/delivery/local.py); the terminal chat
+reads the same table.
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class LiveHub:
         """In a thread: what each tab has not seen yet."""
         chats = sorted({t.chat_id for t in tabs})
         rows = local_messages_since(self.store, chats, min(t.after for t in tabs))
+        # A reply being written shows on its progress line as it grows (the worker's edits).
+        streamed = self.store.local_progress({j for t in tabs for j in t.watching} | {
+            r.job_id for r in rows if r.kind == "status" and r.job_id})
         out = []
         for tab in tabs:
             frames: list[str] = []
@@ -135,6 +139,8 @@ class LiveHub:
                     continue
                 job = self.store.get_job(job_id)
                 text = now.describe(job.kind if job else "image")
+                if now.state == "running" and streamed.get(job_id):
+                    text = streamed[job_id]
                 if text != shown:
                     tab.watching[job_id] = text
                     frames.append(sse_frame(self.render_progress(job_id, text)))

@@ -897,6 +897,18 @@ class Store:
             row.attachments = {**row.attachments, "progress": text}
             return True
 
+    def local_progress(self, job_ids: Collection[str]) -> dict[str, str]:
+        """The progress a worker showed (:meth:`show_local_progress`) on each job's status
+        message, for those that have some."""
+        if not job_ids:
+            return {}
+        with self.session() as s:
+            rows = s.scalars(select(LocalMessage).where(
+                LocalMessage.job_id.in_(list(job_ids)), LocalMessage.author == "bot",
+                LocalMessage.kind == "status")).all()
+        return {str(r.job_id): str(r.attachments["progress"]) for r in rows
+                if r.attachments.get("progress")}
+
     def local_messages_by_id(self, message_ids: Collection[int]) -> Sequence[LocalMessage]:
         with self.session() as s:
             return s.scalars(select(LocalMessage).where(
