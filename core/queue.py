@@ -231,9 +231,10 @@ class BrokerProbe:
 
     # -- messages a dead consumer took ------------------------------------------------------
 
-    def stranded(self, older_than: float, limit: int = 100) -> list[tuple[str, str]]:
+    def stranded(self, older_than: float, limit: int = 100) -> list[tuple[str, str, float]]:
         """Messages a consumer took from a MuseSpark queue at least ``older_than`` seconds ago
-        and neither acknowledged nor gave back: ``(delivery tag, job id)``, oldest first.
+        and neither acknowledged nor gave back: ``(delivery tag, job id, when it was taken as a
+        Unix time)``, oldest first.
 
         On Redis such a message is hidden in kombu's ``unacked`` hash until the visibility
         timeout (an hour) ends; the caller decides from the job's state whether its consumer
@@ -245,16 +246,18 @@ class BrokerProbe:
         import redis
 
         try:
-            tags = self._redis.zrangebyscore(self._unacked_index, "-inf",
-                                             time.time() - older_than, start=0, num=limit)
-            held = self._redis.hmget(self._unacked, tags) if tags else []
+            taken = self._redis.zrangebyscore(self._unacked_index, "-inf",
+                                              time.time() - older_than, start=0, num=limit,
+                                              withscores=True)
+            held = self._redis.hmget(self._unacked, [tag for tag, _ in taken]) if taken else []
         except (redis.RedisError, OSError) as exc:
             raise QueueUnavailableError(f"broker unreachable: {exc}") from exc
         found = []
-        for tag, raw in zip(tags, held):
+        for (tag, at), raw in zip(taken, held):
             job_id = _job_id_in(raw)
             if job_id is not None:
-                found.append((tag.decode() if isinstance(tag, bytes) else str(tag), job_id))
+                found.append((tag.decode() if isinstance(tag, bytes) else str(tag), job_id,
+                              float(at)))
         return found
 
     def forget(self, tag: str) -> None:

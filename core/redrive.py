@@ -185,7 +185,8 @@ def resend_stranded(store: Store, publisher: JobPublisher, probe: BrokerProbe, *
     """Send again the jobs whose message a dead worker took (:meth:`BrokerProbe.stranded`);
     returns how many.
 
-    A message a worker took ``older_than`` seconds ago (``MUSESPARK_JOB_STALE_AFTER_SECONDS``,
+    A message whose job was sent again after it was taken (a stale running job's redrive) is
+    only dropped. A message a worker took ``older_than`` seconds ago (``MUSESPARK_JOB_STALE_AFTER_SECONDS``,
     as long as a running job's heartbeat may be silent), whose job is still queued and due, is
     stranded: the worker died between taking it and claiming the job (a batch pulling its
     members, a killed machine's prefetch). Its job is sent again now instead of after the
@@ -200,9 +201,13 @@ def resend_stranded(store: Store, publisher: JobPublisher, probe: BrokerProbe, *
         return 0
     sent = 0
     due_before = utcnow() - timedelta(seconds=older_than)
-    for tag, job_id in stranded:
+    for tag, job_id, taken_at in stranded:
         job = store.get_job(job_id)
-        if job is not None and job.state == JobState.QUEUED:
+        # Sent again since the message was taken (as a stale running job: at least
+        # ``older_than`` later); half of that is the clock difference between machines allowed.
+        sent_since = job is not None and job.published_at is not None and (
+            _aware(job.published_at).timestamp() > taken_at + older_than / 2)
+        if job is not None and job.state == JobState.QUEUED and not sent_since:
             if job.not_before is not None and _aware(job.not_before) > due_before:
                 continue  # a deferred job's countdown message, held until it is due
             if job.held:

@@ -72,7 +72,7 @@ class ScriptedProbe:
             raise self.answer
         return self.answer
 
-    def stranded(self, older_than: float, limit: int = 100) -> list[tuple[str, str]]:
+    def stranded(self, older_than: float, limit: int = 100) -> list[tuple[str, str, float]]:
         return []  # a message held by a dead worker: tested with the real probe below
 
     def forget(self, tag: str) -> None:
@@ -404,9 +404,19 @@ def test_a_message_a_dead_worker_took_is_sent_again_long_before_its_visibility_t
         time.sleep(0.6)
         assert redrive.resend_stranded(store, publisher, probe, older_than=0.5) == 1
         assert _killed_holding_one(settings) == queued, "its job is in the queue again"
-        left = [job for _, job in probe.stranded(0)]
+        left = [job for _, job, _ in probe.stranded(0)]
         assert running in left, "a running job's message is its worker's"
         assert left.count(queued) == 1, "the dead worker's copy is gone; the taker's is new"
+        # A job sent again since its message was taken (as a stale running job is) is not
+        # sent once more: its stranded message is only dropped.
+        store.claim(queued, worker="alive", stale_after=60, max_attempts=3)  # done with it
+        resent = _queued(store, "stranded-3")
+        publisher.publish(resent, "text", {"max_new_tokens": 8})
+        assert _killed_holding_one(settings) == resent
+        time.sleep(0.6)
+        store.mark_published(resent)
+        assert redrive.resend_stranded(store, publisher, probe, older_than=0.5) == 0
+        assert resent not in [job for _, job, _ in probe.stranded(0)]
     finally:
         probe.close()
         publisher.close()
