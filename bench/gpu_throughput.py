@@ -146,7 +146,7 @@ def _served_text(root: Path, cache: Path, args: argparse.Namespace, batch: int) 
 
         def write(chat: Any, number: int) -> None:
             (status,) = [m for m in chat.say(f"/write a short poem about the number {number}")
-                         if m.job_id]
+                         if m.kind == "status" and m.job_id]  # (not the last round's result)
             done = stack.wait_job(str(status.job_id), ("delivered", "failed"),
                                   timeout=JOB_TIMEOUT_SECONDS)
             assert done.state == "delivered", done.failure_reason
