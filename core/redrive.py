@@ -335,6 +335,11 @@ class BrokerWatch:
     def probe(self) -> BrokerProbe:
         return self._probe
 
+    @property
+    def down(self) -> bool:
+        """The broker could not be reached at the last :meth:`check`."""
+        return self._down
+
     def close(self) -> None:
         self._probe.close()
 
@@ -373,7 +378,8 @@ class Redriver:
 
     def round(self) -> int:
         """One round (what the thread does each interval); returns how many jobs were sent."""
-        if self._watch.check():
+        lost_now = self._watch.check()
+        if lost_now:
             # Everything published up to now may have been in the lost broker; a job published
             # to the new one meanwhile is sent twice, which its claim makes harmless.
             self._lost_before = utcnow()
@@ -387,8 +393,11 @@ class Redriver:
         if self._lost_before is not None and complete:
             log.warning("re-sent %d job(s) the broker lost", self._lost_total)
             self._lost_before, self._lost_total = None, 0
-        published += resend_stranded(self._store, self._publisher, self._watch.probe,
-                                     older_than=self._settings.job_stale_after_seconds)
+        if complete and not lost_now and not self._watch.down:
+            # Only with the broker up and nothing lost to resend: a round during an outage
+            # must not wait on the broker twice (a restart is noticed a round sooner).
+            published += resend_stranded(self._store, self._publisher, self._watch.probe,
+                                         older_than=self._settings.job_stale_after_seconds)
         tell_the_delayed(self._store, self._settings, self._notifiers)
         return published
 
