@@ -19,7 +19,7 @@ from core import safety
 from core.errors import PromptError
 from core.events import Actor, Channel, ChannelKind
 from core.settings import Settings
-from core.store import Community, Store, User, utcnow
+from core.store import Community, Store, User, as_utc, utcnow
 from core.store.models import AuditEvent, RequestLog
 
 __all__ = ["AUDIT_SHOWN", "Policy", "Quotas", "Usage", "quota_refusal"]
@@ -72,9 +72,6 @@ def quota_refusal(quotas: Quotas, usage: Usage) -> tuple[str, str, int] | None:
             return who, window, limit
     return None
 
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def is_admin_here(actor: Actor, channel: Channel) -> bool:
@@ -180,7 +177,7 @@ class Policy:
             oldest = s.scalar(select(RequestLog.created_at).where(
                 column, RequestLog.created_at > now - span)
                 .order_by(RequestLog.created_at.desc()).offset(limit - 1).limit(1))
-        free_at = (_aware(oldest) + span) if oldest is not None else now + span
+        free_at = (as_utc(oldest) + span) if oldest is not None else now + span
         minutes = max(1, round((free_at - now).total_seconds() / 60))
         whose = "You have" if who == "person" else "This community has"
         per = "hour" if window == "hourly" else "day"
@@ -319,6 +316,6 @@ class Policy:
             who = name or platform_id or ("someone" if event.actor_user_id else "MuseSpark")
             detail = ", ".join(f"{k}: {v}" for k, v in event.detail.items())
             job = f" job {event.job_id}" if event.job_id else ""
-            lines.append(f"{_aware(event.created_at):%Y-%m-%d %H:%M} UTC {event.kind}{job} by "
+            lines.append(f"{as_utc(event.created_at):%Y-%m-%d %H:%M} UTC {event.kind}{job} by "
                          f"{who}" + (f" ({detail})" if detail else ""))
         return "\n".join(lines)

@@ -27,7 +27,7 @@ import shutil
 import threading
 import zipfile
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from sqlalchemy import delete, or_, select, update
 from core.learning import TasteService
 from core.settings import Settings
 from core.store import Artifact, Community, FeedbackEvent, Job, JobState, LocalMessage, Store
-from core.store import User, rows_changed, utcnow
+from core.store import User, as_utc, rows_changed, utcnow
 from core.store.models import (
     AuditEvent,
     Confirmation,
@@ -87,13 +87,10 @@ class Purged:
     uploads: int
 
 
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
-
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
-        return _aware(value).isoformat()
+        return as_utc(value).isoformat()
     return value
 
 
@@ -123,7 +120,7 @@ class Privacy:
         with self.store.session() as s:
             found = s.get(Confirmation, code.strip().lower())
             if (found is None or found.purpose != _PURPOSE_FORGET or found.user_id not in ids
-                    or _aware(found.created_at) < utcnow() - CONFIRM_TTL):
+                    or as_utc(found.created_at) < utcnow() - CONFIRM_TTL):
                 return False
             s.delete(found)
             return True

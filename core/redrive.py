@@ -25,7 +25,7 @@ import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from core.errors import QueueUnavailableError
 from core.outbound import DeliveryTarget, MessageKind
 from core.queue import BROKER_FILE_MISSING, BrokerProbe, JobPublisher
 from core.settings import Settings
-from core.store import Job, JobState, Store, utcnow
+from core.store import Job, JobState, Store, as_utc, utcnow
 
 __all__ = [
     "BrokerWatch",
@@ -206,9 +206,9 @@ def resend_stranded(store: Store, publisher: JobPublisher, probe: BrokerProbe, *
         # Sent again since the message was taken (as a stale running job: at least
         # ``older_than`` later); half of that is the clock difference between machines allowed.
         sent_since = job is not None and job.published_at is not None and (
-            _aware(job.published_at).timestamp() > taken_at + older_than / 2)
+            as_utc(job.published_at).timestamp() > taken_at + older_than / 2)
         if job is not None and job.state == JobState.QUEUED and not sent_since:
-            if job.not_before is not None and _aware(job.not_before) > due_before:
+            if job.not_before is not None and as_utc(job.not_before) > due_before:
                 continue  # a deferred job's countdown message, held until it is due
             if job.held:
                 continue  # fair share publishes it when its turn comes
@@ -229,9 +229,6 @@ def resend_stranded(store: Store, publisher: JobPublisher, probe: BrokerProbe, *
             return sent
     return sent
 
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def redrive_once(store: Store, publisher: JobPublisher, settings: Settings, *,

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
 
 from core.settings import Settings
-from core.store import Job, JobState, Store, utcnow
+from core.store import Job, JobState, Store, as_utc, utcnow
 
 __all__ = ["FleetStatus", "WorkerSeen", "fleet_status", "jobs_by_state", "oldest_waiting"]
 
@@ -29,10 +29,6 @@ PING_TIMEOUT_SECONDS = 1.0
 #: A failure reason is grouped by its first words (the rest names a job or an exception).
 REASON_CHARS = 60
 
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite gives stored UTC times back without their zone."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 @dataclass(slots=True)
@@ -80,7 +76,7 @@ def oldest_waiting(store: Store, now: datetime | None = None) -> dict[str, Any] 
             .order_by(func.coalesce(Job.not_before, Job.created_at)).limit(1)).first()
     if job is None:
         return None
-    since = _aware(job.not_before or job.created_at)
+    since = as_utc(job.not_before or job.created_at)
     return {"job_id": job.id, "kind": job.kind, "intent": job.intent, "platform": job.platform,
             "waiting_seconds": round(max(0.0, (now - since).total_seconds()), 1),
             "attempts": job.attempts}
@@ -104,7 +100,7 @@ def _running(store: Store, settings: Settings, now: datetime) -> dict[str, list[
                                            Job.heartbeat_at >= fresh)).all()
     by_worker: dict[str, list[dict[str, Any]]] = {}
     for job in jobs:
-        started = _aware(job.started_at or job.created_at)
+        started = as_utc(job.started_at or job.created_at)
         by_worker.setdefault(job.worker or "?", []).append({
             "job_id": job.id, "kind": job.kind, "intent": job.intent,
             "seconds": round((now - started).total_seconds(), 1)})

@@ -4,11 +4,10 @@ picture batch pulled from the queue (workers/batching.py) as well as each task's
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 
 from core import metrics
 from core.settings import Settings
-from core.store import Job, JobState, Store, utcnow
+from core.store import Job, JobState, Store, as_utc, utcnow
 from workers.runner import last_failure_cause
 
 __all__ = ["DEFAULT_MODEL_LABELS", "job_done", "job_taken"]
@@ -16,10 +15,6 @@ __all__ = ["DEFAULT_MODEL_LABELS", "job_done", "job_taken"]
 #: The model label of a job that has not named its model yet (nothing generated so far).
 DEFAULT_MODEL_LABELS = {"text": "SmolLM2-135M-Instruct", "image": "tiny-demo"}
 
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite gives stored UTC times back without their zone."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _model_label(job: Job, settings: Settings) -> str:
@@ -30,7 +25,7 @@ def _model_label(job: Job, settings: Settings) -> str:
 def job_taken(before: Job | None, settings: Settings) -> None:
     """A worker takes ``before`` (the job as it was in the queue): its wait."""
     if before is not None and before.state == JobState.QUEUED:
-        since = max(_aware(before.published_at or before.created_at), _aware(before.created_at))
+        since = max(as_utc(before.published_at or before.created_at), as_utc(before.created_at))
         metrics.JOB_QUEUE_WAIT.labels(before.kind, _model_label(before, settings)).observe(
             max(0.0, (utcnow() - since).total_seconds()))
 

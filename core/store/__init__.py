@@ -1,6 +1,6 @@
 """Persistence: SQLAlchemy models, Alembic migrations and the :class:`Store` facade."""
 
-from core.store._store import Claim, Store, content_hash, rows_changed, utcnow
+from core.store._store import Claim, Store, content_hash, as_utc, rows_changed, utcnow
 from core.store.models import (
     Artifact,
     Community,
@@ -26,6 +26,7 @@ __all__ = [
     "User",
     "content_hash",
     "rows_changed",
+    "as_utc",
     "utcnow",
     "WebSignIn",
 ]
