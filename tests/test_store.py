@@ -197,6 +197,7 @@ def test_a_settings_change_is_seen_by_the_next_request_at_once(store: Store) -> 
     assert store.community_settings(community, recent=True) == {"blocked_words": ["x"]}
     # A copy handed out is the caller's own: changing it changes nothing kept.
     store.community_settings(community, recent=True)["blocked_words"].append("y")
+    assert store.community_settings(community, recent=True) == {"blocked_words": ["x"]}
     assert store.community_settings(community) == {"blocked_words": ["x"]}
 
 

@@ -4,7 +4,6 @@ picture batch pulled from the queue (workers/batching.py) as well as each task's
 
 from __future__ import annotations
 
-
 from core import metrics
 from core.settings import Settings
 from core.store import Job, JobState, Store, as_utc, utcnow

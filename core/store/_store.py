@@ -8,6 +8,7 @@ cannot deliver it a second time: delivery is fenced on ``attempts``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import secrets
 import threading
@@ -288,13 +289,13 @@ class Store:
         if recent:
             cached = self._community_settings.get(community_id)
             if cached is not None and monotonic() - cached[0] < self.COMMUNITY_SETTINGS_FRESH_SECONDS:
-                return dict(cached[1])
+                return copy.deepcopy(cached[1])  # the caller's own: the lists in it too
         read_at = monotonic()
         with self.session() as s:
             community = s.get(Community, community_id)
             values = dict(community.settings or {}) if community is not None else {}
         self._community_settings[community_id] = (read_at, values)
-        return dict(values)
+        return copy.deepcopy(values)
 
     def change_settings(self, community_id: int,
                         change: Callable[[dict[str, Any]], None]) -> bool:
