@@ -162,10 +162,14 @@ def run_backend(name: str, env: dict[str, str], events: int, burst: int, tmp: Pa
                 latency[path].append(starts.wait(token) - sent)
         ingest: dict[str, float] = {}
         drained: dict[str, float] = {}
+        grouped = (0, 0)
         for path, send in (("raw", send_raw), ("core", send_core), ("core*", send_core)):
             began = time.perf_counter()
             if path == "core*":
+                before = (store.group_commit.groups, store.group_commit.members)
                 tokens = _concurrently(send, burst, threads)
+                grouped = (store.group_commit.groups - before[0],
+                           store.group_commit.members - before[1])
             else:
                 tokens = [send() for _ in range(burst)]
             ingest[path] = burst / (time.perf_counter() - began)
@@ -183,7 +187,7 @@ def run_backend(name: str, env: dict[str, str], events: int, burst: int, tmp: Pa
         publisher.close()
         raw_app.close()
         store.dispose()
-    return {"latency": latency, "ingest": ingest, "drained": drained}
+    return {"latency": latency, "ingest": ingest, "drained": drained, "grouped": grouped}
 
 
 def _wait_jobs(store: Store, prefix: str, count: int, timeout: float = 300) -> None:
@@ -339,6 +343,9 @@ def main() -> None:
         print(f"{name:<12}ratio core/raw: p50 {p50:.2f}x, p99 {p99:.2f}x, ingest {ingest:.2f}x, "
               f"ingest with {args.threads} senders {concurrent:.2f}x (targets: latency <= 1.5x, "
               f"core ingest >= 1000/s)")
+        commits, requests = result["grouped"]
+        print(f"{name:<12}group commit with {args.threads} senders: {requests} requests in "
+              f"{commits} transactions ({requests / max(1, commits):.1f} per commit)")
         for adapter, (seconds, statuses) in result.get("adapters", {}).items():
             print(f"{name:<12}{adapter} burst: {args.adapter_burst} requests all taken in "
                   f"{seconds:.1f} s ({args.adapter_burst / seconds:.0f}/s), {statuses} status "

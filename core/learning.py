@@ -151,7 +151,11 @@ class TasteService:
         user = session.get(User, user_id)
         return user.person if user is not None else user_id
 
-    def person_of(self, user_id: int) -> int:
+    def person_of(self, user_id: int, *, recent: bool = False) -> int:
+        """The person behind ``user_id``; ``recent``: a cached answer will do (the request
+        path: see :meth:`Store.person_facts`)."""
+        if recent:
+            return self.store.person_facts(user_id)[0]
         with self.store.session() as s:
             return self._person(s, user_id)
 
@@ -404,19 +408,14 @@ class TasteService:
         """Choose the next request's style and parameters, one per take (see
         :func:`core.taste.choose_takes`); returns each choice with the record the job keeps.
 
-        On the request path: one transaction, two queries.
+        On the request path: the person and the profiles come from the store's short-lived
+        read cache (:meth:`Store.person_facts`, :meth:`Store.profiles`).
         """
-        with self.store.session() as s:
-            user = s.get(User, user_id)
-            opted_out = bool(user and user.learning_opt_out)
-            person = user.person if user is not None else user_id
-            wanted = [("person", person)] if not opted_out else []
-            if community_id is not None:
-                wanted.append(("community", community_id))
-            found = {(p.subject, p.subject_id): (dict(p.stats), p.version) for p in s.scalars(
-                select(Profile).where(Profile.kind == kind, or_(*(
-                    (Profile.subject == subject) & (Profile.subject_id == subject_id)
-                    for subject, subject_id in wanted))))} if wanted else {}
+        person, opted_out = self.store.person_facts(user_id)
+        wanted = [("person", person)] if not opted_out else []
+        if community_id is not None:
+            wanted.append(("community", community_id))
+        found = self.store.profiles(kind, wanted) if wanted else {}
         own, own_version = found.get(("person", person), ({}, 0))
         community, community_version = found.get(("community", community_id or -1), ({}, 0))
         choices = taste.choose_takes(kind, own, community, rng=rng, takes=takes,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import secrets
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from core.privacy import Privacy
 from core.safety import DEFAULT_POLICY
 from core import taste
 from core.outbound import DeliveryTarget, MessageKind, OutboundMessage
-from core.queue import JobPublisher
+from core.queue import JobPublisher, publishing_batch
 from core.settings import Settings
 from core.store import Job, Store
 from core.understanding import ASK_CHOICES, Understanding
@@ -477,28 +478,36 @@ class Orchestrator:
                  and ("style" not in fixed or picked_style) and "count" not in intent.options
                  and intent.kind in (IntentKind.IMAGINE, IntentKind.REMIX) else 1)
         # One transaction for the request's reads and writes (policy, quotas, profiles, jobs,
-        # queue position); the jobs are published after it commits (a worker must find them).
+        # queue position), shared with the requests handled at the same time (group commit);
+        # the jobs are published after it commits (a worker must find them).
         cap = self.settings.fair_share_inflight
-        with self.store.transaction():
-            safety_policy, refusal = (origin.admitted, None) if origin.admitted else (
-                self.policy.check(prompt=intent.prompt, user_id=origin.user_id,
-                                  community_id=origin.community_id, platform=origin.platform,
-                                  nsfw=origin.nsfw))
-            if refusal is not None:
-                jobs: list[Job] = []
-            else:
-                jobs = self._make_jobs(origin, intent, kind, safety_policy, parent=parent,
-                                       key_suffix=key_suffix, seed=seed, fixed=fixed,
-                                       takes=takes, variation=variation,
-                                       picked_style=picked_style, thread=thread,
-                                       extra_params=extra_params, cap=cap)
-            ahead = self.store.queue_position(jobs[0]) if jobs else 0
-        if refusal is not None:  # logged in the audit outside the request's transaction
-            self.policy.refuse(refusal, safety_policy, user_id=origin.user_id,
-                               community_id=origin.community_id)
-        if not jobs:
-            return []
-        return [self._publish(jobs, intent, origin, ahead)]
+
+        def check() -> tuple[str, str | None]:  # reads only; a quota raises PromptError
+            return (origin.admitted, None) if origin.admitted else self.policy.check(
+                prompt=intent.prompt, user_id=origin.user_id, community_id=origin.community_id,
+                platform=origin.platform, nsfw=origin.nsfw)
+
+        def write(checked: tuple[str, str | None]
+                  ) -> tuple[list[Job], int, tuple[str, str | None]]:
+            if checked[1] is not None:  # refused: nothing is made
+                return [], 0, checked
+            jobs = self._make_jobs(origin, intent, kind, checked[0], parent=parent,
+                                   key_suffix=key_suffix, seed=seed, fixed=fixed, takes=takes,
+                                   variation=variation, picked_style=picked_style,
+                                   thread=thread, extra_params=extra_params, cap=cap)
+            return jobs, self.store.queue_position(jobs[0]) if jobs else 0, checked
+
+        def then(written: tuple[list[Job], int, tuple[str, str | None]]
+                 ) -> list[OutboundMessage]:
+            jobs, ahead, (safety_policy, refusal) = written
+            if refusal is not None:  # logged in the audit outside the request's transaction
+                self.policy.refuse(refusal, safety_policy, user_id=origin.user_id,
+                                   community_id=origin.community_id)
+            if not jobs:
+                return []
+            return [self._publish(jobs, intent, origin, ahead)]
+
+        return self.store.grouped(check, write, then, batch=self._publishing)
 
     def _make_jobs(self, origin: Origin, intent: Intent, kind: str, safety_policy: str, *,
                    parent: Job | None, key_suffix: str, seed: int, fixed: dict[str, str],
@@ -506,7 +515,7 @@ class Orchestrator:
                    variation: bool, picked_style: bool, thread: bool,
                    extra_params: dict[str, Any] | None, cap: int) -> list[Job]:
         """The request's jobs, made inside its transaction; [] for a duplicate request."""
-        requester = self.taste.person_of(origin.user_id)
+        requester = self.taste.person_of(origin.user_id, recent=True)
         chosen = self.taste.choose(user_id=origin.user_id, community_id=origin.community_id,
                                    kind=kind, rng=self.rng, learning=self.settings.learning,
                                    fixed=fixed, takes=takes, variation=variation,
@@ -587,6 +596,10 @@ class Orchestrator:
         if intent.kind is IntentKind.UNDERSTAND:
             return {"max_new_tokens": 8}
         return {}
+
+    def _publishing(self) -> AbstractContextManager[None]:
+        """Several requests' jobs go out together (a group commit's: core/store/_group.py)."""
+        return publishing_batch(self.publisher)
 
     def _publish(self, jobs: list[Job], intent: Intent, origin: Origin,
                  ahead: int) -> OutboundMessage:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import JSON, Dialect
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["PARAMS_VERSION", "JobParams", "ParamsJSON", "Takes", "TasteRecord"]
+__all__ = ["PARAMS_VERSION", "JobParams", "ParamsJSON", "Takes", "TasteRecord", "versioned"]
 
 #: The version stamped on params written now. Bump it with a migration when a key's meaning
 #: changes; readers of older rows see the version they were written with.
@@ -104,4 +104,9 @@ class ParamsJSON(TypeDecorator[dict[str, Any]]):
             JobParams.model_validate(value)
         except ValidationError as exc:
             raise InvalidParams(f"job params do not fit JobParams: {exc}") from exc
-        return value if "v" in value else {"v": PARAMS_VERSION, **value}
+        return versioned(value)
+
+
+def versioned(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` as stored: with the version of :class:`JobParams` they were written in."""
+    return params if "v" in params else {"v": PARAMS_VERSION, **params}

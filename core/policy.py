@@ -146,7 +146,7 @@ class Policy:
         hour, day = now - HOUR, now - DAY
         mine = RequestLog.person_id == person
         ours = RequestLog.community_id == community_id
-        with self.store.session() as s:
+        with self.store.request_log() as s:
             row = s.execute(select(
                 func.count().filter(mine & (RequestLog.created_at > hour)),
                 func.count().filter(mine),
@@ -156,9 +156,7 @@ class Policy:
         return Usage(*(int(n or 0) for n in row))
 
     def _person(self, user_id: int) -> int:
-        with self.store.session() as s:
-            user = s.get(User, user_id)
-            return user.person if user is not None else user_id
+        return self.store.person_facts(user_id)[0]
 
     def _check_quota(self, user_id: int, community_id: int | None, quotas: Quotas) -> None:
         if not any(astuple(quotas)):
@@ -172,7 +170,7 @@ class Policy:
         span = HOUR if window == "hourly" else DAY
         column = RequestLog.person_id == person if who == "person" else (
             RequestLog.community_id == community_id)
-        with self.store.session() as s:
+        with self.store.request_log() as s:
             # The request that must age out of the window before one more fits.
             oldest = s.scalar(select(RequestLog.created_at).where(
                 column, RequestLog.created_at > now - span)
@@ -187,9 +185,7 @@ class Policy:
             f"{'s' if minutes != 1 else ''}).")
 
     def count_request(self, user_id: int, community_id: int | None) -> None:
-        with self.store.session() as s:
-            s.add(RequestLog(person_id=self._person(user_id), user_id=user_id,
-                             community_id=community_id, created_at=utcnow()))
+        self.store.log_request(self._person(user_id), user_id, community_id)
 
     # -- /settings safety | blockword | quota | audit -------------------------------------------
 

@@ -237,8 +237,13 @@ class Stack:
             time.sleep(0.1)
 
     def close(self) -> None:
+        # The deployment is thrown away: its workers are killed, not stopped. A warm stop
+        # waits on Celery's own timers (up to 2 s for the embedded transport's poll, then the
+        # prefork pool's 1-second sleeps: 4 to 7 s a worker), and the tests that check a warm
+        # stop (test_operating, test_end_to_end) stop their workers themselves.
         for worker in self.workers:
-            worker.stop()
+            if worker.process.poll() is None:
+                worker.kill_hard()
         if self._runtime is not None:
             self._runtime.close()
         if self.pg_database:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests._stack import Stack, postgres_reachable, redis_reachable
+from core.store import Store
+from tests._stack import (
+    Stack,
+    create_pg_database,
+    drop_pg_database,
+    postgres_reachable,
+    redis_reachable,
+)
 
 BACKENDS = ["embedded", "distributed"]
 
@@ -73,3 +80,26 @@ def make_stack(request: pytest.FixtureRequest, tmp_path: Path,
     yield factory
     for private in made:
         private.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def each_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh store on SQLite, then on PostgreSQL (skipped, saying so, when unreachable)."""
+    database = None
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    else:
+        problem = postgres_reachable()
+        if problem:
+            if not redis_reachable():
+                pytest.fail(f"distributed mode needs PostgreSQL: {problem}")
+            pytest.skip(f"PostgreSQL NOT tested: {problem}")
+        database, url = create_pg_database()
+    opened = Store(url)
+    opened.upgrade()
+    try:
+        yield opened
+    finally:
+        opened.dispose()
+        if database:
+            drop_pg_database(database)

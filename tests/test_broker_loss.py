@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,11 +34,8 @@ from tests._stack import (
     REDIS_URL,
     REPO,
     Stack,
-    create_pg_database,
-    drop_pg_database,
     drop_redis_prefix,
     free_port,
-    postgres_reachable,
     redis_reachable,
 )
 
@@ -82,24 +78,9 @@ class ScriptedProbe:
         pass
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    database = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    else:
-        problem = postgres_reachable()
-        if problem:
-            pytest.skip(problem)
-        database, url = create_pg_database()
-    opened = Store(url)
-    opened.upgrade()
-    try:
-        yield opened
-    finally:
-        opened.dispose()
-        if database:
-            drop_pg_database(database)
+@pytest.fixture
+def store(each_store: Store) -> Store:
+    return each_store
 
 
 def _settings(tmp_path: Path, **values: Any) -> Settings:

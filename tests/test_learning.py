@@ -6,7 +6,6 @@ import io
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,29 +18,13 @@ from core.queue import RecordingPublisher
 from core.settings import Settings
 from core.store import FeedbackEvent, Store, utcnow
 from tests._sim import SimChat
-from tests._stack import create_pg_database, drop_pg_database, postgres_reachable, redis_reachable
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def orchestrator(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Orchestrator]:
+@pytest.fixture
+def orchestrator(each_store: Store, tmp_path: Path) -> Orchestrator:
     """The real orchestrator and store on SQLite, and on PostgreSQL (its own database)."""
-    database = None
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    else:
-        problem = postgres_reachable()
-        if problem:
-            if redis_reachable():
-                pytest.fail(f"distributed mode needs PostgreSQL: {problem}")
-            pytest.skip(f"PostgreSQL NOT tested: {problem}")
-        database, url = create_pg_database()
-    store = Store(url)
-    store.upgrade()
     settings = Settings(_env_file=None, data_dir=tmp_path / "data")  # type: ignore[call-arg]
-    yield Orchestrator(store, RecordingPublisher(), settings, rng=random.Random(7))
-    store.dispose()
-    if database:
-        drop_pg_database(database)
+    return Orchestrator(each_store, RecordingPublisher(), settings, rng=random.Random(7))
 
 
 @pytest.fixture

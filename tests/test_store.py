@@ -218,3 +218,211 @@ def test_a_request_transaction_reads_each_row_once(store: Store) -> None:
     assert len(reads) == 1
     taste.person_of(user)  # outside a transaction, each call reads afresh
     assert len(reads) == 2
+
+
+def _grouped_at_once(store: Store, works: list, *, first_waits: bool = True) -> list:
+    """Run ``store.grouped(check, write, then)`` for each ``(check, write[, then])`` in a
+    thread of its own,
+    the first holding its group open until every other one waits for the next group; returns
+    each one's result or exception."""
+    import threading
+
+    results: list = [None] * len(works)
+    release = threading.Event()
+
+    def run(n: int) -> None:
+        check, write, *then = works[n]
+        if n == 0 and first_waits:
+            inner = check
+
+            def check() -> object:  # the leader's group is open: the others queue up
+                release.wait(10)
+                return inner()
+        try:
+            results[n] = store.grouped(check, write, then[0] if then else lambda w: w)
+        except Exception as exc:
+            results[n] = exc
+
+    threads = [threading.Thread(target=run, args=(0,))]
+    threads[0].start()
+    while not store.group_commit.leading:
+        time.sleep(0.001)
+    threads += [threading.Thread(target=run, args=(n,)) for n in range(1, len(works))]
+    for thread in threads[1:]:
+        thread.start()
+    while store.group_commit.waiting < len(works) - 1:
+        time.sleep(0.001)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
+def _make(store: Store, key: str):
+    user = store.ensure_user("local", Actor("alice", "Alice"))
+
+    def write(_checked: object) -> str:
+        job, created = store.create_job(idempotency_key=key, kind="text", intent="write",
+                                        user_id=user, prompt="p", expanded_prompt="p",
+                                        params={"max_new_tokens": 8}, seed=1, platform="local",
+                                        delivery={"platform": "local", "chat_id": "c"})
+        return job.id if created else "duplicate"
+    return write
+
+
+def test_requests_at_once_share_one_transaction_and_each_gets_its_own_answer(
+        each_store: Store) -> None:
+    store = each_store
+    from sqlalchemy import event
+
+    from core.errors import PromptError
+
+    def refused() -> object:
+        raise PromptError("over your quota")
+
+    other = Store(store.url)  # another process: it sees only what was committed
+    seen_after_commit: list[bool] = []
+
+    def then(job_id: str) -> str:  # runs after the commit (publishing, in the orchestrator)
+        seen_after_commit.append(other.get_job(job_id) is not None)
+        if results_of_5 and job_id == results_of_5[0]:
+            raise RuntimeError("broker down")
+        return job_id
+
+    results_of_5: list[str] = []
+
+    def write_5(checked: object) -> str:
+        results_of_5.append(_make(store, "g-5")(checked))
+        return results_of_5[0]
+
+    works = [(lambda: None, _make(store, f"g-{n}"), then) for n in range(5)]
+    works.append((lambda: None, write_5, then))
+    works[3] = (refused, _make(store, "g-3"))
+    works[4] = (lambda: None, _make(store, "g-1"))  # a replay of request 1, in the same group
+    commits: list[object] = []
+    count = commits.append
+    event.listen(store.engine, "commit", count)
+    results = _grouped_at_once(store, works)
+    event.remove(store.engine, "commit", count)
+    assert isinstance(results[3], PromptError), "a refusal is its own request's answer"
+    assert results[4] == "duplicate", "a replay in the same group is seen as one"
+    assert isinstance(results[5], RuntimeError), "what fails after the commit is its own"
+    assert seen_after_commit == [True] * 4, "each then step ran once, after the commit"
+    other.dispose()
+    made = [r for n, r in enumerate(results) if n not in (3, 4, 5)] + results_of_5
+    assert all(store.get_job(job_id) is not None for job_id in made)
+    assert store.group_commit.groups == 2 and store.group_commit.members == 6
+    assert len(commits) == 2, "the leader alone, then the five that waited, in one commit"
+    assert store.get_job(results[0]).idempotency_key == "g-0"  # type: ignore[union-attr]
+
+
+def test_a_failing_write_rolls_its_group_back_and_each_request_runs_alone(
+        each_store: Store) -> None:
+    store = each_store
+    attempts: list[int] = []
+
+    def failing(checked: object) -> str:
+        attempts.append(1)
+        _make(store, "f-2")(checked)  # written, then rolled back with the group
+        raise RuntimeError("disk full")
+
+    works = [(lambda: None, _make(store, f"f-{n}")) for n in range(4)]
+    works[2] = (lambda: None, failing)
+    results = _grouped_at_once(store, works)
+    assert isinstance(results[2], RuntimeError) and len(attempts) == 2, \
+        "the failing request fails on its own, once in the group and once alone"
+    for n in (0, 1, 3):
+        assert isinstance(results[n], str) and results[n] != "duplicate", results[n]
+        assert store.get_job(results[n]) is not None
+    # What the failed group wrote is gone: request 2's job was made again alone and rolled
+    # back with its own failure; the others each exist once.
+    from sqlalchemy import func, select
+
+    from core.store import Job
+
+    with store.session() as s:
+        keys = sorted(s.scalars(select(Job.idempotency_key)).all())
+        assert keys == ["f-0", "f-1", "f-3"]
+        assert s.scalar(select(func.count()).select_from(Job)) == 3
+
+
+def test_cached_people_and_profiles_see_this_process_at_once_and_others_in_time(
+        each_store: Store) -> None:
+    store = each_store
+    from sqlalchemy import update
+
+    from core.learning import TasteService
+    from core.store import User
+
+    user = store.ensure_user("local", Actor("alice", "Alice"))
+    taste = TasteService(store)
+    assert store.person_facts(user) == (user, False)
+    taste.set_opt_out(user, True)
+    assert store.person_facts(user) == (user, True), "a change made here is seen at once"
+    assert store.profiles("image", [("person", user)]) == {}
+    with store.session() as s:
+        TasteService._apply(s, ("person", user, "image"), _signal())
+    ((stats, version),) = store.profiles("image", [("person", user)]).values()
+    assert version == 1 and stats
+    # Another process (another store on the same database) changes the row.
+    other = Store(store.url)
+    with other.session() as s:
+        s.execute(update(User).where(User.id == user).values(learning_opt_out=False))
+    assert store.person_facts(user) == (user, True), "within the cache time: the kept answer"
+    store.READ_CACHE_SECONDS = 0.0
+    assert store.person_facts(user) == (user, False), "after it: read again"
+    other.dispose()
+
+
+def _signal():  # type: ignore[no-untyped-def]
+    from core import taste
+
+    return taste.Signal(kind="image", choice={"style": "watercolor"}, value=1.0)
+
+
+def test_a_person_over_quota_in_one_group_gets_exactly_their_quota(each_store: Store,
+                                                                   tmp_path: Path) -> None:
+    """Requests grouped into one transaction still count each other for the quotas."""
+    import threading
+
+    from core.events import Channel, MessageReceived
+    from core.orchestrator import Orchestrator
+    from core.queue import RecordingPublisher
+    from core.settings import Settings
+
+    settings = Settings(_env_file=None, data_dir=tmp_path / "data",  # type: ignore[call-arg]
+                        quota_person_hourly=3, fair_share_inflight=0)
+    publisher = RecordingPublisher()
+    orchestrator = Orchestrator(each_store, publisher, settings)
+    actor, channel = Actor("raider", "Raider"), Channel("busy-chat")
+    answers: list = []
+    lock = threading.Lock()
+
+    def send(n: int) -> None:
+        event = MessageReceived(platform="bench", event_id=f"e{n}", actor=actor,
+                                channel=channel, text=f"/write a haiku number {n}")
+        (reply,) = orchestrator.handle(event)
+        with lock:
+            answers.append(reply)
+
+    check, first = orchestrator.policy.check, threading.Event()
+
+    def check_when_all_wait(**kw: object) -> object:  # the first group holds until all queue up
+        if not first.is_set():
+            first.set()
+            deadline = time.monotonic() + 10
+            while each_store.group_commit.waiting < 11 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        return check(**kw)  # type: ignore[arg-type]
+
+    orchestrator.policy.check = check_when_all_wait  # type: ignore[method-assign]
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    made = [a for a in answers if a.job_id]
+    refused = [a for a in answers if not a.job_id]
+    assert len(answers) == 12 and len(made) == 3 and len(publisher.published) == 3
+    assert all("limit of 3 requests per hour" in a.text for a in refused)
+    assert each_store.group_commit.members == 12 and each_store.group_commit.groups == 2

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from time import monotonic
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
@@ -26,10 +26,13 @@ from sqlalchemy import (
     CursorResult,
     Engine,
     Result,
+    Table,
     create_engine,
     delete,
     event,
     func,
+    insert,
+    or_,
     select,
     update,
 )
@@ -37,6 +40,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.events import Actor, Channel
+from core.params import versioned
+from core.store._group import Batch, GroupCommit
 from core.store.models import (
     Artifact,
     Community,
@@ -46,7 +51,9 @@ from core.store.models import (
     JobState,
     LocalMessage,
     HandledEvent,
+    Profile,
     RateLimit,
+    RequestLog,
     User,
 )
 
@@ -56,6 +63,10 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 #: The job param that records that its person was told the request is delayed.
 DELAY_NOTICE_PARAM = "delay_notice"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+C = TypeVar("C")
+W = TypeVar("W")
+R = TypeVar("R")
 
 
 def rows_changed(result: Result[Any]) -> int:
@@ -101,6 +112,14 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 _HOLD_LOADED = "musespark.hold_loaded"
 
 
+#: ``Session.info`` key: request-log rows to insert together before the transaction commits.
+_PENDING_REQUEST_LOG = "musespark.pending_request_log"
+#: ``Session.info`` key: the cached tables (see :meth:`Store.person_facts`) a session wrote.
+_WROTE_CACHED = "musespark.wrote_cached"
+#: The tables whose rows the request path reads through a short-lived cache.
+_CACHED_TABLES = {User: "users", Profile: "profiles"}
+
+
 def _hold_loaded(session: Session, instance: object) -> None:
     held = session.info.get(_HOLD_LOADED)
     if held is not None:
@@ -136,9 +155,122 @@ class Store:
         self._counted: dict[str, tuple[float, int, int]] = {}
         self._job_insert: Any = None  # built once (see :meth:`_insert_job`)
         self._community_settings: dict[int, tuple[float, dict[str, Any]]] = {}
+        self.group_commit = GroupCommit(self)
+        # Short-lived read caches of the request path (see :meth:`person_facts`): per table,
+        # a generation that every write to it in this process moves on, and the entries.
+        self._generation = {"users": 0, "profiles": 0}
+        self._people: dict[int, tuple[float, int, tuple[int, bool]]] = {}
+        self._profiles: dict[tuple[str, str, int], tuple[float, int, tuple[dict[str, Any], int]]] = {}
+        event.listen(self._sessions, "after_flush", self._wrote_after_flush)
+        event.listen(self._sessions, "do_orm_execute", self._wrote_by_statement)
+        event.listen(self._sessions, "after_commit", self._wrote_after_commit)
+        event.listen(self._sessions, "before_commit", self._insert_request_log)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    # -- short-lived read caches of the request path ------------------------------------------
+
+    #: How long a person's facts and taste profiles read for a request serve the next ones. A
+    #: change made in this process is seen at once; one made by another process (a reaction
+    #: handled by the other platform's bot), within this time.
+    READ_CACHE_SECONDS = 2.0
+
+    def _moved(self, tables: set[str]) -> None:
+        for table in tables:
+            self._generation[table] += 1
+
+    def _wrote_after_flush(self, session: Session, _context: Any) -> None:
+        tables = {name for row in (*session.new, *session.dirty, *session.deleted)
+                  for model, name in _CACHED_TABLES.items() if isinstance(row, model)}
+        if tables:
+            session.info.setdefault(_WROTE_CACHED, set()).update(tables)
+            self._moved(tables)
+
+    def _wrote_by_statement(self, state: Any) -> None:
+        if not (state.is_update or state.is_delete or state.is_insert):
+            return
+        tables = {name for model, name in _CACHED_TABLES.items()
+                  if any(m.class_ is model for m in state.all_mappers)}
+        if tables:
+            state.session.info.setdefault(_WROTE_CACHED, set()).update(tables)
+            self._moved(tables)
+
+    def _wrote_after_commit(self, session: Session) -> None:
+        # Again at commit: a reader in another thread may have cached the old row between
+        # this session's flush and its commit.
+        self._moved(session.info.pop(_WROTE_CACHED, set()))
+
+    def person_facts(self, user_id: int) -> tuple[int, bool]:
+        """``(person, opted out of learning)`` of a user: the person behind its linked
+        identities (/link) and whether they opted out. Cached for :attr:`READ_CACHE_SECONDS`."""
+        generation, now = self._generation["users"], monotonic()
+        cached = self._people.get(user_id)
+        if cached is not None and cached[1] == generation and now - cached[0] < self.READ_CACHE_SECONDS:
+            return cached[2]
+        with self.session() as s:
+            user = s.get(User, user_id)
+            facts = (user.person, bool(user.learning_opt_out)) if user is not None else (
+                user_id, False)
+        if len(self._people) > self.READ_CACHE_ENTRIES:
+            self._people.clear()
+        self._people[user_id] = (now, generation, facts)
+        return facts
+
+    #: Entries either cache holds before it starts afresh (a bound on memory, not a policy).
+    READ_CACHE_ENTRIES = 50_000
+
+    def profiles(self, kind: str, subjects: Sequence[tuple[str, int]],
+                 ) -> dict[tuple[str, int], tuple[dict[str, Any], int]]:
+        """The taste profiles ``(stats, version)`` of ``subjects`` (``("person", id)``,
+        ``("community", id)``) for ``kind``; missing ones are not in the answer. Cached for
+        :attr:`READ_CACHE_SECONDS`; the stats are the cache's own: do not change them."""
+        generation, now = self._generation["profiles"], monotonic()
+        found: dict[tuple[str, int], tuple[dict[str, Any], int]] = {}
+        missing: list[tuple[str, int]] = []
+        for subject in subjects:
+            cached = self._profiles.get((kind, *subject))
+            if cached is not None and cached[1] == generation and now - cached[0] < self.READ_CACHE_SECONDS:
+                if cached[2][1]:  # version 0: none yet
+                    found[subject] = cached[2]
+            else:
+                missing.append(subject)
+        if missing:
+            with self.session() as s:
+                read = {(p.subject, p.subject_id): (p.stats or {}, p.version) for p in s.scalars(
+                    select(Profile).where(Profile.kind == kind, or_(*(
+                        (Profile.subject == subject) & (Profile.subject_id == subject_id)
+                        for subject, subject_id in missing))))}
+            if len(self._profiles) > self.READ_CACHE_ENTRIES:
+                self._profiles.clear()
+            for subject in missing:
+                value = read.get(subject, ({}, 0))
+                self._profiles[(kind, *subject)] = (now, generation, value)
+                if subject in read:
+                    found[subject] = value
+        return found
+
+    # -- the request log ------------------------------------------------------------------------
+
+    def log_request(self, person_id: int, user_id: int, community_id: int | None) -> None:
+        """Count a request for the quotas. Inside :meth:`transaction` the rows wait and go in
+        one statement before it commits (or before the log is counted: :meth:`request_log`)."""
+        row = {"person_id": person_id, "user_id": user_id, "community_id": community_id,
+               "created_at": utcnow()}
+        with self.session() as s:
+            s.info.setdefault(_PENDING_REQUEST_LOG, []).append(row)
+
+    def _insert_request_log(self, session: Session) -> None:
+        rows = session.info.pop(_PENDING_REQUEST_LOG, None)
+        if rows:
+            session.connection().execute(insert(cast(Table, RequestLog.__table__)), rows)
+
+    @contextmanager
+    def request_log(self) -> Iterator[Session]:
+        """A session to count the request log in, with this transaction's rows in it."""
+        with self.session() as s:
+            self._insert_request_log(s)
+            yield s
 
     def forget_cached_ids(self) -> None:
         """Drop the cached user and community ids (after rows were deleted: /forget)."""
@@ -213,6 +345,17 @@ class Store:
             finally:
                 self._ambient.session = None
                 session.info.pop(_HOLD_LOADED, None)
+
+    def grouped(self, check: Callable[[], C], write: Callable[[C], W],
+                then: Callable[[W], R], *, batch: Batch | None = None) -> R:
+        """``then(write(check()))``, ``check`` and ``write`` in a transaction shared with the
+        requests being handled at the same time in this process, committed once for all
+        (group commit: see core/store/_group.py for what each step may do). Inside
+        :meth:`transaction` it simply runs there. ``batch``: what the leader runs its group's
+        ``then`` steps inside (the publisher's batch)."""
+        if getattr(self._ambient, "session", None) is not None:
+            return then(write(check()))
+        return self.group_commit.run(check, write, then, batch)
 
     def _dialect(self) -> Any:
         """This database's SQLAlchemy dialect module, for its ``insert ... on conflict``."""
@@ -345,22 +488,24 @@ class Store:
         row = dict(id=new_job_id(), idempotency_key=idempotency_key, state=JobState.QUEUED,
                    attempts=0, created_at=now, updated_at=now,
                    published_at=now if published else None, **fields)
+        row.setdefault("held", False)
         with self.session() as s:
-            # One statement built once: the row goes as parameters (building an INSERT with
-            # ``values()`` per request cost more than running it).
-            job = s.scalars(self._insert_job(), [row]).first()
-            if job is not None:
+            # One Core statement, built once: the row goes as parameters (building an INSERT
+            # with ``values()`` per request, or the ORM's bulk insert, cost more than running it).
+            if s.connection().execute(self._insert_job(), row).first() is not None:
+                job = Job(**{**row, "params": versioned(row["params"])})
                 if not job.held:
                     self._note_made(job)
                 return job, True
             return s.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).one(), False
 
     def _insert_job(self) -> Any:
-        """``INSERT INTO jobs … ON CONFLICT (idempotency_key) DO NOTHING RETURNING *``."""
+        """``INSERT INTO jobs … ON CONFLICT (idempotency_key) DO NOTHING RETURNING id``."""
         if self._job_insert is None:
-            self._job_insert = (self._dialect().insert(Job)
-                                .on_conflict_do_nothing(index_elements=[Job.idempotency_key])
-                                .returning(Job))
+            table = Job.__table__
+            self._job_insert = (self._dialect().insert(table)
+                                .on_conflict_do_nothing(index_elements=["idempotency_key"])
+                                .returning(table.c.id))
         return self._job_insert
 
     def get_job(self, job_id: str) -> Job | None:
