@@ -96,6 +96,9 @@ class FakeDiscord:
         self.originals: dict[str, str] = {}
         #: interaction token -> channel id (from the callback's interaction)
         self.token_channels: dict[str, str] = {}
+        #: interaction token -> interaction id (messages made for it carry
+        #: ``interaction_metadata`` with that id, as Discord's do)
+        self.token_interactions: dict[str, str] = {}
         self.expired_tokens: set[str] = set()
         self.channels: dict[str, dict[str, Any]] = {}
         self.guilds: dict[str, dict[str, Any]] = {}
@@ -291,6 +294,12 @@ class FakeDiscord:
                     message["nonce"] = nonce
                     self.nonces[nonce] = message["id"]
                 return 200, message, {}
+            case ["channels", channel_id, "messages"] if call.method == "GET":
+                limit = int(call.query.get("limit", 50))
+                with self._lock:
+                    seen = [m for m in self.messages.values() if m["channel_id"] == channel_id
+                            and not m.get("flags", 0) & 64]  # ephemeral ones are not listed
+                return 200, sorted(seen, key=lambda m: int(m["id"]), reverse=True)[:limit], {}
             case ["channels", channel_id, "messages", message_id] if call.method == "DELETE":
                 if self.messages.pop(message_id, None) is None:
                     return 404, {"message": "Unknown Message", "code": 10008}, {}
@@ -337,6 +346,10 @@ class FakeDiscord:
             "type": 0, "flags": body.get("flags", 0), "components": body.get("components", []),
             "webhook_id": APPLICATION_ID if interaction_token else None,
         }
+        interaction_id = self.token_interactions.get(interaction_token or "")
+        if interaction_id:
+            message["interaction_metadata"] = {"id": interaction_id, "type": 2,
+                                               "user": self.bot_user}
         if body.get("message_reference"):
             message["message_reference"] = {"channel_id": channel_id,
                                             **body["message_reference"]}
@@ -429,8 +442,10 @@ def interaction_payload(fake: FakeDiscord, kind: int, data: dict[str, Any], *, u
     """An INTERACTION_CREATE payload (type 2 command, 3 component, 4 autocomplete, 5 modal)."""
     token = f"itoken-{snowflake()}"
     fake.token_channels[token] = channel_id
+    interaction_id = interaction_id or snowflake()
+    fake.token_interactions[token] = interaction_id
     payload: dict[str, Any] = {
-        "id": interaction_id or snowflake(), "application_id": APPLICATION_ID, "type": kind,
+        "id": interaction_id, "application_id": APPLICATION_ID, "type": kind,
         "data": data, "token": token, "version": 1, "channel_id": channel_id,
         "channel": {"id": channel_id, "type": 0 if guild_id else 1, "name": "art",
                     "position": 0, "permission_overwrites": [], "nsfw": nsfw,

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import pytest
 
 from core.events import Actor
@@ -268,28 +269,38 @@ def test_a_429_mid_discord_message_resumes_after_the_parts_already_posted(
         assert shown is not None and shown[0].id == job.id
 
 
-def test_a_worker_killed_while_discord_posts_makes_one_channel_message(
-        make_stack: Any, discord_fake: FakeDiscord) -> None:
-    """Sent, not recorded: the worker dies while Discord is creating the second message. The
-    next worker skips the first (recorded) and sends the second again with the same nonce;
-    Discord answers with the message it made, so the channel holds each message once."""
-    stack = _discord_stack(make_stack, discord_fake)
+def _killed_posting_the_second(make_stack: Any, fake: FakeDiscord, target: DeliveryTarget,
+                               route: str) -> tuple[Stack, Job, OutboundMessage, OutboundMessage]:
+    """A title and a scene to post to ``target``; the worker is killed while Discord holds
+    the answer to the scene's request on ``route`` (made, not yet recorded), and a new worker
+    finishes the job. Returns the stack, the delivered job and the two messages."""
+    stack = _discord_stack(make_stack, fake)
     store = stack.runtime.store
-    target = DeliveryTarget(platform="discord", chat_id=CHANNEL_ID, reply_to="999")
     title = _result("📖 The keeper's long night")
     scene = _result(f"1/1. The lamp went out at midnight. ({uuid.uuid4().hex[:6]})")
-    discord_fake.stall_next("POST", CHANNEL_POSTS, 8.0,
-                            where=lambda call: (call.json or {}).get("content") == scene.text)
+    fake.stall_next("POST", route, 8.0,
+                    where=lambda call: (call.json or {}).get("content") == scene.text)
     job = _outbox_job(store, "discord", target, [title, scene])
-    _until(lambda: [c for c in discord_fake.calls_to("POST", CHANNEL_POSTS)
+    _until(lambda: [c for c in fake.calls_to("POST", route)
                     if (c.json or {}).get("content") == scene.text and c.status],
            what="the second message in flight")
     assert store.delivered_parts(job.id) == {0: {0}}, "the first is recorded, not the second"
     stack.workers[0].kill_hard()
     stack.start_worker()
-
     done = _wait_delivered(stack, job.id)
     assert done.attempts == 2
+    return stack, done, title, scene
+
+
+def test_a_worker_killed_while_discord_posts_makes_one_channel_message(
+        make_stack: Any, discord_fake: FakeDiscord) -> None:
+    """Sent, not recorded: the worker dies while Discord is creating the second message. The
+    next worker skips the first (recorded) and sends the second again with the same nonce;
+    Discord answers with the message it made, so the channel holds each message once."""
+    target = DeliveryTarget(platform="discord", chat_id=CHANNEL_ID, reply_to="999")
+    stack, done, title, scene = _killed_posting_the_second(make_stack, discord_fake, target,
+                                                           CHANNEL_POSTS)
+    store, job = stack.runtime.store, done
     in_channel = [m for m in discord_fake.messages.values()
                   if m["content"] in (title.text, scene.text)]
     assert sorted(m["content"] for m in in_channel) == sorted([title.text, scene.text])
@@ -301,6 +312,69 @@ def test_a_worker_killed_while_discord_posts_makes_one_channel_message(
     assert store.delivered_parts(job.id) == {0: {0}, 1: {0}}
     second = next(m for m in in_channel if m["content"] == scene.text)
     assert store.find_delivered("discord", CHANNEL_ID, second["id"]) is not None
+
+
+def _followup_target(fake: FakeDiscord, interaction_id: str | None = None) -> DeliveryTarget:
+    """Answers through a fresh interaction of ``interaction_id`` (known to the fake)."""
+    token = f"itoken-once-{uuid.uuid4().hex[:8]}"
+    fake.token_channels[token] = CHANNEL_ID
+    extra: dict[str, Any] = {"application_id": APPLICATION_ID,
+                             "interaction_expires_at": time.time() + 900}
+    if interaction_id is not None:
+        fake.token_interactions[token] = interaction_id
+        extra["interaction_id"] = interaction_id
+    return DeliveryTarget(platform="discord", chat_id=CHANNEL_ID, interaction_token=token,
+                          extra=extra)
+
+
+def test_a_resumed_followup_finds_the_part_posted_before_and_posts_it_not_again(
+        discord_fake: FakeDiscord, tmp_path: Path) -> None:
+    """Execute Webhook takes no nonce: a resumed delivery reads the channel back for a part of
+    the same interaction with the same text and files, and records it instead."""
+    deliverer = DiscordDeliverer(discord_settings(discord_fake))
+    target = _followup_target(discord_fake, "1400000000000000001")
+    picture = tmp_path / "p.png"
+    PIL.Image.new("RGB", (64, 64), "teal").save(picture)
+    message = OutboundMessage(MessageKind.RESULT, _long_text(2, discord_delivery.MESSAGE_MAX_CHARS),
+                              images=(str(picture),), job_id="0123456789ab")
+    first = deliverer.send(target, message, key="0123456789ab:0")  # "crashed" before recording
+    hooks = len(discord_fake.calls_to("POST", "^/webhooks/"))
+    found: list[tuple[int, str]] = []
+    again = deliverer.send(target, message, key="0123456789ab:0", resumed=True,
+                           on_part=lambda part, mid: found.append((part, mid)))
+    assert again == first and found == list(enumerate(first)), "both parts found, in order"
+    assert len(discord_fake.calls_to("POST", "^/webhooks/")) == hooks, "nothing posted again"
+    assert len(discord_fake.calls_to("GET", CHANNEL_POSTS)) == 1, "the channel is read once"
+
+    # Another interaction's identical text is not ours: posted.
+    other = _followup_target(discord_fake, "1400000000000000002")
+    text = _result("the same words")
+    deliverer.send(_followup_target(discord_fake, "1400000000000000003"), text)
+    deliverer.send(other, text, resumed=True)
+    assert len([m for m in discord_fake.messages.values() if m["content"] == text.text]) == 2
+    # A bot that may not read the history posts, as before.
+    discord_fake.fail_next("GET", CHANNEL_POSTS, 403, {"message": "Missing Access",
+                                                      "code": 50001})
+    third = _followup_target(discord_fake, "1400000000000000004")
+    deliverer.send(third, _result("once more"), resumed=True)
+    assert [m["content"] for m in discord_fake.messages.values()].count("once more") == 1
+
+
+def test_a_worker_killed_while_a_followup_is_created_posts_it_once(
+        make_stack: Any, discord_fake: FakeDiscord) -> None:
+    """Created, not recorded: the worker dies while Discord is answering the follow-up of the
+    second message. The next worker reads the channel, finds it, and records it."""
+    target = _followup_target(discord_fake, "1400000000000000010")
+    hook = rf"^/webhooks/{APPLICATION_ID}/{target.interaction_token}$"
+    stack, done, title, scene = _killed_posting_the_second(make_stack, discord_fake, target,
+                                                           hook)
+    store, job = stack.runtime.store, done
+    made = [m for m in discord_fake.messages.values() if m["content"] == scene.text]
+    assert len(made) == 1, "one follow-up, found and recorded by the next attempt"
+    assert [c.json["content"] for c in discord_fake.calls_to("POST", hook)] == [
+        title.text, scene.text]
+    assert store.delivered_parts(job.id) == {0: {0}, 1: {0}}
+    assert store.find_delivered("discord", CHANNEL_ID, made[0]["id"]) is not None
 
 
 # -- Telegram, through a worker process --------------------------------------------------------

@@ -140,6 +140,7 @@ def test_imagine_is_deferred_then_shows_its_status_and_keeps_the_interaction(
         assert job.delivery["chat_id"] == CHANNEL_ID and job.delivery["platform"] == "discord"
         extra = job.delivery["extra"]
         assert extra["application_id"] == APPLICATION_ID
+        assert extra["interaction_id"] == payload["id"], "to find a follow-up posted unrecorded"
         assert abs(extra["interaction_expires_at"] - (time.time() + 15 * 60)) < 60
 
     asyncio.run(scenario())

@@ -600,7 +600,7 @@ def _post_outbox(store: Store, claim: Claim, job: Job, target: DeliveryTarget,
                 raise _ClaimLost(job.id)
 
         deliverer.send(target, message, skip_parts=frozenset(sent.get(position, ())),
-                       on_part=record, key=f"{job.id}:{position}")
+                       on_part=record, key=f"{job.id}:{position}", resumed=claim.attempt > 1)
 
 
 def claim_job(store: Store, job_id: str, settings: Settings) -> Claim | None:

@@ -111,6 +111,7 @@ INTERACTION_TOKEN_LIFETIME_SECONDS = 15 * 60
 def interaction_extra(interaction: discord.Interaction[Any]) -> dict[str, Any]:
     """What a worker needs to answer through ``interaction`` besides its token."""
     return {"application_id": str(interaction.application_id),
+            "interaction_id": str(interaction.id),
             "interaction_expires_at":
                 interaction.created_at.timestamp() + INTERACTION_TOKEN_LIFETIME_SECONDS,
             "attachment_size_limit": interaction.filesize_limit}

@@ -47,7 +47,7 @@ class RemoteDeliverer(Protocol):
     def send(self, target: DeliveryTarget, message: OutboundMessage, *,
              skip_parts: AbstractSet[int] = frozenset(),
              on_part: PartCallback | None = None,
-             key: str | None = None) -> list[str]:
+             key: str | None = None, resumed: bool = False) -> list[str]:
         """Post one message, maybe as several platform messages (its parts, numbered from 0
         in posting order, the same way on every call for the same message and target).
 
@@ -55,7 +55,9 @@ class RemoteDeliverer(Protocol):
         of several messages made by one call, as an album, is skipped with its first); each
         part posted now is reported to ``on_part`` before the next is sent. ``key`` names the
         message for the platform's idempotency keys where it has them (the runner passes
-        ``job_id:outbox position``). Returns the ids of the parts posted by this call.
+        ``job_id:outbox position``). ``resumed``: a later attempt of the job, whose earlier one
+        may have posted a part it did not record (a platform that can look for it does).
+        Returns the ids of the parts posted by this call.
         """
         ...
 

@@ -34,11 +34,16 @@ a worker dying after Discord created a message and before it was recorded:
   minutes, with the message already made instead of a new one;
 * interaction follow-ups (``POST /webhooks/{application_id}/{token}``, "Execute Webhook") take
   no nonce: it is not among that endpoint's documented fields and discord.py sends none there.
-  A crash inside that one HTTP call can post that one part twice.
+  So a resumed delivery (a later attempt of the job) first reads the channel's recent messages
+  (``GET /channels/{id}/messages``, with the bot token) for a part it may have posted before:
+  one made for the same interaction (``interaction_metadata.id``), with the same text and the
+  same file names (``musespark-{job}-{n}``). Found, it is recorded instead of posted again.
+  Where the bot may not read the channel's history (403) or the interaction id is unknown, a
+  crash inside that one HTTP call can post that one part twice.
 
 The adapter (``bots/discord``) stores what this module needs in the job's delivery target:
-``interaction_token`` and, in ``extra``, ``application_id`` and ``interaction_expires_at``
-(epoch seconds). Missing facts are recovered: the application id from
+``interaction_token`` and, in ``extra``, ``application_id``, ``interaction_id`` and
+``interaction_expires_at`` (epoch seconds). Missing facts are recovered: the application id from
 ``GET /applications/@me``, an unknown expiry by trying the token and falling back.
 """
 
@@ -201,6 +206,41 @@ def _retry_after(response: httpx.Response) -> float:
     return wait
 
 
+#: Messages read back to find a follow-up an earlier attempt posted (Discord's maximum).
+RECENT_MESSAGES_READ = 100
+
+
+class _Earlier:
+    """The follow-ups an earlier attempt may have posted for an interaction: its messages in
+    the channel, read once when first needed."""
+
+    def __init__(self, deliverer: DiscordDeliverer, target: DeliveryTarget) -> None:
+        self._deliverer, self._target = deliverer, target
+        self._interaction = str(target.extra.get("interaction_id") or "")
+        self._messages: list[dict[str, Any]] | None = None
+
+    def find(self, content: str, filenames: list[str]) -> str | None:
+        """The id of this interaction's message with this text and these files, if any."""
+        if not self._interaction:
+            return None
+        if self._messages is None:
+            try:
+                self._messages = [
+                    m for m in self._deliverer.recent_messages(self._target.chat_id)
+                    if str((m.get("interaction_metadata") or {}).get("id")) == self._interaction]
+            except DeliveryError as exc:  # no history permission, gone, rate limited
+                log.info("could not read channel %s to look for an earlier post (%s); "
+                         "posting", self._target.chat_id, exc)
+                self._messages = []
+        wanted = sorted(filenames)
+        for found in self._messages:
+            names = sorted(str(a.get("filename")) for a in found.get("attachments") or [])
+            if found.get("content") == content and names == wanted:
+                self._messages.remove(found)  # one earlier post answers one part
+                return str(found["id"])
+        return None
+
+
 class DiscordDeliverer:
     """Posts outbox messages to Discord. ``send`` returns the ids of the messages it created."""
 
@@ -220,14 +260,16 @@ class DiscordDeliverer:
     def send(self, target: DeliveryTarget, message: OutboundMessage, *,
              skip_parts: AbstractSet[int] = frozenset(),
              on_part: Callable[[int, str], None] | None = None,
-             key: str | None = None) -> list[str]:
+             key: str | None = None, resumed: bool = False) -> list[str]:
         """Post ``message``; several Discord messages (parts) when its text is over 2000
         characters, the pictures and buttons with the last.
 
         Parts in ``skip_parts`` were posted before and are left out; each part posted is
         reported to ``on_part(part, message_id)`` before the next is sent. ``key`` names the
-        message (``job_id:outbox position``) for the channel messages' nonces. Returns the ids
-        of the messages this call posted.
+        message (``job_id:outbox position``) for the channel messages' nonces. ``resumed``: an
+        earlier attempt may have posted a follow-up it did not record; one found in the
+        channel is reported instead of posted again. Returns the ids of the messages this call
+        posted (or found).
 
         Raises:
             DeliveryError: ``retry_after`` on 429 and outages; ``final`` on 400/401/403/404.
@@ -242,6 +284,7 @@ class DiscordDeliverer:
         name = key or _message_key(message)
         ids: list[str] = []
         use_webhook = self._interaction_usable(target)
+        earlier = _Earlier(self, target) if resumed and use_webhook else None
         for part, chunk in enumerate(chunks):
             if part in skip_parts:
                 continue
@@ -251,7 +294,13 @@ class DiscordDeliverer:
                 payload["components"] = components
             files = uploads if last else []
             message_id: str | None = None
-            if use_webhook:
+            if earlier is not None and not (message.ephemeral
+                                            or message.kind is MessageKind.ERROR):
+                message_id = earlier.find(chunk, [f.filename for f in files])
+                if message_id is not None:
+                    log.info("part %d of %s was posted by an earlier attempt (message %s): "
+                             "recorded, not posted again", part, name, message_id)
+            if use_webhook and message_id is None:
                 try:
                     message_id = self._followup(target, payload, files, message)
                 except _Refused as exc:
@@ -267,6 +316,12 @@ class DiscordDeliverer:
             if on_part is not None:
                 on_part(part, message_id)
         return ids
+
+    def recent_messages(self, channel_id: str) -> list[dict[str, Any]]:
+        """The channel's latest messages, newest first (``GET /channels/{id}/messages``)."""
+        found: Any = self._request("GET", f"{self.base_url}/channels/{channel_id}/messages"
+                                   f"?limit={RECENT_MESSAGES_READ}", bot=True)
+        return found if isinstance(found, list) else []
 
     def progress(self, target: DeliveryTarget, text: str) -> None:
         """Edit the deferred response (``@original``) with the job's status; best effort."""

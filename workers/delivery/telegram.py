@@ -314,13 +314,14 @@ class TelegramDeliverer:
     def send(self, target: DeliveryTarget, message: OutboundMessage, *,
              skip_parts: AbstractSet[int] = frozenset(),
              on_part: Callable[[int, str], None] | None = None,
-             key: str | None = None) -> list[str]:
+             key: str | None = None, resumed: bool = False) -> list[str]:
         """Post ``message`` (maybe as several Telegram messages, its parts); returns the ids of
         the messages this call posted.
 
         Parts in ``skip_parts`` were posted before and are left out; each part posted is
-        reported to ``on_part(part, message_id)`` before the next is sent. ``key`` is unused:
-        Telegram has no idempotency key.
+        reported to ``on_part(part, message_id)`` before the next is sent. ``key`` and
+        ``resumed`` are unused: Telegram has no idempotency key and no way to read a chat's
+        history back (so a part a crashed attempt posted unrecorded is posted again).
         """
         chat_id = target.chat_id
         common: dict[str, Any] = {"chat_id": chat_id}
