@@ -153,9 +153,9 @@ class CeleryPublisher:
     @contextmanager
     def batch(self) -> Iterator[None]:
         """Publishes inside (on this thread) share one producer and its broker connection,
-        as Celery sends a group's tasks: a group commit's jobs go out together (half the
-        CPU per job of taking a producer from the pool for each). If no producer can be had
-        now, each publish tries on its own as usual."""
+        as Celery sends a group's tasks: a group commit's jobs go out together, without taking
+        a producer from the pool for each. If no producer can be had now, each publish tries
+        on its own as usual."""
         if getattr(self._held, "producer", None) is not None:
             yield
             return
