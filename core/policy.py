@@ -73,7 +73,6 @@ def quota_refusal(quotas: Quotas, usage: Usage) -> tuple[str, str, int] | None:
     return None
 
 
-
 def is_admin_here(actor: Actor, channel: Channel) -> bool:
     """Admins of the community; in a direct chat everyone administers their own chat."""
     return actor.is_admin or channel.kind is ChannelKind.DIRECT

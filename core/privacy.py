@@ -87,7 +87,6 @@ class Purged:
     uploads: int
 
 
-
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
         return as_utc(value).isoformat()

@@ -30,7 +30,6 @@ PING_TIMEOUT_SECONDS = 1.0
 REASON_CHARS = 60
 
 
-
 @dataclass(slots=True)
 class WorkerSeen:
     name: str

@@ -15,7 +15,6 @@ __all__ = ["DEFAULT_MODEL_LABELS", "job_done", "job_taken"]
 DEFAULT_MODEL_LABELS = {"text": "SmolLM2-135M-Instruct", "image": "tiny-demo"}
 
 
-
 def _model_label(job: Job, settings: Settings) -> str:
     configured = settings.text_model if job.kind == "text" else settings.image_model
     return job.model or configured or DEFAULT_MODEL_LABELS.get(job.kind, job.kind)

@@ -117,7 +117,7 @@ _PENDING_REQUEST_LOG = "musespark.pending_request_log"
 #: ``Session.info`` key: the cached tables (see :meth:`Store.person_facts`) a session wrote.
 _WROTE_CACHED = "musespark.wrote_cached"
 #: The tables whose rows the request path reads through a short-lived cache.
-_CACHED_TABLES = {User: "users", Profile: "profiles"}
+_CACHED_TABLES = {User: "users", Profile: "profiles", Community: "communities"}
 
 
 def _hold_loaded(session: Session, instance: object) -> None:
@@ -154,13 +154,14 @@ class Store:
         self._ordinals: dict[str, int] = {}
         self._counted: dict[str, tuple[float, int, int]] = {}
         self._job_insert: Any = None  # built once (see :meth:`_insert_job`)
-        self._community_settings: dict[int, tuple[float, dict[str, Any]]] = {}
+        self._community_settings: dict[int, tuple[float, int, dict[str, Any]]] = {}
         self.group_commit = GroupCommit(self)
         # Short-lived read caches of the request path (see :meth:`person_facts`): per table,
         # a generation that every write to it in this process moves on, and the entries.
-        self._generation = {"users": 0, "profiles": 0}
+        self._generation = {"users": 0, "profiles": 0, "communities": 0}
         self._people: dict[int, tuple[float, int, tuple[int, bool]]] = {}
-        self._profiles: dict[tuple[str, str, int], tuple[float, int, tuple[dict[str, Any], int]]] = {}
+        self._profiles: dict[tuple[str, str, int],
+                             tuple[float, int, tuple[dict[str, Any], int]]] = {}
         event.listen(self._sessions, "after_flush", self._wrote_after_flush)
         event.listen(self._sessions, "do_orm_execute", self._wrote_by_statement)
         event.listen(self._sessions, "after_commit", self._wrote_after_commit)
@@ -171,10 +172,14 @@ class Store:
 
     # -- short-lived read caches of the request path ------------------------------------------
 
-    #: How long a person's facts and taste profiles read for a request serve the next ones. A
-    #: change made in this process is seen at once; one made by another process (a reaction
-    #: handled by the other platform's bot), within this time.
+    #: How long a person's facts, taste profiles and community settings read for a request
+    #: serve the next ones. A change made in this process is seen at once; one made by another
+    #: process (a reaction handled by the other platform's bot), within this time.
     READ_CACHE_SECONDS = 2.0
+
+    def _fresh(self, entry: tuple[float, int, Any], generation: int, now: float) -> bool:
+        """Whether a cache entry ``(read at, generation, value)`` may still be used."""
+        return entry[1] == generation and now - entry[0] < self.READ_CACHE_SECONDS
 
     def _moved(self, tables: set[str]) -> None:
         for table in tables:
@@ -206,7 +211,7 @@ class Store:
         identities (/link) and whether they opted out. Cached for :attr:`READ_CACHE_SECONDS`."""
         generation, now = self._generation["users"], monotonic()
         cached = self._people.get(user_id)
-        if cached is not None and cached[1] == generation and now - cached[0] < self.READ_CACHE_SECONDS:
+        if cached is not None and self._fresh(cached, generation, now):
             return cached[2]
         with self.session() as s:
             user = s.get(User, user_id)
@@ -230,7 +235,7 @@ class Store:
         missing: list[tuple[str, int]] = []
         for subject in subjects:
             cached = self._profiles.get((kind, *subject))
-            if cached is not None and cached[1] == generation and now - cached[0] < self.READ_CACHE_SECONDS:
+            if cached is not None and self._fresh(cached, generation, now):
                 if cached[2][1]:  # version 0: none yet
                     found[subject] = cached[2]
             else:
@@ -419,42 +424,35 @@ class Store:
                 return s.scalars(select(Community.id).where(
                     Community.platform == platform, Community.platform_community_id == key)).one()
 
-    #: How long a community's settings read for a request serve the next requests there.
-    COMMUNITY_SETTINGS_FRESH_SECONDS = 2.0
-
     def community_settings(self, community_id: int, *, recent: bool = False) -> dict[str, Any]:
         """A community's settings (safety, blocked words, quotas, emoji meanings).
 
-        ``recent``: a copy read within :attr:`COMMUNITY_SETTINGS_FRESH_SECONDS` will do (the
-        request path of a busy chat). A change made through this store (:meth:`change_settings`)
-        is seen at once; one made by another process, within that time.
+        ``recent``: a copy read within :attr:`READ_CACHE_SECONDS` will do (the request path of
+        a busy chat). A change made in this process (:meth:`change_settings`) is seen at once;
+        one made by another process, within that time.
         """
+        generation, now = self._generation["communities"], monotonic()
         if recent:
             cached = self._community_settings.get(community_id)
-            if cached is not None and monotonic() - cached[0] < self.COMMUNITY_SETTINGS_FRESH_SECONDS:
-                return copy.deepcopy(cached[1])  # the caller's own: the lists in it too
-        read_at = monotonic()
+            if cached is not None and self._fresh(cached, generation, now):
+                return copy.deepcopy(cached[2])  # the caller's own: the lists in it too
         with self.session() as s:
             community = s.get(Community, community_id)
             values = dict(community.settings or {}) if community is not None else {}
-        self._community_settings[community_id] = (read_at, values)
+        self._community_settings[community_id] = (now, generation, values)
         return copy.deepcopy(values)
 
     def change_settings(self, community_id: int,
                         change: Callable[[dict[str, Any]], None]) -> bool:
         """Change a community's settings in place (row locked); False when it is gone."""
-        self._community_settings.pop(community_id, None)
-        try:
-            with self.session() as s:
-                community = s.get(Community, community_id, with_for_update=True)
-                if community is None:
-                    return False
-                values = dict(community.settings or {})
-                change(values)
-                community.settings = values
-                return True
-        finally:
-            self._community_settings.pop(community_id, None)
+        with self.session() as s:
+            community = s.get(Community, community_id, with_for_update=True)
+            if community is None:
+                return False
+            values = dict(community.settings or {})
+            change(values)
+            community.settings = values
+            return True
 
     def set_credit(self, user_ids: Sequence[int], credit: bool) -> None:
         """Name (or stop naming) these identities as creator in their pictures' manifests."""
