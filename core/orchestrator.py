@@ -489,7 +489,9 @@ class Orchestrator:
 
         def write(checked: tuple[str, str | None]
                   ) -> tuple[list[Job], int, tuple[str, str | None]]:
-            if checked[1] is not None:  # refused: nothing is made
+            if checked[1] is not None:  # refused: nothing is made, the refusal is audited
+                self.policy.audit_refusal(checked[0], user_id=origin.user_id,
+                                          community_id=origin.community_id)
                 return [], 0, checked
             jobs = self._make_jobs(origin, intent, kind, checked[0], parent=parent,
                                    key_suffix=key_suffix, seed=seed, fixed=fixed, takes=takes,
@@ -499,10 +501,10 @@ class Orchestrator:
 
         def then(written: tuple[list[Job], int, tuple[str, str | None]]
                  ) -> list[OutboundMessage]:
-            jobs, ahead, (safety_policy, refusal) = written
-            if refusal is not None:  # logged in the audit outside the request's transaction
-                self.policy.refuse(refusal, safety_policy, user_id=origin.user_id,
-                                   community_id=origin.community_id)
+            # Safe to repeat (the group does, if its publish batch fails): no writes here.
+            jobs, ahead, (_, refusal) = written
+            if refusal is not None:
+                raise PromptError(refusal)
             if not jobs:
                 return []
             return [self._publish(jobs, intent, origin, ahead)]

@@ -135,9 +135,13 @@ class Policy:
     def refuse(self, refusal: str, policy: str, *, user_id: int,
                community_id: int | None) -> NoReturn:
         """Log a prompt :meth:`check` blocked in the audit, and refuse it."""
+        self.audit_refusal(policy, user_id=user_id, community_id=community_id)
+        raise PromptError(refusal)
+
+    def audit_refusal(self, policy: str, *, user_id: int, community_id: int | None) -> None:
+        """The audit's record of a prompt :meth:`check` blocked under ``policy``."""
         self.audit(community_id=community_id, kind="blocked_prompt", actor_user_id=user_id,
                    subject_user_id=user_id, detail={"policy": policy})
-        raise PromptError(refusal)
 
     def usage(self, person: int, community_id: int | None, now: datetime) -> Usage:
         """Requests in the last hour and day, for the person and the community: one query on

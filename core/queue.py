@@ -136,6 +136,9 @@ def publishing_batch(publisher: JobPublisher) -> AbstractContextManager[None]:
 #: How long publishing keeps trying before the job is left for the redriver.
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2,
                         "interval_max": 0.3}
+#: Broker commands a publish batch buffers before sending them early: more than a group
+#: commit makes (64 requests of up to 4 takes), so a group's jobs go in one round trip.
+BATCH_MAX_COMMANDS = 1024
 
 
 class CeleryPublisher:
@@ -152,38 +155,65 @@ class CeleryPublisher:
 
     @contextmanager
     def batch(self) -> Iterator[None]:
-        """Publishes inside (on this thread) share one producer and its broker connection,
-        as Celery sends a group's tasks: a group commit's jobs go out together, without taking
-        a producer from the pool for each. If no producer can be had now, each publish tries
-        on its own as usual."""
+        """Publishes inside (on this thread) go out together: on one producer and its broker
+        connection, as kombu's publish batch (``Producer.batch``). On Redis that is one
+        pipeline, sent when the block ends: one round trip for a group commit's jobs, and no
+        Redis client made per message. A transport without batches (the embedded one) sends
+        each at once, on the held producer.
+
+        Raises:
+            QueueUnavailableError: at the end, if the batch could not be sent. Which of its
+                messages arrived is then unknown; publishing them again is harmless (a
+                worker's claim is fenced, so a job runs once), and is what the caller does.
+        """
         if getattr(self._held, "producer", None) is not None:
             yield
             return
-        with ExitStack() as held:
-            try:
-                self._held.producer = held.enter_context(self.app.producer_or_acquire())
-            except Exception as exc:  # kombu raises several connection error types
-                log.info("no producer for a batch (%s: %s): jobs are sent one by one",
-                         type(exc).__name__, exc)
-            try:
-                yield
-            finally:
-                self._held.producer = None
+        sent = False
+        try:
+            with ExitStack() as held:
+                try:
+                    producer = held.enter_context(self.app.producer_or_acquire())
+                    held.enter_context(producer.batch(max_size=BATCH_MAX_COMMANDS))
+                    self._held.producer = producer
+                except Exception as exc:  # kombu raises several connection error types
+                    log.info("no producer for a batch (%s: %s): jobs are sent one by one",
+                             type(exc).__name__, exc)
+                try:
+                    yield
+                finally:
+                    batched, self._held.producer = self._held.producer, None
+                sent = True  # the body is done: what the exit raises is the batch's own
+        except Exception as exc:
+            if not sent:
+                raise
+            self._failing = True
+            log.warning("a batch of jobs could not be published: %s: %s",
+                        type(exc).__name__, exc)
+            raise QueueUnavailableError(f"broker unreachable: {exc}") from exc
+        if batched is not None:
+            self._published()
 
     def publish(self, job_id: str, kind: str, params: dict[str, Any], *,
                 countdown: float | None = None) -> None:
+        """Send the job's task; inside :meth:`batch`, with the batch."""
         soft, hard = job_time_limits(kind, params, image_batch=self.image_batch)
+        producer = getattr(self._held, "producer", None)
         try:
             self.app.send_task(
                 TASK_FOR_KIND[kind], args=[job_id], queue=QUEUE_FOR_KIND[kind],
                 soft_time_limit=soft, time_limit=hard, countdown=countdown,
-                retry=True, retry_policy=PUBLISH_RETRY_POLICY,
-                producer=getattr(self._held, "producer", None),
+                retry=True, retry_policy=PUBLISH_RETRY_POLICY, producer=producer,
             )
         except Exception as exc:  # kombu raises several connection error types per transport
             self._failing = True
             log.warning("could not publish job %s: %s: %s", job_id, type(exc).__name__, exc)
             raise QueueUnavailableError(f"broker unreachable: {exc}") from exc
+        if producer is None:  # a batch has been sent only when it ends
+            self._published()
+
+    def _published(self) -> None:
+        """A publish reached the broker: after a failure, that is a recovery."""
         if self._failing:
             self._failing = False
             self.recoveries += 1

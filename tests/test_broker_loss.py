@@ -332,6 +332,41 @@ def test_the_probe_sees_a_new_run_id_after_a_restart(tmp_path: Path) -> None:
         server.stop()
 
 
+@needs_redis_server
+def test_a_publish_batch_that_cannot_be_sent_says_so_and_the_next_one_is_sent_whole(
+        tmp_path: Path) -> None:
+    """Inside a batch, publishes wait in one Redis pipeline; a broker lost before the batch
+    ends makes its end raise (the caller publishes those jobs again), and a batch after the
+    broker's return sends all of its jobs and counts as a recovery."""
+    import redis
+
+    server = PrivateRedis(free_port())
+    url = f"redis://127.0.0.1:{server.port}/0"
+    publisher = CeleryPublisher(_settings(tmp_path, broker_url=url))
+    server.start()
+    try:
+        client = redis.Redis(port=server.port)
+        with publisher.batch():
+            publisher.publish("first", "text", {})
+        assert client.llen("gpu.text") == 1
+        with pytest.raises(QueueUnavailableError):
+            with publisher.batch():
+                publisher.publish("a", "text", {})
+                assert client.llen("gpu.text") == 1, "nothing is sent before the batch ends"
+                server.crash()
+                publisher.publish("b", "text", {})
+        server.start()
+        client = redis.Redis(port=server.port)
+        with publisher.batch():
+            for job in ("c", "d", "e"):
+                publisher.publish(job, "text", {})
+        assert client.llen("gpu.text") == 3
+        assert publisher.recoveries == 1
+    finally:
+        publisher.close()
+        server.stop()
+
+
 #: A worker that takes one message from the text queue, says so, and waits to be killed.
 _TAKER = """
 import sys, time

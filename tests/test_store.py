@@ -220,7 +220,8 @@ def test_a_request_transaction_reads_each_row_once(store: Store) -> None:
     assert len(reads) == 2
 
 
-def _grouped_at_once(store: Store, works: list, *, first_waits: bool = True) -> list:
+def _grouped_at_once(store: Store, works: list, *, first_waits: bool = True,
+                     batch: object = None) -> list:
     """Run ``store.grouped(check, write, then)`` for each ``(check, write[, then])`` in a
     thread of its own,
     the first holding its group open until every other one waits for the next group; returns
@@ -239,7 +240,8 @@ def _grouped_at_once(store: Store, works: list, *, first_waits: bool = True) -> 
                 release.wait(10)
                 return inner()
         try:
-            results[n] = store.grouped(check, write, then[0] if then else lambda w: w)
+            results[n] = store.grouped(check, write, then[0] if then else lambda w: w,
+                                       batch=batch)  # type: ignore[arg-type]
         except Exception as exc:
             results[n] = exc
 
@@ -301,9 +303,17 @@ def test_requests_at_once_share_one_transaction_and_each_gets_its_own_answer(
     works[4] = (lambda: None, _make(store, "g-1"))  # a replay of request 1, in the same group
     commits: list[object] = []
     count = commits.append
+    inserts: list[int] = []  # the rows in each INSERT INTO jobs
+
+    def count_inserts(_conn: object, _cursor: object, statement: str, _parameters: object,
+                      _context: object, _many: bool) -> None:
+        if statement.startswith("INSERT INTO jobs"):
+            inserts.append(statement.count("), (") + 1)  # VALUES (…), (…)
     event.listen(store.engine, "commit", count)
+    event.listen(store.engine, "before_cursor_execute", count_inserts)
     results = _grouped_at_once(store, works)
     event.remove(store.engine, "commit", count)
+    event.remove(store.engine, "before_cursor_execute", count_inserts)
     assert isinstance(results[3], PromptError), "a refusal is its own request's answer"
     assert results[4] == "duplicate", "a replay in the same group is seen as one"
     assert isinstance(results[5], RuntimeError), "what fails after the commit is its own"
@@ -313,6 +323,7 @@ def test_requests_at_once_share_one_transaction_and_each_gets_its_own_answer(
     assert all(store.get_job(job_id) is not None for job_id in made)
     assert store.group_commit.groups == 2 and store.group_commit.members == 6
     assert len(commits) == 2, "the leader alone, then the five that waited, in one commit"
+    assert inserts == [1, 3], "the group's jobs (less the refused and the replay) in one INSERT"
     assert store.get_job(results[0]).idempotency_key == "g-0"  # type: ignore[union-attr]
 
 
@@ -344,6 +355,71 @@ def test_a_failing_write_rolls_its_group_back_and_each_request_runs_alone(
         keys = sorted(s.scalars(select(Job.idempotency_key)).all())
         assert keys == ["f-0", "f-1", "f-3"]
         assert s.scalar(select(func.count()).select_from(Job)) == 3
+
+
+def test_a_replay_of_an_earlier_request_fails_the_shared_insert_and_each_runs_alone(
+        each_store: Store) -> None:
+    store = each_store
+    (first,) = _grouped_at_once(store, [(lambda: None, _make(store, "r-1"))])
+    works = [(lambda: None, _make(store, f"r-{n}")) for n in range(4)]  # r-1 again: a replay
+    results = _grouped_at_once(store, works)
+    assert results[1] == "duplicate", "the replay is answered as one, alone"
+    assert all(isinstance(results[n], str) and store.get_job(results[n]) is not None
+               for n in (0, 2, 3)), results
+    from sqlalchemy import func, select
+
+    from core.store import Job
+
+    with store.session() as s:
+        assert s.scalar(select(func.count()).select_from(Job)) == 4
+    assert store.get_job(first).idempotency_key == "r-1"  # type: ignore[union-attr]
+
+
+def test_a_group_reads_the_jobs_it_made_before_it_commits(each_store: Store) -> None:
+    """A group's job rows wait for one shared INSERT, but whatever reads jobs in the group
+    sees them (fair share counts a person's jobs in flight)."""
+    store = each_store
+    user = store.ensure_user("local", Actor("alice", "Alice"))
+    person = store.person_facts(user)[0]
+
+    def make_then_count(n: int):
+        def write(_checked: object) -> int:
+            store.create_job(idempotency_key=f"c-{n}", requester=person, kind="text",
+                             intent="write", user_id=user, prompt="p", expanded_prompt="p",
+                             params={"max_new_tokens": 8}, seed=1, platform="local",
+                             delivery={"platform": "local", "chat_id": "c"})
+            return store.in_flight(person, "text")
+        return write
+
+    results = _grouped_at_once(store, [(lambda: None, make_then_count(n)) for n in range(4)])
+    assert results == [1, 2, 3, 4]
+
+
+def test_a_batch_that_fails_as_it_ends_runs_each_then_step_again_alone(store: Store) -> None:
+    from contextlib import contextmanager
+
+    inside: list[bool] = []
+    calls: list[tuple[str, bool]] = []
+
+    @contextmanager
+    def failing_batch():
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+        raise ConnectionError("the pipeline was lost")  # as the publisher's, at its end
+
+    def then(job_id: str) -> str:
+        calls.append((job_id, bool(inside)))
+        return job_id
+
+    works = [(lambda: None, _make(store, f"b-{n}"), then) for n in range(3)]
+    results = _grouped_at_once(store, works, batch=failing_batch)
+    assert all(isinstance(r, str) for r in results), results
+    for job_id in results:
+        assert [in_batch for made, in_batch in calls if made == job_id] == [True, False], \
+            "once in the batch, then again on its own"
 
 
 def test_cached_people_and_profiles_see_this_process_at_once_and_others_in_time(

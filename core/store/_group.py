@@ -16,9 +16,11 @@ Each member brings up to three steps:
   then every member of it runs alone, in its own thread and transaction, exactly as without
   grouping (so the member whose write fails gets its own error, and nobody else's).
 * ``then(written)``, optional: what follows the commit (publishing the jobs). The leader runs
-  the group's, one after another, while the next group starts: eight threads publishing at
+  the group's, one after another, inside the members' ``batch`` (the publisher's: one Redis
+  pipeline for the group's jobs), while the next group starts: eight threads publishing at
   once each spent about twice the CPU per job that one thread does, contending for kombu's
-  connection and producer pools. What it raises is its own member's error.
+  connection and producer pools. What it raises is its own member's error. If the batch
+  fails as it ends, each ``then`` runs again alone, so it must be safe to repeat.
 
 ``bench/latency.py`` reports how many requests shared each commit in its concurrent burst.
 """
@@ -145,22 +147,37 @@ class GroupCommit:
 
     @staticmethod
     def _finish(done: list[_Member[Any, Any, Any]]) -> None:
-        """The ``then`` steps, in order; those that name the same batch inside one entry."""
-        for batch, members in itertools.groupby(done, key=lambda m: m.batch):
-            with ExitStack() as inside:
-                if batch is not None:
-                    try:
-                        inside.enter_context(batch())
-                    except Exception as exc:  # then each step goes on its own
-                        log.warning("a batch for %d requests failed to open: %s", len(done),
-                                    exc)
+        """The ``then`` steps, in order; those that name the same batch inside one entry.
+
+        A batch that fails as it ends (its messages were not all sent) is as if it had not
+        been: each of its members' ``then`` steps runs again, on its own. ``then`` steps that
+        use a batch are therefore safe to repeat (publishing a job twice is harmless).
+        """
+        for batch, group in itertools.groupby(done, key=lambda m: m.batch):
+            members = list(group)
+            try:
+                with ExitStack() as inside:
+                    if batch is not None:
+                        try:
+                            inside.enter_context(batch())
+                        except Exception as exc:  # then each step goes on its own
+                            log.warning("a batch for %d requests failed to open: %s",
+                                        len(members), exc)
+                    for member in members:
+                        member.finish()
+            except Exception as exc:
+                log.warning("a batch for %d requests failed (%s: %s); each goes again alone",
+                            len(members), type(exc).__name__, exc)
                 for member in members:
+                    member.failure = None
                     member.finish()
 
     def _commit(self, group: list[_Member[Any, Any, Any]]) -> bool:
         """Run the group's checks and writes in one transaction; whether it committed."""
         try:
-            with self._store.transaction():
+            # Several requests' jobs go in one INSERT, before anything reads them (a job that
+            # existed already, a replayed event, fails the group: then each runs alone).
+            with self._store.transaction(defer_jobs=len(group) > 1):
                 for member in group:
                     try:
                         checked = member.check()

@@ -57,7 +57,7 @@ from core.store.models import (
     User,
 )
 
-__all__ = ["Claim", "Store", "content_hash", "rows_changed", "utcnow"]
+__all__ = ["Claim", "JobExisted", "Store", "content_hash", "rows_changed", "utcnow"]
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 #: The job param that records that its person was told the request is delayed.
@@ -114,6 +114,9 @@ _HOLD_LOADED = "musespark.hold_loaded"
 
 #: ``Session.info`` key: request-log rows to insert together before the transaction commits.
 _PENDING_REQUEST_LOG = "musespark.pending_request_log"
+#: ``Session.info`` key: job rows a group commit inserts together (idempotency key -> row),
+#: before the next statement that could read them, or before it commits.
+_PENDING_JOBS = "musespark.pending_jobs"
 #: ``Session.info`` key: the cached tables (see :meth:`Store.person_facts`) a session wrote.
 _WROTE_CACHED = "musespark.wrote_cached"
 #: The tables whose rows the request path reads through a short-lived cache.
@@ -124,6 +127,11 @@ def _hold_loaded(session: Session, instance: object) -> None:
     held = session.info.get(_HOLD_LOADED)
     if held is not None:
         held.append(instance)
+
+
+class JobExisted(Exception):
+    """A job made in a group commit's shared insert existed already (a replayed event). The
+    group is rolled back and each request runs alone, where a duplicate is answered as one."""
 
 
 class Store:
@@ -166,6 +174,11 @@ class Store:
         event.listen(self._sessions, "do_orm_execute", self._wrote_by_statement)
         event.listen(self._sessions, "after_commit", self._wrote_after_commit)
         event.listen(self._sessions, "before_commit", self._insert_request_log)
+        # Job rows a group commit made wait until a statement might read them (see
+        # :meth:`create_job`), at the latest until the commit.
+        event.listen(self._sessions, "do_orm_execute", self._insert_pending_jobs)
+        event.listen(self._sessions, "before_flush", self._insert_pending_jobs)
+        event.listen(self._sessions, "before_commit", self._insert_pending_jobs)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -268,7 +281,10 @@ class Store:
     def _insert_request_log(self, session: Session) -> None:
         rows = session.info.pop(_PENDING_REQUEST_LOG, None)
         if rows:
-            session.connection().execute(insert(cast(Table, RequestLog.__table__)), rows)
+            # RETURNING makes SQLAlchemy send the rows as one multi-row INSERT (its "insert many
+            # values"); without it psycopg runs one INSERT per row, each costing as much CPU.
+            table = cast(Table, RequestLog.__table__)
+            session.connection().execute(insert(table).returning(table.c.id), rows).all()
 
     @contextmanager
     def request_log(self) -> Iterator[Session]:
@@ -334,9 +350,15 @@ class Store:
             yield session
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
+    def transaction(self, *, defer_jobs: bool = False) -> Iterator[None]:
         """Every store call inside (on this thread) runs in one transaction, committed at the
-        end: a request's reads and writes cost one commit, not one each."""
+        end: a request's reads and writes cost one commit, not one each.
+
+        ``defer_jobs`` (a group commit of several requests): the jobs :meth:`create_job` makes
+        are inserted together, in one statement, just before the next statement that could
+        read them, or before the commit. A job that existed already (a replayed event) raises
+        :class:`JobExisted` there, and the group runs each request alone.
+        """
         if getattr(self._ambient, "session", None) is not None:
             yield
             return
@@ -344,6 +366,8 @@ class Store:
             # The rows read stay in the session until the end: SQLAlchemy's identity map holds
             # them weakly, so each store call would read a request's user row again.
             session.info[_HOLD_LOADED] = []
+            if defer_jobs:  # inserted by a listener as the session commits, at the latest
+                session.info[_PENDING_JOBS] = {}
             self._ambient.session = session
             try:
                 yield
@@ -488,14 +512,44 @@ class Store:
                    published_at=now if published else None, **fields)
         row.setdefault("held", False)
         with self.session() as s:
+            pending: dict[str, dict[str, Any]] | None = s.info.get(_PENDING_JOBS)
+            if pending is not None:  # a group commit's: inserted with the group's other jobs
+                earlier = pending.get(idempotency_key)
+                if earlier is not None:  # the same event twice in one group
+                    return self._built(earlier), False
+                pending[idempotency_key] = row
+                return self._made_job(row), True
             # One Core statement, built once: the row goes as parameters (building an INSERT
             # with ``values()`` per request, or the ORM's bulk insert, cost more than running it).
             if s.connection().execute(self._insert_job(), row).first() is not None:
-                job = Job(**{**row, "params": versioned(row["params"])})
-                if not job.held:
-                    self._note_made(job)
-                return job, True
+                return self._made_job(row), True
             return s.scalars(select(Job).where(Job.idempotency_key == idempotency_key)).one(), False
+
+    @staticmethod
+    def _built(row: dict[str, Any]) -> Job:
+        """The (transient) job of an inserted ``row``."""
+        return Job(**{**row, "params": versioned(row["params"])})
+
+    def _made_job(self, row: dict[str, Any]) -> Job:
+        job = self._built(row)
+        if not job.held:
+            self._note_made(job)
+        return job
+
+    def _insert_pending_jobs(self, state: Any, *_: Any) -> None:
+        """Insert a group commit's waiting job rows in one statement (a listener: ``state`` is
+        the session, or the ORM statement about to run in it). Raises :class:`JobExisted`
+        when one of them existed already."""
+        session: Session = getattr(state, "session", state)
+        pending: dict[str, dict[str, Any]] | None = session.info.get(_PENDING_JOBS)
+        if not pending:
+            return
+        rows = list(pending.values())
+        pending.clear()
+        # Many rows of one statement: SQLAlchemy sends them as one multi-row INSERT.
+        made = session.connection().execute(self._insert_job(), rows).all()
+        if len(made) < len(rows):
+            raise JobExisted(f"{len(rows) - len(made)} of {len(rows)} jobs existed already")
 
     def _insert_job(self) -> Any:
         """``INSERT INTO jobs … ON CONFLICT (idempotency_key) DO NOTHING RETURNING id``."""
