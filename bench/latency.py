@@ -7,13 +7,15 @@ real worker process, then, on the same broker and queue in the same run:
   (parse, user/community rows, job row, publish, published mark, queue position), waits for the
   task body to start, and records the gap. p50 and p99 over ``--events`` of each.
 * ingest: sends ``--burst`` of each back to back and reports events accepted per second; the
-  core also with ``--threads`` senders at once (as the adapters hand it concurrent updates).
+  core also with each of ``--threads`` senders at once (as the adapters hand it concurrent
+  updates: up to ``bots.runtime.HANDLER_THREADS``), with the bot process's CPU time per event
+  (its ceiling on one core, whatever else shares the machine).
 * adapters (``--adapter-burst N``): N requests pushed at once through the Telegram adapter (the
   real PTB Application against tests/fake_telegram.py, one group chat and N people) and through
   the Discord client (N slash-command interactions against tests/fake_discord.py): seconds
   until every request has its job, and how many status messages the chat got.
 
-    .venv/bin/python bench/latency.py --events 200 --burst 300 --threads 8 --adapter-burst 500
+    .venv/bin/python bench/latency.py --events 200 --burst 300 --threads 8,64 --adapter-burst 500
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def _concurrently(send: Any, count: int, threads: int) -> list[str]:
 
 
 def run_backend(name: str, env: dict[str, str], events: int, burst: int, tmp: Path,
-                threads: int = 8) -> dict:
+                threads: tuple[int, ...] = (8,)) -> dict:
     os.environ.update(env)
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
     store = Store(settings.resolved_database_url)
@@ -162,17 +164,21 @@ def run_backend(name: str, env: dict[str, str], events: int, burst: int, tmp: Pa
                 latency[path].append(starts.wait(token) - sent)
         ingest: dict[str, float] = {}
         drained: dict[str, float] = {}
-        grouped = (0, 0)
-        for path, send in (("raw", send_raw), ("core", send_core), ("core*", send_core)):
-            began = time.perf_counter()
-            if path == "core*":
+        cpu: dict[str, float] = {}  # the bot process's CPU seconds per event
+        grouped: dict[str, tuple[int, int]] = {}
+        paths = [("raw", send_raw, 1), ("core", send_core, 1)] + [
+            (f"core*{n}", send_core, n) for n in threads]
+        for path, send, senders in paths:
+            began, cpu_began = time.perf_counter(), time.process_time()
+            if senders > 1:
                 before = (store.group_commit.groups, store.group_commit.members)
-                tokens = _concurrently(send, burst, threads)
-                grouped = (store.group_commit.groups - before[0],
-                           store.group_commit.members - before[1])
+                tokens = _concurrently(send, burst, senders)
+                grouped[path] = (store.group_commit.groups - before[0],
+                                 store.group_commit.members - before[1])
             else:
                 tokens = [send() for _ in range(burst)]
             ingest[path] = burst / (time.perf_counter() - began)
+            cpu[path] = (time.process_time() - cpu_began) / burst
             for token in tokens:
                 try:
                     starts.wait(token)
@@ -187,7 +193,8 @@ def run_backend(name: str, env: dict[str, str], events: int, burst: int, tmp: Pa
         publisher.close()
         raw_app.close()
         store.dispose()
-    return {"latency": latency, "ingest": ingest, "drained": drained, "grouped": grouped}
+    return {"latency": latency, "ingest": ingest, "drained": drained, "grouped": grouped,
+            "cpu": cpu}
 
 
 def _wait_jobs(store: Store, prefix: str, count: int, timeout: float = 300) -> None:
@@ -288,11 +295,13 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200, help="latency samples per path")
     parser.add_argument("--burst", type=int, default=300, help="events per path for ingest")
     parser.add_argument("--backends", default="embedded,distributed")
-    parser.add_argument("--threads", type=int, default=8,
-                        help="senders at once for the concurrent core ingest (core*)")
+    parser.add_argument("--threads", default="8,64",
+                        help="senders at once for each concurrent core ingest (core*N), "
+                             "comma-separated")
     parser.add_argument("--adapter-burst", type=int, default=0,
                         help="requests pushed at once through each adapter's fake (0: skip)")
     args = parser.parse_args()
+    threads = tuple(int(n) for n in args.threads.split(","))
     saved = dict(os.environ)
     rows = []
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -317,7 +326,7 @@ def main() -> None:
                 env["MUSESPARK_BROKER_KEY_PREFIX"] = prefix
                 cleanup = [lambda: drop_pg_database(db_name), lambda: drop_redis_prefix(prefix)]
             try:
-                result = run_backend(name, env, args.events, args.burst, tmp, args.threads)
+                result = run_backend(name, env, args.events, args.burst, tmp, threads)
                 if args.adapter_burst:
                     result["adapters"] = adapter_bursts(args.adapter_burst, tmp / f"{name}-ad")
                 rows.append((name, result))
@@ -326,26 +335,28 @@ def main() -> None:
                     step()
     print(f"\nevent -> task-start latency ({args.events} each, alternating) and ingest "
           f"({args.burst} back to back)")
-    print(f"{'backend':<12}{'path':<6}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'ingest/s':>10}"
-          f"{'drained/s':>11}")
+    print(f"{'backend':<12}{'path':<9}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'ingest/s':>10}"
+          f"{'drained/s':>11}{'bot CPU ms/event':>18}")
     for name, result in rows:
-        for path in ("raw", "core", "core*"):
+        for path in result["ingest"]:
             values = [v * 1000 for v in result["latency"].get(path, [])]
             timing = (f"{statistics.median(values):>9.2f}{percentile(values, 0.99):>9.2f}"
                       f"{statistics.fmean(values):>9.2f}" if values else f"{'':>27}")
-            print(f"{name:<12}{path:<6}{timing}"
-                  f"{result['ingest'][path]:>10.0f}{result['drained'][path]:>11.0f}")
+            print(f"{name:<12}{path:<9}{timing}"
+                  f"{result['ingest'][path]:>10.0f}{result['drained'][path]:>11.0f}"
+                  f"{result['cpu'][path] * 1000:>18.2f}")
         lat = result["latency"]
         p50 = statistics.median(lat["core"]) / statistics.median(lat["raw"])
         p99 = percentile(lat["core"], 0.99) / percentile(lat["raw"], 0.99)
         ingest = result["ingest"]["core"] / result["ingest"]["raw"]
-        concurrent = result["ingest"]["core*"] / result["ingest"]["raw"]
+        concurrent = ", ".join(
+            f"with {n} senders {result['ingest'][f'core*{n}'] / result['ingest']['raw']:.2f}x"
+            for n in threads)
         print(f"{name:<12}ratio core/raw: p50 {p50:.2f}x, p99 {p99:.2f}x, ingest {ingest:.2f}x, "
-              f"ingest with {args.threads} senders {concurrent:.2f}x (targets: latency <= 1.5x, "
-              f"core ingest >= 1000/s)")
-        commits, requests = result["grouped"]
-        print(f"{name:<12}group commit with {args.threads} senders: {requests} requests in "
-              f"{commits} transactions ({requests / max(1, commits):.1f} per commit)")
+              f"{concurrent} (targets: latency <= 1.5x, core ingest >= 1000/s)")
+        for path, (commits, requests) in result["grouped"].items():
+            print(f"{name:<12}group commit, {path}: {requests} requests in {commits} "
+                  f"transactions ({requests / max(1, commits):.1f} per commit)")
         for adapter, (seconds, statuses) in result.get("adapters", {}).items():
             print(f"{name:<12}{adapter} burst: {args.adapter_burst} requests all taken in "
                   f"{seconds:.1f} s ({args.adapter_burst / seconds:.0f}/s), {statuses} status "

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 from core.orchestrator import Orchestrator
 from core.privacy import RetentionSweeper
@@ -11,9 +14,26 @@ from core.redrive import Redriver, local_delay_notifier
 from core.settings import Settings, get_settings
 from core.store import Store
 
-__all__ = ["BotRuntime"]
+__all__ = ["BotRuntime", "HANDLER_THREADS", "use_handler_threads"]
 
 log = logging.getLogger(__name__)
+
+#: Threads the adapters hand updates to core in (``asyncio.to_thread``). A thread is held only
+#: while core works on its update; in a burst most of them wait for the group commit that takes
+#: their request with the others (core/store/_group.py), so the pool bounds the group's size.
+#: asyncio's default pool (CPU count + 4, 6 threads on a 2-core machine) kept groups small.
+HANDLER_THREADS = 64
+
+_with_handler_threads: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def use_handler_threads(threads: int = HANDLER_THREADS) -> None:
+    """Give the running event loop a default executor of ``threads`` threads (once per loop),
+    for the adapters' ``asyncio.to_thread`` calls into core."""
+    loop = asyncio.get_running_loop()
+    if loop not in _with_handler_threads:
+        loop.set_default_executor(ThreadPoolExecutor(threads, thread_name_prefix="musespark"))
+        _with_handler_threads.add(loop)
 
 
 class BotRuntime:

@@ -42,6 +42,7 @@ from bots.discord._convert import (
     reactions_cleared_event,
 )
 from bots.discord._setup import build_intents
+from bots.runtime import use_handler_threads
 from core.actions import ACTION_PATTERN, QUIET_ACTIONS
 from core.errors import UserInputError
 from core.events import (
@@ -148,6 +149,7 @@ class MuseSparkDiscord(discord.Client):
         register_commands(self.tree, self)
 
     async def setup_hook(self) -> None:
+        use_handler_threads()
         self.add_dynamic_items(ResultButton)
         if self.redriver is not None:
             self.redriver.tell_through(PLATFORM, self._delay_notifier())

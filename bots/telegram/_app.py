@@ -24,9 +24,9 @@ from telegram import Update
 from telegram.error import InvalidToken
 from telegram.ext import Application, ApplicationBuilder
 
-from bots.runtime import BotRuntime
+from bots.runtime import BotRuntime, use_handler_threads
 from bots.telegram._adapter import TelegramAdapter
-from bots.telegram._concurrency import PerChatOrder
+from bots.telegram._concurrency import PerSenderOrder
 from core.errors import ConfigurationError
 from core.settings import Settings
 
@@ -55,7 +55,7 @@ def build_application(runtime: BotRuntime, settings: Settings | None = None) -> 
            .base_file_url(f"{api}/file/bot")
            .post_init(adapter.post_init)
            .post_stop(adapter.post_stop)
-           .concurrent_updates(PerChatOrder())
+           .concurrent_updates(PerSenderOrder())
            .build())
     adapter.install(app)
     return app
@@ -67,6 +67,7 @@ async def running(runtime: BotRuntime, *, settings: Settings | None = None,
                   ) -> AsyncIterator[Application]:  # type: ignore[type-arg]
     """Start the bot (polling or webhook, as ``settings`` say) and stop it on exit."""
     settings = settings or runtime.settings
+    use_handler_threads()
     app = build_application(runtime, settings)
     try:
         await app.initialize()

@@ -1,8 +1,12 @@
 """Many updates at once, within Telegram's send limits.
 
-* :class:`PerChatOrder` lets PTB handle updates concurrently (a burst in one group must not
-  hold up everybody else), while the updates of one chat are handled in the order they came:
-  a reply, a reaction or a button press after a request never overtakes it.
+* :class:`PerSenderOrder` lets PTB handle updates concurrently (a burst must not hold up
+  everybody else), while the updates one person sends in a chat are handled in the order they
+  came: their reply, reaction or button press after their request never overtakes it. Updates
+  from different people in one group go side by side (a raid of hundreds in one group is
+  taken in group commits, not one at a time); what one person answers in another's thread
+  already waits for it by nature (the result it answers must have been posted first). Updates
+  without a sender (anonymous reaction counts) keep the chat's order among themselves.
 * :class:`StatusCoalescer` keeps the status replies of one chat within Telegram's pace
   (about one message a second in a chat, 20 a minute in a group): the first status in a quiet
   chat goes at once; statuses that arrive while the chat's pace forbids another message are
@@ -24,7 +28,7 @@ from telegram.ext import BaseUpdateProcessor
 
 from core.outbound import MessageKind, OutboundMessage
 
-__all__ = ["GROUP_STATUS_INTERVAL_SECONDS", "PRIVATE_STATUS_INTERVAL_SECONDS", "PerChatOrder",
+__all__ = ["GROUP_STATUS_INTERVAL_SECONDS", "PRIVATE_STATUS_INTERVAL_SECONDS", "PerSenderOrder",
            "StatusCoalescer"]
 
 log = logging.getLogger(__name__)
@@ -38,29 +42,32 @@ GROUP_STATUS_INTERVAL_SECONDS = 3.0
 LISTED_MAX = 10
 
 
-class PerChatOrder(BaseUpdateProcessor):
-    """Concurrent across chats, in order within a chat."""
+class PerSenderOrder(BaseUpdateProcessor):
+    """Concurrent across chats and senders, in order for one sender in one chat."""
 
     def __init__(self, max_concurrent_updates: int = MAX_CONCURRENT_UPDATES) -> None:
         super().__init__(max_concurrent_updates)
-        self._chats: dict[int, tuple[asyncio.Lock, int]] = {}  # chat -> (lock, users)
+        # (chat, sender or None) -> (lock, updates holding or waiting for it)
+        self._senders: dict[tuple[int, int | None], tuple[asyncio.Lock, int]] = {}
 
     async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
         chat = update.effective_chat if isinstance(update, Update) else None
         if chat is None:
             await coroutine
             return
-        lock, users = self._chats.get(chat.id, (asyncio.Lock(), 0))
-        self._chats[chat.id] = (lock, users + 1)
+        user = update.effective_user if isinstance(update, Update) else None
+        key = (chat.id, user.id if user is not None else None)
+        lock, users = self._senders.get(key, (asyncio.Lock(), 0))
+        self._senders[key] = (lock, users + 1)
         try:
             async with lock:
                 await coroutine
         finally:
-            lock, users = self._chats[chat.id]
+            lock, users = self._senders[key]
             if users <= 1:
-                del self._chats[chat.id]
+                del self._senders[key]
             else:
-                self._chats[chat.id] = (lock, users - 1)
+                self._senders[key] = (lock, users - 1)
 
     async def initialize(self) -> None:
         """Nothing to set up."""
