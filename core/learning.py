@@ -401,6 +401,19 @@ class TasteService:
 
     # -- choosing -------------------------------------------------------------------------------
 
+    def prefetch(self, *, user_id: int, community_id: int | None, kind: str
+                 ) -> tuple[int, bool, dict[tuple[str, int], tuple[dict[str, Any], int]]]:
+        """What :meth:`choose` reads: the person behind ``user_id``, whether they opted out of
+        learning, and the person's and the community's ``kind`` profiles, through the store's
+        short-lived read cache. Called on its own, it fills that cache: a request does so in
+        its own thread before it joins a group commit, so that the group's leader, which runs
+        every member's work in turn, reads none of a burst of newcomers' rows itself."""
+        person, opted_out = self.store.person_facts(user_id)
+        wanted = [("person", person)] if not opted_out else []
+        if community_id is not None:
+            wanted.append(("community", community_id))
+        return person, opted_out, self.store.profiles(kind, wanted) if wanted else {}
+
     def choose(self, *, user_id: int, community_id: int | None, kind: str, rng: Any,
                learning: bool = True, fixed: dict[str, str] | None = None, takes: int = 1,
                variation: bool = False, beside_fixed: bool = False,
@@ -411,11 +424,8 @@ class TasteService:
         On the request path: the person and the profiles come from the store's short-lived
         read cache (:meth:`Store.person_facts`, :meth:`Store.profiles`).
         """
-        person, opted_out = self.store.person_facts(user_id)
-        wanted = [("person", person)] if not opted_out else []
-        if community_id is not None:
-            wanted.append(("community", community_id))
-        found = self.store.profiles(kind, wanted) if wanted else {}
+        person, opted_out, found = self.prefetch(user_id=user_id, community_id=community_id,
+                                                 kind=kind)
         own, own_version = found.get(("person", person), ({}, 0))
         community, community_version = found.get(("community", community_id or -1), ({}, 0))
         choices = taste.choose_takes(kind, own, community, rng=rng, takes=takes,

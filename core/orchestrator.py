@@ -73,6 +73,8 @@ JSON_TOKENS_PER_ITEM = 12
 _JOB_KIND = {IntentKind.IMAGINE: "image", IntentKind.REMIX: "image", IntentKind.WRITE: "text",
              IntentKind.STORY: "text", IntentKind.BRAINSTORM: "text",
              IntentKind.UNDERSTAND: "text"}
+#: Text jobs that also choose a picture taste up front (see ``_piece_params``).
+_PICTURE_PLANS = frozenset({IntentKind.STORY, IntentKind.BRAINSTORM})
 #: The reaction by which an admin or a moderator reports (and hides) a result.
 REPORT_EMOJI = "🚩"
 _STATUS_VERB = {IntentKind.IMAGINE: "Drawing", IntentKind.WRITE: "Writing",
@@ -509,6 +511,11 @@ class Orchestrator:
                 return []
             return [self._publish(jobs, intent, origin, ahead)]
 
+        # The rows the leader would read for this request (cached for a moment) are read here,
+        # in this request's own thread, while other requests' threads do the same.
+        for taste_kind in {kind, "image"} if intent.kind in _PICTURE_PLANS else {kind}:
+            self.taste.prefetch(user_id=origin.user_id, community_id=origin.community_id,
+                                kind=taste_kind)
         return self.store.grouped(check, write, then, batch=self._publishing)
 
     def _make_jobs(self, origin: Origin, intent: Intent, kind: str, safety_policy: str, *,

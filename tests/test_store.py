@@ -456,6 +456,34 @@ def _signal():  # type: ignore[no-untyped-def]
     return taste.Signal(kind="image", choice={"style": "watercolor"}, value=1.0)
 
 
+def test_newcomers_leave_the_cached_facts_of_others_valid(store: Store) -> None:
+    """A raid of new people makes user rows by the hundred: none of them can be in the cache,
+    so none of them makes the request path read everybody's facts again; a change to a row
+    that is cached still does."""
+    from sqlalchemy import event
+
+    from core.learning import TasteService
+
+    alice = store.ensure_user("local", Actor("alice", "Alice"))
+    assert store.person_facts(alice) == (alice, False)
+    selects: list[str] = []
+
+    def count(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if statement.startswith("SELECT"):
+            selects.append(statement)
+    event.listen(store.engine, "before_cursor_execute", count)
+    try:
+        for n in range(5):
+            store.ensure_user("local", Actor(f"new-{n}", f"New {n}"))
+        selects.clear()
+        assert store.person_facts(alice) == (alice, False)
+        assert selects == [], "alice's facts were read again after newcomers joined"
+        TasteService(store).set_opt_out(alice, True)
+        assert store.person_facts(alice) == (alice, True), "a change to her row is seen at once"
+    finally:
+        event.remove(store.engine, "before_cursor_execute", count)
+
+
 def test_a_person_over_quota_in_one_group_gets_exactly_their_quota(each_store: Store,
                                                                    tmp_path: Path) -> None:
     """Requests grouped into one transaction still count each other for the quotas."""

@@ -121,6 +121,9 @@ _PENDING_JOBS = "musespark.pending_jobs"
 _WROTE_CACHED = "musespark.wrote_cached"
 #: The tables whose rows the request path reads through a short-lived cache.
 _CACHED_TABLES = {User: "users", Profile: "profiles", Community: "communities"}
+#: Of those, the ones cached by their own row id: a new row cannot be in the cache, so making
+#: one (a raid of newcomers) leaves every cached entry valid.
+_CACHED_BY_ROW_ID = (User, Community)
 
 
 def _hold_loaded(session: Session, instance: object) -> None:
@@ -199,7 +202,8 @@ class Store:
             self._generation[table] += 1
 
     def _wrote_after_flush(self, session: Session, _context: Any) -> None:
-        tables = {name for row in (*session.new, *session.dirty, *session.deleted)
+        new = (row for row in session.new if not isinstance(row, _CACHED_BY_ROW_ID))
+        tables = {name for row in (*new, *session.dirty, *session.deleted)
                   for model, name in _CACHED_TABLES.items() if isinstance(row, model)}
         if tables:
             session.info.setdefault(_WROTE_CACHED, set()).update(tables)
@@ -209,7 +213,8 @@ class Store:
         if not (state.is_update or state.is_delete or state.is_insert):
             return
         tables = {name for model, name in _CACHED_TABLES.items()
-                  if any(m.class_ is model for m in state.all_mappers)}
+                  if any(m.class_ is model for m in state.all_mappers)
+                  and not (state.is_insert and issubclass(model, _CACHED_BY_ROW_ID))}
         if tables:
             state.session.info.setdefault(_WROTE_CACHED, set()).update(tables)
             self._moved(tables)
