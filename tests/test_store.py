@@ -456,6 +456,22 @@ def _signal():  # type: ignore[no-untyped-def]
     return taste.Signal(kind="image", choice={"style": "watercolor"}, value=1.0)
 
 
+def test_a_user_or_community_is_made_once_and_keeps_its_latest_name(store: Store) -> None:
+    from core.events import Channel
+    from core.store import User
+
+    first = store.ensure_user("telegram", Actor("42", "Ann"))
+    assert store.ensure_user("telegram", Actor("42", "Ann B.")) == first
+    assert store.ensure_user("telegram", Actor("42", "")) == first  # no name: keeps the last
+    assert store.ensure_user("discord", Actor("42", "Ann")) != first  # another platform's
+    with store.session() as s:
+        assert s.get(User, first).display_name == "Ann B."  # type: ignore[union-attr]
+    group = store.ensure_community("telegram", Channel("-7"))
+    store.forget_cached_ids()
+    assert store.ensure_community("telegram", Channel("-7")) == group
+    assert store.community_settings(group) == {}
+
+
 def test_newcomers_leave_the_cached_facts_of_others_valid(store: Store) -> None:
     """A raid of new people makes user rows by the hundred: none of them can be in the cache,
     so none of them makes the request path read everybody's facts again; a change to a row

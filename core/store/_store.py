@@ -406,27 +406,21 @@ class Store:
         return self._user_ids[key]
 
     def _ensure_user(self, platform: str, actor: Actor) -> int:
+        """The user's id: one ``INSERT … ON CONFLICT DO UPDATE … RETURNING id`` that makes the
+        row, or finds it and takes the actor's current display name (a newcomer costs one
+        statement, not a look-up and then an insert in two transactions)."""
+        table = cast(Table, User.__table__)
+        insert_ = self._dialect().insert(table)
+        statement = insert_.on_conflict_do_update(
+            index_elements=["platform", "platform_user_id"],
+            set_={"display_name": func.coalesce(func.nullif(insert_.excluded.display_name, ""),
+                                                table.c.display_name)},
+        ).returning(table.c.id)
         with self.session() as s:
-            user = s.scalar(
-                select(User).where(User.platform == platform, User.platform_user_id == actor.id)
-            )
-            if user is not None:
-                if actor.display_name and user.display_name != actor.display_name:
-                    user.display_name = actor.display_name
-                return user.id
-        try:
-            with self.session() as s:
-                user = User(platform=platform, platform_user_id=actor.id,
-                            display_name=actor.display_name, created_at=utcnow())
-                s.add(user)
-                s.flush()
-                return user.id
-        except IntegrityError:  # created by a concurrent request
-            with self.session() as s:
-                return s.scalars(
-                    select(User.id).where(User.platform == platform,
-                                          User.platform_user_id == actor.id)
-                ).one()
+            return int(s.connection().execute(statement, {
+                "platform": platform, "platform_user_id": actor.id,
+                "display_name": actor.display_name or "", "learning_opt_out": False,
+                "credit_opt_in": False, "created_at": utcnow()}).scalar_one())
 
     def ensure_community(self, platform: str, channel: Channel) -> int:
         cache_key = (platform, channel.community_id)
@@ -435,23 +429,17 @@ class Store:
         return self._community_ids[cache_key]
 
     def _ensure_community(self, platform: str, channel: Channel) -> int:
-        key = channel.community_id
+        """The community's id, made if new: one statement, as :meth:`_ensure_user`."""
+        table = cast(Table, Community.__table__)
+        insert_ = self._dialect().insert(table)
+        statement = insert_.on_conflict_do_update(
+            index_elements=["platform", "platform_community_id"],
+            set_={"platform": insert_.excluded.platform},  # unchanged: only for RETURNING
+        ).returning(table.c.id)
         with self.session() as s:
-            found = s.scalar(select(Community.id).where(
-                Community.platform == platform, Community.platform_community_id == key))
-            if found is not None:
-                return found
-        try:
-            with self.session() as s:
-                community = Community(platform=platform, platform_community_id=key, settings={},
-                                      created_at=utcnow())
-                s.add(community)
-                s.flush()
-                return community.id
-        except IntegrityError:
-            with self.session() as s:
-                return s.scalars(select(Community.id).where(
-                    Community.platform == platform, Community.platform_community_id == key)).one()
+            return int(s.connection().execute(statement, {
+                "platform": platform, "platform_community_id": channel.community_id,
+                "settings": {}, "created_at": utcnow()}).scalar_one())
 
     def community_settings(self, community_id: int, *, recent: bool = False) -> dict[str, Any]:
         """A community's settings (safety, blocked words, quotas, emoji meanings).
