@@ -14,7 +14,10 @@ Each member brings up to three steps:
   refusal). Such an error is that member's answer; the group goes on.
 * ``write(checked)``: the member's writes. Any exception here rolls the whole group back, and
   then every member of it runs alone, in its own thread and transaction, exactly as without
-  grouping (so the member whose write fails gets its own error, and nobody else's).
+  grouping (so the member whose write fails gets its own error, and nobody else's). In a
+  group of several, the jobs the writes make go in one multi-row INSERT, before anything
+  reads them or at the commit (:meth:`~core.store.Store.transaction`'s ``defer_jobs``); a
+  job that existed already (a replayed event) fails the group in the same way.
 * ``then(written)``, optional: what follows the commit (publishing the jobs). The leader runs
   the group's, one after another, inside the members' ``batch`` (the publisher's: one Redis
   pipeline for the group's jobs), while the next group starts: eight threads publishing at
