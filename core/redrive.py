@@ -188,8 +188,8 @@ def resend_stranded(store: Store, publisher: JobPublisher, probe: BrokerProbe, *
     A message whose job was sent again after it was taken (a stale running job's redrive) is
     only dropped. A message a worker took ``older_than`` seconds ago
     (``MUSESPARK_JOB_STALE_AFTER_SECONDS``, as long as a running job's heartbeat may be silent),
-    whose job is still queued and due, is stranded: the worker died between taking it and claiming the job (a batch pulling its
-    members, a killed machine's prefetch). Its job is sent again now instead of after the
+    whose job is still queued and due, is stranded: the worker died between taking it and
+    claiming the job (a batch pulling its members, a killed machine's prefetch). Its job is sent again now instead of after the
     broker's visibility timeout (an hour on Redis) or :data:`REPUBLISH_QUEUED_AFTER_SECONDS`.
     A worker that is only slow to reach it (a job pulled to run after a long batch) finds it
     claimed by another and skips it. A message whose job is finished is dropped; one whose job

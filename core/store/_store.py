@@ -406,21 +406,15 @@ class Store:
         return self._user_ids[key]
 
     def _ensure_user(self, platform: str, actor: Actor) -> int:
-        """The user's id: one ``INSERT … ON CONFLICT DO UPDATE … RETURNING id`` that makes the
-        row, or finds it and takes the actor's current display name (a newcomer costs one
-        statement, not a look-up and then an insert in two transactions)."""
+        """The user's id; an existing row takes the actor's current display name."""
         table = cast(Table, User.__table__)
-        insert_ = self._dialect().insert(table)
-        statement = insert_.on_conflict_do_update(
-            index_elements=["platform", "platform_user_id"],
-            set_={"display_name": func.coalesce(func.nullif(insert_.excluded.display_name, ""),
-                                                table.c.display_name)},
-        ).returning(table.c.id)
-        with self.session() as s:
-            return int(s.connection().execute(statement, {
-                "platform": platform, "platform_user_id": actor.id,
-                "display_name": actor.display_name or "", "learning_opt_out": False,
-                "credit_opt_in": False, "created_at": utcnow()}).scalar_one())
+        return self._upsert_id(
+            table, ["platform", "platform_user_id"],
+            {"platform": platform, "platform_user_id": actor.id,
+             "display_name": actor.display_name or "", "learning_opt_out": False,
+             "credit_opt_in": False, "created_at": utcnow()},
+            lambda excluded: {"display_name": func.coalesce(
+                func.nullif(excluded.display_name, ""), table.c.display_name)})
 
     def ensure_community(self, platform: str, channel: Channel) -> int:
         cache_key = (platform, channel.community_id)
@@ -429,17 +423,23 @@ class Store:
         return self._community_ids[cache_key]
 
     def _ensure_community(self, platform: str, channel: Channel) -> int:
-        """The community's id, made if new: one statement, as :meth:`_ensure_user`."""
-        table = cast(Table, Community.__table__)
+        """The community's id, made if new."""
+        return self._upsert_id(
+            cast(Table, Community.__table__), ["platform", "platform_community_id"],
+            {"platform": platform, "platform_community_id": channel.community_id,
+             "settings": {}, "created_at": utcnow()},
+            lambda excluded: {"platform": excluded.platform})  # unchanged: for RETURNING
+
+    def _upsert_id(self, table: Table, keys: list[str], row: dict[str, Any],
+                   update: Callable[[Any], dict[str, Any]]) -> int:
+        """The id of ``table``'s row with ``row``'s ``keys``: one ``INSERT … ON CONFLICT DO
+        UPDATE SET update(excluded) … RETURNING id`` that makes it, or finds it (a newcomer
+        costs one statement, not a look-up and then an insert in two transactions)."""
         insert_ = self._dialect().insert(table)
         statement = insert_.on_conflict_do_update(
-            index_elements=["platform", "platform_community_id"],
-            set_={"platform": insert_.excluded.platform},  # unchanged: only for RETURNING
-        ).returning(table.c.id)
+            index_elements=keys, set_=update(insert_.excluded)).returning(table.c.id)
         with self.session() as s:
-            return int(s.connection().execute(statement, {
-                "platform": platform, "platform_community_id": channel.community_id,
-                "settings": {}, "created_at": utcnow()}).scalar_one())
+            return int(s.connection().execute(statement, row).scalar_one())
 
     def community_settings(self, community_id: int, *, recent: bool = False) -> dict[str, Any]:
         """A community's settings (safety, blocked words, quotas, emoji meanings).
