@@ -1,25 +1,22 @@
-"""Concurrent Telegram updates: in order for one person in a chat, side by side for other
-people and other chats."""
+"""Concurrent Telegram updates: in order within a chat, side by side across chats."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from telegram import Chat, Message, Update, User
+from telegram import Chat, Message, Update
 
-from bots.telegram._concurrency import PerSenderOrder, StatusCoalescer
+from bots.telegram._concurrency import PerChatOrder, StatusCoalescer
 from core.outbound import MessageKind, OutboundMessage
 
 
-def _update(update_id: int, chat_id: int, user_id: int | None = 1) -> Update:
+def _update(update_id: int, chat_id: int) -> Update:
     chat = Chat(chat_id, Chat.GROUP)
-    user = User(user_id, "U", False) if user_id is not None else None
-    return Update(update_id, message=Message(update_id, None, chat,  # type: ignore[arg-type]
-                                             from_user=user))
+    return Update(update_id, message=Message(update_id, None, chat))  # type: ignore[arg-type]
 
 
-def test_one_persons_updates_keep_their_order_while_others_and_other_chats_go_on() -> None:
+def test_updates_of_one_chat_keep_their_order_while_other_chats_go_on() -> None:
     events: list[str] = []
 
     async def handle(name: str, seconds: float) -> None:
@@ -28,21 +25,16 @@ def test_one_persons_updates_keep_their_order_while_others_and_other_chats_go_on
         events.append(f"{name} end")
 
     async def main() -> None:
-        processor = PerSenderOrder()
+        processor = PerChatOrder()
         await asyncio.gather(
             processor.process_update(_update(1, -1), handle("a1", 0.2)),
             processor.process_update(_update(2, -1), handle("a2", 0.0)),
-            processor.process_update(_update(3, -1, user_id=2), handle("c1", 0.05)),
-            processor.process_update(_update(4, -1, user_id=None), handle("n1", 0.2)),
-            processor.process_update(_update(5, -1, user_id=None), handle("n2", 0.0)),
-            processor.process_update(_update(6, -2), handle("b1", 0.05)))
-        assert processor._senders == {}  # nothing kept for senders gone quiet
+            processor.process_update(_update(3, -2), handle("b1", 0.05)))
+        assert processor._chats == {}  # nothing kept for chats gone quiet
 
     asyncio.run(main())
-    assert events.index("a1 end") < events.index("a2 start")  # one person, in order
-    assert events.index("n1 end") < events.index("n2 start")  # no sender: the chat's order
-    assert events.index("c1 end") < events.index("a1 end")  # another person did not wait
-    assert events.index("b1 end") < events.index("a1 end")  # nor did another chat
+    assert events.index("a1 end") < events.index("a2 start")  # chat -1 in order
+    assert events.index("b1 end") < events.index("a1 end")  # chat -2 did not wait for it
 
 
 def test_statuses_in_a_busy_chat_are_gathered_into_one_message() -> None:

@@ -26,7 +26,7 @@ from telegram.ext import Application, ApplicationBuilder
 
 from bots.runtime import BotRuntime, use_handler_threads
 from bots.telegram._adapter import TelegramAdapter
-from bots.telegram._concurrency import PerSenderOrder
+from bots.telegram._concurrency import PerChatOrder
 from core.errors import ConfigurationError
 from core.settings import Settings
 
@@ -55,7 +55,7 @@ def build_application(runtime: BotRuntime, settings: Settings | None = None) -> 
            .base_file_url(f"{api}/file/bot")
            .post_init(adapter.post_init)
            .post_stop(adapter.post_stop)
-           .concurrent_updates(PerSenderOrder())
+           .concurrent_updates(PerChatOrder())
            .build())
     adapter.install(app)
     return app

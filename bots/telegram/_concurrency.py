@@ -1,12 +1,8 @@
 """Many updates at once, within Telegram's send limits.
 
-* :class:`PerSenderOrder` lets PTB handle updates concurrently (a burst must not hold up
-  everybody else), while the updates one person sends in a chat are handled in the order they
-  came: their reply, reaction or button press after their request never overtakes it. Updates
-  from different people in one group go side by side (a raid of hundreds in one group is
-  taken in group commits, not one at a time); what one person answers in another's thread
-  already waits for it by nature (the result it answers must have been posted first). Updates
-  without a sender (anonymous reaction counts) keep the chat's order among themselves.
+* :class:`PerChatOrder` lets PTB handle updates concurrently (a burst in one group must not
+  hold up everybody else), while the updates of one chat are handled in the order they came:
+  a reply, a reaction or a button press after a request never overtakes it.
 * :class:`StatusCoalescer` keeps the status replies of one chat within Telegram's pace
   (about one message a second in a chat, 20 a minute in a group): the first status in a quiet
   chat goes at once; statuses that arrive while the chat's pace forbids another message are
@@ -28,7 +24,7 @@ from telegram.ext import BaseUpdateProcessor
 
 from core.outbound import MessageKind, OutboundMessage
 
-__all__ = ["GROUP_STATUS_INTERVAL_SECONDS", "PRIVATE_STATUS_INTERVAL_SECONDS", "PerSenderOrder",
+__all__ = ["GROUP_STATUS_INTERVAL_SECONDS", "PRIVATE_STATUS_INTERVAL_SECONDS", "PerChatOrder",
            "StatusCoalescer"]
 
 log = logging.getLogger(__name__)
@@ -42,32 +38,29 @@ GROUP_STATUS_INTERVAL_SECONDS = 3.0
 LISTED_MAX = 10
 
 
-class PerSenderOrder(BaseUpdateProcessor):
-    """Concurrent across chats and senders, in order for one sender in one chat."""
+class PerChatOrder(BaseUpdateProcessor):
+    """Concurrent across chats, in order within a chat."""
 
     def __init__(self, max_concurrent_updates: int = MAX_CONCURRENT_UPDATES) -> None:
         super().__init__(max_concurrent_updates)
-        # (chat, sender or None) -> (lock, updates holding or waiting for it)
-        self._senders: dict[tuple[int, int | None], tuple[asyncio.Lock, int]] = {}
+        self._chats: dict[int, tuple[asyncio.Lock, int]] = {}  # chat -> (lock, users)
 
     async def do_process_update(self, update: object, coroutine: Awaitable[Any]) -> None:
         chat = update.effective_chat if isinstance(update, Update) else None
         if chat is None:
             await coroutine
             return
-        user = update.effective_user if isinstance(update, Update) else None
-        key = (chat.id, user.id if user is not None else None)
-        lock, users = self._senders.get(key, (asyncio.Lock(), 0))
-        self._senders[key] = (lock, users + 1)
+        lock, users = self._chats.get(chat.id, (asyncio.Lock(), 0))
+        self._chats[chat.id] = (lock, users + 1)
         try:
             async with lock:
                 await coroutine
         finally:
-            lock, users = self._senders[key]
+            lock, users = self._chats[chat.id]
             if users <= 1:
-                del self._senders[key]
+                del self._chats[chat.id]
             else:
-                self._senders[key] = (lock, users - 1)
+                self._chats[chat.id] = (lock, users - 1)
 
     async def initialize(self) -> None:
         """Nothing to set up."""
