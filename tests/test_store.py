@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from core.events import Actor
+from core.events import Actor, Channel
 from core.store import JobState, Store
 
 
@@ -305,10 +305,13 @@ def test_requests_at_once_share_one_transaction_and_each_gets_its_own_answer(
     count = commits.append
     inserts: list[int] = []  # the rows in each INSERT INTO jobs
 
-    def count_inserts(_conn: object, _cursor: object, statement: str, _parameters: object,
+    def count_inserts(_conn: object, _cursor: object, statement: str, parameters: object,
                       _context: object, _many: bool) -> None:
         if statement.startswith("INSERT INTO jobs"):
-            inserts.append(statement.count("), (") + 1)  # VALUES (…), (…)
+            if isinstance(parameters, dict) and isinstance(parameters.get("id"), list):
+                inserts.append(len(parameters["id"]))  # PostgreSQL: SELECT * FROM unnest(…)
+            else:
+                inserts.append(statement.count("), (") + 1)  # VALUES (…), (…)
     event.listen(store.engine, "commit", count)
     event.listen(store.engine, "before_cursor_execute", count_inserts)
     results = _grouped_at_once(store, works)
@@ -393,6 +396,66 @@ def test_a_group_reads_the_jobs_it_made_before_it_commits(each_store: Store) -> 
 
     results = _grouped_at_once(store, [(lambda: None, make_then_count(n)) for n in range(4)])
     assert results == [1, 2, 3, 4]
+
+
+def test_a_groups_rows_read_back_exactly_as_written(each_store: Store) -> None:
+    """The group's one INSERT (on PostgreSQL, arrays unnested: one per column) keeps every
+    value of every row: nulls, booleans, big numbers, times, JSON, text with quotes and
+    braces, and rows that name different columns."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from core.store import Job
+    from core.store.models import RequestLog
+
+    store = each_store
+    user = store.ensure_user("local", Actor("alice", "Alice"))
+    community = store.ensure_community("local", Channel("room"))
+    later = datetime(2031, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+    asked = [
+        dict(kind="image", community_id=community, parent_job_id=None, held=True,
+             prompt='a "quoted" {brace} , comma \\ backslash; ünïcode 🎨', seed=2**62 + 5,
+             params={"count": 2, "steps": 1, "size": 64, "taste": {"choice": {"style": "ink"}}},
+             delivery={"platform": "local", "chat_id": "c", "extra": {"k": [1, None, "x"]}}),
+        dict(kind="text", community_id=None, parent_job_id="abc", held=False, prompt="NULL",
+             seed=0, params={"max_new_tokens": 8}, delivery={"platform": "local"},
+             not_before=later),  # a column the other rows do not name
+        dict(kind="text", community_id=community, parent_job_id=None, held=False, prompt="",
+             seed=-1, params={"max_new_tokens": 9, "thread": True}, delivery={}),
+    ]
+
+    def make(n: int):
+        def write(_checked: object) -> str:
+            store.log_request(person_id=n + 1, user_id=user, community_id=asked[n]["community_id"])
+            job, created = store.create_job(idempotency_key=f"x-{n}", intent="write",
+                                            user_id=user, expanded_prompt=f"e{n}",
+                                            platform="local", published=n != 0, **asked[n])
+            assert created
+            return job.id
+        return write
+
+    # The first leads a group of its own and holds it until the three wait behind it.
+    _, *ids = _grouped_at_once(store, [(lambda: None, lambda _checked: "first")]
+                               + [(lambda: None, make(n)) for n in range(3)])
+    assert store.group_commit.groups == 2 and store.group_commit.members == 4, \
+        "the three shared one commit"
+    with store.session() as s:
+        for n, job_id in enumerate(ids):
+            job = s.get(Job, job_id)
+            assert job is not None and job.idempotency_key == f"x-{n}"
+            for name, value in asked[n].items():
+                got = getattr(job, name)
+                if name == "params":
+                    got = {k: v for k, v in got.items() if k != "v"}
+                if isinstance(value, datetime):
+                    got = got.replace(tzinfo=got.tzinfo or UTC)
+                assert got == value, (name, got, value)
+            assert (job.published_at is None) == (n == 0) and job.state == "queued"
+            assert job.not_before is None or n == 1
+        logged = sorted((r.person_id, r.user_id, r.community_id)
+                        for r in s.scalars(select(RequestLog)))
+        assert logged == [(1, user, community), (2, user, None), (3, user, community)]
 
 
 def test_a_batch_that_fails_as_it_ends_runs_each_then_step_again_alone(store: Store) -> None:

@@ -165,6 +165,9 @@ class Store:
         self._ordinals: dict[str, int] = {}
         self._counted: dict[str, tuple[float, int, int]] = {}
         self._job_insert: Any = None  # built once (see :meth:`_insert_job`)
+        # Built once each (see :meth:`_insert_rows`).
+        self._unnest_inserts: dict[tuple[str, tuple[str, ...]], tuple[str, list[Any]]] = {}
+        self._many_inserts: dict[str, Any] = {}
         self._community_settings: dict[int, tuple[float, int, dict[str, Any]]] = {}
         self.group_commit = GroupCommit(self)
         # Short-lived read caches of the request path (see :meth:`person_facts`): per table,
@@ -286,10 +289,7 @@ class Store:
     def _insert_request_log(self, session: Session) -> None:
         rows = session.info.pop(_PENDING_REQUEST_LOG, None)
         if rows:
-            # RETURNING makes SQLAlchemy send the rows as one multi-row INSERT (its "insert many
-            # values"); without it psycopg runs one INSERT per row, each costing as much CPU.
-            table = cast(Table, RequestLog.__table__)
-            session.connection().execute(insert(table).returning(table.c.id), rows).all()
+            self._insert_rows(session, cast(Table, RequestLog.__table__), rows)
 
     @contextmanager
     def request_log(self) -> Iterator[Session]:
@@ -539,10 +539,69 @@ class Store:
             return
         rows = list(pending.values())
         pending.clear()
-        # Many rows of one statement: SQLAlchemy sends them as one multi-row INSERT.
-        made = session.connection().execute(self._insert_job(), rows).all()
+        made = self._insert_rows(session, cast(Table, Job.__table__), rows,
+                                 skip_conflicts_on="idempotency_key")
         if len(made) < len(rows):
             raise JobExisted(f"{len(rows) - len(made)} of {len(rows)} jobs existed already")
+
+    def _insert_rows(self, session: Session, table: Table, rows: list[dict[str, Any]], *,
+                     skip_conflicts_on: str | None = None) -> list[Any]:
+        """Insert ``rows`` into ``table`` in one statement; the ids of the rows made (a row whose
+        ``skip_conflicts_on`` value exists already is skipped).
+
+        On PostgreSQL the statement is ``INSERT … SELECT * FROM unnest(…)``: one array per
+        column, so its text is the same for any number of rows. psycopg converts a statement's
+        placeholders once per distinct text, and caches (and, once used often, prepares) only
+        short ones: a multi-row VALUES list, whose text grows with the rows, was converted
+        afresh for every group, which cost more CPU than anything else in the insert.
+        Elsewhere (SQLite): SQLAlchemy's multi-row INSERT (its "insert many values").
+        """
+        connection = session.connection()
+        by_columns: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:  # callers may name different columns: a statement for each set
+            by_columns.setdefault(tuple(row), []).append(row)
+        made: list[Any] = []
+        for names, same in by_columns.items():
+            if self.engine.dialect.name != "postgresql":
+                made += connection.execute(self._many_insert(table, skip_conflicts_on),
+                                           same).all()
+                continue
+            sql, processors = self._unnest_insert(table, names, skip_conflicts_on)
+            values = {name: [row[name] for row in same] if process is None
+                      else [process(row[name]) for row in same]
+                      for name, process in zip(names, processors)}
+            made += connection.exec_driver_sql(sql, values).all()
+        return made
+
+    def _many_insert(self, table: Table, skip_conflicts_on: str | None) -> Any:
+        """SQLAlchemy's INSERT for ``table``, built once; given many rows that name the same
+        columns, with its RETURNING, SQLAlchemy sends them as one statement."""
+        statement = self._many_inserts.get(table.name)
+        if statement is None:
+            built = self._dialect().insert(table)
+            if skip_conflicts_on is not None:
+                built = built.on_conflict_do_nothing(index_elements=[skip_conflicts_on])
+            statement = self._many_inserts[table.name] = built.returning(table.c.id)
+        return statement
+
+    def _unnest_insert(self, table: Table, names: tuple[str, ...], skip_conflicts_on: str | None
+                       ) -> tuple[str, list[Any]]:
+        """PostgreSQL's ``INSERT INTO table (names) SELECT * FROM unnest(%(name)s::type[], …)``
+        and each column's bind processor (SQLAlchemy's, e.g. JSON), built once."""
+        built = self._unnest_inserts.get((table.name, names))
+        if built is None:
+            dialect = self.engine.dialect
+            columns = [table.columns[name] for name in names]
+            arrays = ", ".join(f"%({name})s::{column.type.compile(dialect=dialect)}[]"
+                               for name, column in zip(names, columns))
+            conflict = (f" ON CONFLICT ({skip_conflicts_on}) DO NOTHING"
+                        if skip_conflicts_on is not None else "")
+            built = (f"INSERT INTO {table.name} ({', '.join(names)}) SELECT * FROM "
+                     f"unnest({arrays}){conflict} RETURNING id",
+                     [column.type.dialect_impl(dialect).bind_processor(dialect)
+                      for column in columns])
+            self._unnest_inserts[(table.name, names)] = built
+        return built
 
     def _insert_job(self) -> Any:
         """``INSERT INTO jobs … ON CONFLICT (idempotency_key) DO NOTHING RETURNING id``."""
