@@ -412,3 +412,19 @@ def test_a_long_429_mid_telegram_message_defers_and_posts_no_part_twice(
     assert calls[-1].params.get("reply_markup") and not calls[0].params.get("reply_markup")
     assert done.attempts == 1
     assert store.delivered_parts(job.id) == {0: {0, 1, 2}}
+
+
+def test_a_delivery_target_is_stored_with_every_field_and_read_back_whole() -> None:
+    """``to_dict`` is written out by hand (it is on the request path): it must keep every
+    field the dataclass has, nested values copied, and ``from_dict`` must give it back."""
+    from dataclasses import asdict, fields
+
+    full = DeliveryTarget(**{f.name: {"interaction_id": "9", "nested": {"k": [1]}}
+                             if f.name == "extra" else f"{f.name}-value"
+                             for f in fields(DeliveryTarget)})
+    stored = full.to_dict()
+    assert stored == asdict(full)
+    assert DeliveryTarget.from_dict(stored) == full
+    stored["extra"]["nested"]["k"].append(2)
+    assert full.extra["nested"]["k"] == [1], "the stored copy shares nothing with the target"
+    assert DeliveryTarget("telegram", "1").to_dict()["extra"] == {}

@@ -586,13 +586,15 @@ class Store:
 
     def _unnest_insert(self, table: Table, names: tuple[str, ...], skip_conflicts_on: str | None
                        ) -> tuple[str, list[Any]]:
-        """PostgreSQL's ``INSERT INTO table (names) SELECT * FROM unnest(%(name)s::type[], …)``
+        """PostgreSQL's ``INSERT INTO table (names) SELECT * FROM unnest(%(name)b::type[], …)``
         and each column's bind processor (SQLAlchemy's, e.g. JSON), built once."""
         built = self._unnest_inserts.get((table.name, names))
         if built is None:
             dialect = self.engine.dialect
             columns = [table.columns[name] for name in names]
-            arrays = ", ".join(f"%({name})s::{column.type.compile(dialect=dialect)}[]"
+            # Binary parameters (``%(name)b``): psycopg sends text arrays in text format with
+            # each element escaped by a regular expression, three times the CPU.
+            arrays = ", ".join(f"%({name})b::{column.type.compile(dialect=dialect)}[]"
                                for name, column in zip(names, columns))
             conflict = (f" ON CONFLICT ({skip_conflicts_on}) DO NOTHING"
                         if skip_conflicts_on is not None else "")
