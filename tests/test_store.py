@@ -432,8 +432,11 @@ def test_a_groups_rows_read_back_exactly_as_written(each_store: Store) -> None:
                                             user_id=user, expanded_prompt=f"e{n}",
                                             platform="local", published=n != 0, **asked[n])
             assert created
+            returned.append({c: getattr(job, c) for c in Job.__table__.columns.keys()})
             return job.id
         return write
+
+    returned: list[dict[str, object]] = []  # the jobs create_job gave back, as the caller saw
 
     # The first leads a group of its own and holds it until the three wait behind it.
     _, *ids = _grouped_at_once(store, [(lambda: None, lambda _checked: "first")]
@@ -453,6 +456,13 @@ def test_a_groups_rows_read_back_exactly_as_written(each_store: Store) -> None:
                 assert got == value, (name, got, value)
             assert (job.published_at is None) == (n == 0) and job.state == "queued"
             assert job.not_before is None or n == 1
+            read = {c: getattr(job, c) for c in Job.__table__.columns.keys()}
+            given = next(r for r in returned if r["id"] == job_id)
+            for name, value in given.items():  # what the caller got is what was stored
+                same = read[name]
+                if isinstance(value, datetime) and isinstance(same, datetime):
+                    value, same = (t.replace(tzinfo=t.tzinfo or UTC) for t in (value, same))
+                assert same == value, (name, value, same)
         logged = sorted((r.person_id, r.user_id, r.community_id)
                         for r in s.scalars(select(RequestLog)))
         assert logged == [(1, user, community), (2, user, None), (3, user, community)]
