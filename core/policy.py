@@ -9,7 +9,7 @@ job (:meth:`Policy.admit`) and hands ``/settings safety|blockword|quota|audit`` 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, NoReturn
 
@@ -41,6 +41,11 @@ class Quotas:
     person_daily: int
     community_hourly: int
     community_daily: int
+
+    @property
+    def unlimited(self) -> bool:
+        return not (self.person_hourly or self.person_daily or self.community_hourly
+                    or self.community_daily)
 
     @classmethod
     def of(cls, settings: Settings, overrides: dict[str, Any] | None = None) -> Quotas:
@@ -162,7 +167,7 @@ class Policy:
         return self.store.person_facts(user_id)[0]
 
     def _check_quota(self, user_id: int, community_id: int | None, quotas: Quotas) -> None:
-        if not any(astuple(quotas)):
+        if quotas.unlimited:
             return  # no limits here: nothing to count
         now = utcnow()
         person = self._person(user_id)

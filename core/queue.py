@@ -204,7 +204,8 @@ class CeleryPublisher:
         made of, without the rest of ``send_task``'s per-call work (routing its options, a
         result object, an argument repr): under a burst that was a third of a publish's CPU.
         Inside a batch, each queue is declared once (kombu's ``maybe_declare`` copies the queue
-        for each message it checks).
+        for each message it checks), and a message is not wrapped for retries: it is only
+        buffered until the batch ends.
         """
         soft, hard = job_time_limits(kind, params, image_batch=self.image_batch)
         producer = getattr(self._held, "producer", None)
@@ -223,9 +224,10 @@ class CeleryPublisher:
                     amqp.send_task_message(acquired, name, message, queue=queue, retry=True,
                                            retry_policy=PUBLISH_RETRY_POLICY)
             else:
+                # Buffered, not sent: nothing to retry until the batch ends (and if that
+                # fails, each job is published again alone, with retries).
                 declared: set[str] = self._held.declared
-                amqp.send_task_message(producer, name, message, queue=queue, retry=True,
-                                       retry_policy=PUBLISH_RETRY_POLICY,
+                amqp.send_task_message(producer, name, message, queue=queue, retry=False,
                                        declare=[] if queue in declared else None)
                 declared.add(queue)
         except Exception as exc:  # kombu raises several connection error types per transport
